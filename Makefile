@@ -1,0 +1,54 @@
+# torchlane: the two user commands are `make demo` and `make test`.
+# Each one installs what it needs on a fresh machine that has only Python.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+NPROC ?= 2
+TORCH_VERSION := 2.13.0
+export MAX_JOBS ?= 2
+
+.PHONY: help deps build demo test test-fast bench sanitize cuda-check format lint clean
+
+help:
+	@echo "make demo   - build and train a small GPT on 2 CPU ranks with torchlane DDP"
+	@echo "make test   - build and run the test suite"
+	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
+
+# torch is installed pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build.
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -c "import ninja, numpy, setuptools, wheel" 2>/dev/null || $(PIP) install ninja numpy "setuptools>=64" wheel
+
+build: deps
+	$(PYTHON) setup.py -q build_ext --inplace
+	@$(PYTHON) -c "import torchlane" 2>/dev/null || $(PIP) install --no-build-isolation --no-deps -e .
+
+demo: build
+	@$(PYTHON) -c "import tqdm" 2>/dev/null || $(PIP) install -q tqdm
+	$(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) examples/train_gpt.py
+
+test: build
+	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
+	$(PYTHON) -m pytest -q tests
+
+bench: build
+	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib
+	$(PYTHON) benchmarks/run_all.py
+
+# Compile every CUDA kernel instantiation with nvcc alone (no torch), sm_80 and sm_90,
+# warnings as errors, and check ptxas for spills and shared-memory use.
+cuda-check:
+	$(PYTHON) tools/cuda_check.py
+
+sanitize: deps
+	TORCHLANE_SANITIZE=1 TORCHLANE_DEBUG=1 $(PYTHON) setup.py -q build_ext --inplace --build-temp build/sanitize
+	tools/run_sanitized.sh
+
+format:
+	clang-format -i $$(find csrc -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+	$(PYTHON) -m ruff format python tests benchmarks examples
+
+lint:
+	$(PYTHON) -m ruff check python tests benchmarks examples
+
+clean:
+	rm -rf build python/torchlane/_C*.so

@@ -1,0 +1,51 @@
+#pragma once
+
+#include <atomic>
+#include <string>
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
+
+namespace torchlane {
+
+// Note [Comm hook contract]
+// A communication hook gets one bucket at a time, as torch DDP's hooks do: a c10d::GradBucket
+// whose buffer is the flat, *unscaled* local gradient of the bucket's parameters (the reducer
+// does not pre-divide by world size when a hook is registered). runHook launches the bucket's
+// communication and returns a future whose value is a tensor with the buffer's numel and dtype
+// holding the *averaged* gradient. The reducer waits on that future at the end of backward (or
+// chains on it) and copies the result into the parameters' .grad.
+//
+// torchlane's built-in hooks derive from CommHook so that the reducer can report the bytes each
+// rank actually put on the wire (after compression) in comm_stats(). Python hooks written for
+// torch DDP are wrapped in torch's own c10d::PythonCommHook and report the uncompressed size.
+class CommHook : public c10d::CommHookInterface {
+ public:
+  explicit CommHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group)
+      : process_group_(std::move(process_group)) {}
+
+  at::Tensor parseHookResult(const c10::IValue& result) override {
+    TORCH_CHECK(result.isTensor() || result.isTensorList(),
+                "torchlane comm hook: expected the future to hold a Tensor, got ", result.tagKind());
+    return result.isTensor() ? result.toTensor() : result.toTensorVector().at(0);
+  }
+
+  virtual std::string name() const = 0;
+
+  // Bytes sent by this rank since the last call (the reducer calls it once per step).
+  int64_t take_bytes_sent() {
+    return bytes_sent_.exchange(0);
+  }
+
+ protected:
+  void count_bytes_sent(int64_t bytes) {
+    bytes_sent_ += bytes;
+  }
+
+  c10::intrusive_ptr<c10d::ProcessGroup> process_group_;
+
+ private:
+  std::atomic<int64_t> bytes_sent_{0};
+};
+
+}  // namespace torchlane

@@ -1,0 +1,1 @@
+from torchlane import _C

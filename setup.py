@@ -1,0 +1,68 @@
+"""Build of torchlane._C.
+
+A CppExtension when torch has no CUDA; a CUDAExtension (adding csrc/**/*.cu) when torch
+was built with CUDA and nvcc is found, or when TORCHLANE_FORCE_CUDA=1.
+TORCHLANE_DEBUG=1 builds with -O0 -g; TORCHLANE_SANITIZE=1 adds ASan/UBSan.
+"""
+
+import os
+from glob import glob
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _want_cuda():
+    if _flag("TORCHLANE_FORCE_CUDA"):
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def _extension():
+    cuda = _want_cuda()
+    opt = ["-O0", "-g"] if _flag("TORCHLANE_DEBUG") else ["-O3"]
+    cxx = opt + ["-std=c++20", "-Wall", "-Wno-unused-parameter", "-fvisibility=hidden"]
+    link = []
+    if _flag("TORCHLANE_SANITIZE"):
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        cxx += san
+        link += san
+    if not _flag("TORCHLANE_NO_NATIVE"):
+        cxx.append("-march=native" if not cuda else "-mavx2")
+    sources = _sources("csrc/**/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if cuda:
+        sources += _sources("csrc/**/*.cu")
+        nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension(
+            "torchlane._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("TORCHLANE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
+        )
+    return CppExtension(
+        "torchlane._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,91 @@
+"""Spawn N Gloo ranks on 127.0.0.1 and run a test function on each.
+
+    results = dist.run(fn, world_size=2, args=(...))
+
+`fn(rank, world_size, *args)` must be a module-level function of an importable module; it runs
+with the default process group initialised, and its (picklable) return values come back as a
+list indexed by rank. An exception on any rank is re-raised here with that rank's traceback.
+A rank that does not finish within `timeout` seconds fails the test instead of hanging it.
+"""
+
+import datetime
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue, pg_timeout, env):
+    os.environ.update(env)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+        )
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        queue.put((rank, True, result))
+    except BaseException:  # report everything, including SystemExit, to the parent
+        queue.put((rank, False, traceback.format_exc()))
+
+
+class RankError(RuntimeError):
+    pass
+
+
+def run(fn, world_size=2, args=(), timeout=180, pg_timeout=60, env=None):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(r, world_size, port, fn, args, queue, pg_timeout, dict(env or {})),
+            daemon=True,
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(world_size):
+            try:
+                rank, ok, value = queue.get(timeout=timeout)
+            except Exception as e:  # queue.Empty
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+                raise RankError(
+                    f"ranks did not finish within {timeout}s (finished: {sorted(results)}, "
+                    f"errors: {sorted(errors)}, exited without reporting: {dead})"
+                ) from e
+            (results if ok else errors)[rank] = value
+            if errors:
+                # One rank failed: give the others a moment to report, then stop.
+                break
+        if errors:
+            rank = min(errors)
+            raise RankError(f"rank {rank} failed:\n{errors[rank]}")
+        return [results[r] for r in range(world_size)]
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
