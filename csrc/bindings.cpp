@@ -121,6 +121,8 @@ PYBIND11_MODULE(_C, m) {
                  std::make_shared<c10d::PythonCommHook>(std::move(state), std::move(hook)));
            })
       .def_property_readonly("grads_finite", &Reducer::grads_finite)
+      .def("run_zero_allreduces", &Reducer::run_zero_allreduces,
+           py::call_guard<py::gil_scoped_release>())
       .def("buckets", &buckets_to_list)
       .def("stats", &stats_to_dict)
       .def_property_readonly("world_size", &Reducer::world_size);

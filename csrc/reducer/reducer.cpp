@@ -608,6 +608,40 @@ void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) 
   comm_hook_ = std::move(hook);
 }
 
+// Note [Join]: a rank that ran out of data shadows the collectives of one synchronised backward
+// of the others: an all-reduce of zeros per bucket, in bucket order, through the comm hook if one
+// is registered, then the usage flags where the others send them.
+void Reducer::run_zero_allreduces() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    auto zeros = at::zeros_like(buckets_[b].buffer);
+    if (comm_hook_) {
+      std::vector<c10::IntArrayRef> sizes;
+      std::vector<at::Tensor> params;
+      for (auto i : buckets_[b].params) {
+        sizes.push_back(params_[i].sizes());
+        params.push_back(params_[i]);
+      }
+      c10d::GradBucket grad_bucket(b, buckets_.size(), zeros, buckets_[b].offsets,
+                                   buckets_[b].lengths, std::move(sizes), std::move(params),
+                                   std::nullopt);
+      futures.push_back(comm_hook_->runHook(grad_bucket));
+    } else {
+      std::vector<at::Tensor> tensors{zeros};
+      futures.push_back(process_group_->allreduce(tensors)->getFuture());
+    }
+  }
+  if (options_.find_unused_parameters || static_graph_first_iteration()) {
+    std::vector<at::Tensor> tensors{at::zeros({static_cast<int64_t>(params_.size())},
+                                              params_.front().options().dtype(at::kInt))};
+    futures.push_back(process_group_->allreduce(tensors)->getFuture());
+  }
+  for (auto& future : futures) {
+    future->wait();
+  }
+}
+
 std::vector<std::string> Reducer::unready_parameter_names_locked() const {
   std::vector<std::string> names;
   for (size_t i = 0; i < params_.size(); ++i) {

@@ -82,6 +82,8 @@ class Reducer {
   // Rebuilds buckets from the first iteration's gradient-ready order; returns true if it did.
   bool rebuild_buckets();
   void register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook);
+  // Shadows one synchronised backward of the other ranks after this one joined (Note [Join]).
+  void run_zero_allreduces();
   // Queues finalize_backward on the running graph task, once per backward.
   void queue_finalize();
   // The end-of-backward work: waits for every bucket and writes `.grad`.
