@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -39,10 +41,26 @@ namespace {
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-constexpr int64_t kFwdBlockM = 64;
-constexpr int64_t kFwdBlockN = 256;
-constexpr int64_t kBwdBlockM = 64;
-constexpr int64_t kBwdBlockN = 128;
+// Tile sizes: a kBlockM x kBlockN fp32 score tile plus the Q, K, V tiles stay within L2.
+// TORCHLANE_ATTN_CPU_BLOCKS="fwdM,fwdN,bwdM,bwdN" overrides them (for tuning only).
+struct Blocks {
+  int64_t fwd_m = 128, fwd_n = 256, bwd_m = 64, bwd_n = 128;
+};
+
+const Blocks& blocks() {
+  static const Blocks b = [] {
+    Blocks r;
+    if (const char* env = std::getenv("TORCHLANE_ATTN_CPU_BLOCKS")) {
+      long v[4];
+      if (std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4 && v[0] > 0 &&
+          v[1] > 0 && v[2] > 0 && v[3] > 0) {
+        r = {v[0], v[1], v[2], v[3]};
+      }
+    }
+    return r;
+  }();
+  return b;
+}
 
 // Strides of a (B, H, S, D) tensor with a unit-stride last dimension.
 struct Layout {
@@ -144,10 +162,11 @@ template <typename scalar_t>
 void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
                 scalar_t* out, acc_type<scalar_t>* lse) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN;
+  const int64_t BM = blocks().fwd_m, BN = blocks().fwd_n;
   const int64_t D = p.D, n_mtiles = (p.Sq + BM - 1) / BM;
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
     std::vector<acc_t> s_buf(BM * BN), o_acc(BM * D), m_run(BM), l_run(BM);
     std::vector<scalar_t> p_buf(std::is_same_v<scalar_t, acc_t> ? 0 : BM * BN);
     for (int64_t t = begin; t < end; ++t) {
@@ -212,14 +231,14 @@ struct BwdScratch {
   std::vector<acc_t> P, dS;
   std::vector<scalar_t> P_in, dS_in;
   BwdScratch()
-      : P(kBwdBlockM * kBwdBlockN),
-        dS(kBwdBlockM * kBwdBlockN),
-        P_in(std::is_same_v<scalar_t, acc_t> ? 0 : kBwdBlockM * kBwdBlockN),
-        dS_in(std::is_same_v<scalar_t, acc_t> ? 0 : kBwdBlockM * kBwdBlockN) {}
+      : P(blocks().bwd_m * blocks().bwd_n),
+        dS(blocks().bwd_m * blocks().bwd_n),
+        P_in(std::is_same_v<scalar_t, acc_t> ? 0 : blocks().bwd_m * blocks().bwd_n),
+        dS_in(std::is_same_v<scalar_t, acc_t> ? 0 : blocks().bwd_m * blocks().bwd_n) {}
 };
 
 // Recomputes P and dS for query rows [m0, m0 + rows) of head h against keys [n0, n0 + cols) of
-// kv head hk (tiles with leading dimension kBwdBlockN); returns them in the GEMM input dtype.
+// kv head hk (tiles with leading dimension blocks().bwd_n); returns them in the GEMM input dtype.
 template <typename scalar_t>
 std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scalar_t>& a,
                                                               BwdScratch<scalar_t>& w, int64_t b,
@@ -228,7 +247,7 @@ std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scal
                                                               int64_t cols) {
   using acc_t = acc_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t BN = kBwdBlockN;
+  const int64_t BN = blocks().bwd_n;
   const Problem& p = a.p;
   tile_gemm(false, true, rows, cols, p.D, static_cast<acc_t>(p.scale),
             row_ptr<scalar_t>(a.q, b, h, m0), a.q.ss, row_ptr<scalar_t>(a.k, b, hk, n0), a.k.ss,
@@ -270,11 +289,12 @@ void store_tile(const acc_type<scalar_t>* src, scalar_t* dst, int64_t rows, int6
 template <typename scalar_t>
 void bwd_by_kv_head(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t BM = blocks().bwd_m, BN = blocks().bwd_n;
   const Problem& p = a.p;
   const int64_t D = p.D;
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
     BwdScratch<scalar_t> w;
     std::vector<acc_t> dq_acc(p.Sq * D), dk_acc(p.Sk * D), dv_acc(p.Sk * D);
     for (int64_t t = begin; t < end; ++t) {
@@ -312,12 +332,13 @@ void bwd_by_kv_head(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scal
 template <typename scalar_t>
 void bwd_by_tile(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t BM = blocks().bwd_m, BN = blocks().bwd_n;
   const Problem& p = a.p;
   const int64_t D = p.D, n_ntiles = (p.Sk + BN - 1) / BN, n_mtiles = (p.Sq + BM - 1) / BM;
   const acc_t scale = static_cast<acc_t>(p.scale);
   // dK, dV: one task per (batch, kv head, key tile).
   at::parallel_for(0, p.B * p.Hkv * n_ntiles, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
     BwdScratch<scalar_t> w;
     std::vector<acc_t> dk_acc(BN * D), dv_acc(BN * D);
     for (int64_t t = begin; t < end; ++t) {
@@ -341,6 +362,7 @@ void bwd_by_tile(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_
   });
   // dQ: one task per (batch, query head, query tile).
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
     BwdScratch<scalar_t> w;
     std::vector<acc_t> dq_acc(BM * D);
     for (int64_t t = begin; t < end; ++t) {

@@ -24,6 +24,8 @@ void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, in
 void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                           const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
                           float* c, int ldc) __attribute__((weak));
+// The C entry point; the lower-case symbol is the Fortran one (arguments by pointer).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace torchlane::attention {
@@ -77,6 +79,15 @@ void cblas_mixed(Fn fn, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float
 }
 
 }  // namespace
+
+SingleThreadedBlas::SingleThreadedBlas() {
+  if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+}
+
+SingleThreadedBlas::~SingleThreadedBlas() {
+  // 0 restores the global setting, which is what a thread starts with.
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+}
 
 bool tile_gemm_uses_blas() {
   return sgemm_ != nullptr && dgemm_ != nullptr && cblas_gemm_bf16bf16f32 != nullptr &&

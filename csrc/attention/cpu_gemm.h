@@ -22,6 +22,20 @@ void tile_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
                const at::Half* A, int64_t lda, const at::Half* B, int64_t ldb, float beta,
                float* C, int64_t ldc);
 
+// Makes the BLAS calls of the current thread single-threaded for the guard's lifetime. The
+// kernel's tasks already run on every core (at::parallel_for); MKL called from those workers
+// would otherwise start its own thread team per call and oversubscribe the cores.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas();
+  ~SingleThreadedBlas();
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 // True when the fast BLAS entry points were found (reported by the benchmark).
 bool tile_gemm_uses_blas();
 
