@@ -15,3 +15,7 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
     ) from e
 
 __version__ = "0.1.0"
+
+# ---- gradient compression hooks (issue 4) ----
+from torchlane import hooks  # noqa: E402, F401
+
