@@ -58,7 +58,7 @@ at::ScalarType wire_dtype_from_name(const std::string& name) {
   if (name == "float16" || name == "fp16") {
     return at::kHalf;
   }
-  TORCH_CHECK(name == "bfloat16" || name == "bf16",
+  TORCH_CHECK_VALUE(name == "bfloat16" || name == "bf16",
               "CastCompressHook: wire_dtype must be 'float16' or 'bfloat16', got '", name, "'");
   return at::kBFloat16;
 }

@@ -70,9 +70,9 @@ kernels::CastDtype cast_dtype(at::ScalarType t) {
 }  // namespace
 
 at::Tensor cast_compress(const at::Tensor& src, at::ScalarType wire_dtype, int64_t world_size) {
-  TORCH_CHECK(is_narrow(wire_dtype), "cast_compress: wire_dtype must be torch.float16 or ",
+  TORCH_CHECK_VALUE(is_narrow(wire_dtype), "cast_compress: wire_dtype must be torch.float16 or ",
               "torch.bfloat16, got ", wire_dtype);
-  TORCH_CHECK(world_size >= 1, "cast_compress: world_size must be >= 1, got ", world_size);
+  TORCH_CHECK_VALUE(world_size >= 1, "cast_compress: world_size must be >= 1, got ", world_size);
   const at::Tensor in = src.contiguous();
   if (!is_wide(in.scalar_type())) {
     // Rare (a half-precision model): the generic path rounds the same way.
@@ -144,7 +144,7 @@ CastCompressHook::CastCompressHook(c10::intrusive_ptr<c10d::ProcessGroup> proces
                                    at::ScalarType wire_dtype)
     : CommHook(std::move(process_group)), wire_dtype_(wire_dtype) {
   TORCH_CHECK(process_group_, "CastCompressHook: process_group must not be None");
-  TORCH_CHECK(is_narrow(wire_dtype), "CastCompressHook: wire dtype must be float16 or bfloat16, ",
+  TORCH_CHECK_VALUE(is_narrow(wire_dtype), "CastCompressHook: wire dtype must be float16 or bfloat16, ",
               "got ", wire_dtype);
 }
 

@@ -45,7 +45,7 @@ bool powersgd_should_compress(int64_t rows, int64_t cols, int64_t rank,
 
 PowerSGDPlan powersgd_plan(const std::vector<std::vector<int64_t>>& shapes, int64_t rank,
                            double min_compression_rate) {
-  TORCH_CHECK(rank >= 1, "powersgd: matrix approximation rank must be >= 1, got ", rank);
+  TORCH_CHECK_VALUE(rank >= 1, "powersgd: matrix approximation rank must be >= 1, got ", rank);
   PowerSGDPlan plan;
   // (rows, cols) -> tensors of that matrix shape, in order of first appearance.
   std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>> groups;
@@ -173,17 +173,17 @@ PowerSGDHook::PowerSGDHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
                            PowerSGDOptions options)
     : CommHook(std::move(process_group)), options_(options), seeds_(options.seed) {
   TORCH_CHECK(process_group_, "PowerSGDHook: process_group must not be None");
-  TORCH_CHECK(options.rank >= 1, "PowerSGDHook: rank must be >= 1, got ", options.rank);
-  TORCH_CHECK(options.start_iter >= 0, "PowerSGDHook: start_powerSGD_iter must be >= 0, got ",
+  TORCH_CHECK_VALUE(options.rank >= 1, "PowerSGDHook: rank must be >= 1, got ", options.rank);
+  TORCH_CHECK_VALUE(options.start_iter >= 0, "PowerSGDHook: start_powerSGD_iter must be >= 0, got ",
               options.start_iter);
-  TORCH_CHECK(!(options.use_error_feedback || options.warm_start) || options.start_iter > 1,
+  TORCH_CHECK_VALUE(!(options.use_error_feedback || options.warm_start) || options.start_iter > 1,
               "PowerSGDHook: start_powerSGD_iter must be > 1 when use_error_feedback or "
               "warm_start is enabled, got ",
               options.start_iter);
-  TORCH_CHECK(options.min_compression_rate >= 0,
+  TORCH_CHECK_VALUE(options.min_compression_rate >= 0,
               "PowerSGDHook: min_compression_rate must be >= 0, got ",
               options.min_compression_rate);
-  TORCH_CHECK(options.epsilon >= 0, "PowerSGDHook: orthogonalization_epsilon must be >= 0, got ",
+  TORCH_CHECK_VALUE(options.epsilon >= 0, "PowerSGDHook: orthogonalization_epsilon must be >= 0, got ",
               options.epsilon);
 }
 

@@ -78,7 +78,7 @@ void check_floating(const at::Tensor& t, const char* fn, const char* arg) {
 }  // namespace
 
 int64_t topk_count(int64_t numel, double ratio) {
-  TORCH_CHECK(ratio > 0.0 && ratio <= 1.0, "topk: ratio must be in (0, 1], got ", ratio);
+  TORCH_CHECK_VALUE(ratio > 0.0 && ratio <= 1.0, "topk: ratio must be in (0, 1], got ", ratio);
   const auto k = static_cast<int64_t>(std::ceil(ratio * static_cast<double>(numel)));
   return std::clamp<int64_t>(k, 1, std::max<int64_t>(numel, 1));
 }
@@ -162,7 +162,7 @@ void topk_scatter_add_(at::Tensor& out, const at::Tensor& values, const at::Tens
 TopKHook::TopKHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group, double ratio)
     : CommHook(std::move(process_group)), ratio_(ratio) {
   TORCH_CHECK(process_group_, "TopKHook: process_group must not be None");
-  TORCH_CHECK(ratio > 0.0 && ratio <= 1.0, "TopKHook: ratio must be in (0, 1], got ", ratio);
+  TORCH_CHECK_VALUE(ratio > 0.0 && ratio <= 1.0, "TopKHook: ratio must be in (0, 1], got ", ratio);
 }
 
 at::Tensor TopKHook::residual(int64_t bucket_index) const {
