@@ -9,7 +9,10 @@ DDP classes: torch's DistributedDataParallel (torchlane's hooks are also plain P
 once it exists, torchlane.DistributedDataParallel (the reducer runs the C++ hooks directly).
 """
 
+import math
+
 import dist
+import hook_refs
 import pytest
 import torch
 import torch.distributed as tdist
@@ -43,7 +46,9 @@ def _batch(step, rank, teacher, batch=32):
     return x, y
 
 
-def _train(ddp_cls, state, hook, steps, rank, lr=0.05, record=False, bucket_cap_mb=0.01):
+def _train(
+    ddp_cls, state, hook, steps, rank, lr=0.05, record=False, bucket_cap_mb=0.01, stats=None
+):
     teacher = _model(1234)
     model = ddp_cls(_model(0), bucket_cap_mb=bucket_cap_mb)
     if hook is not None:
@@ -57,6 +62,8 @@ def _train(ddp_cls, state, hook, steps, rank, lr=0.05, record=False, bucket_cap_
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if stats is not None:
+            stats.append(model.comm_stats())
         if record:
             trajectory.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     # The final loss on a fixed held-out batch, averaged over ranks.
@@ -112,7 +119,32 @@ def _parity_job(rank, world, kind):
         if name in ("fp16", "bf16") and kind == "torch":
             # Same roundings as torch's hook (Note [Cast compression rounding]): bit for bit.
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), name
+    if kind == "torchlane":
+        _check_comm_stats(ddp, rank)
     return out
+
+
+def _check_comm_stats(ddp, rank):
+    """comm_stats() reports the bytes each C++ hook actually sent (one bucket here)."""
+    shapes = [tuple(p.shape) for p in _model(0).parameters()]
+    numel = sum(math.prod(s) for s in shapes)
+    compressed, uncompressed = hook_refs.powersgd_plan(shapes, 2, 2.0)
+    powersgd_numel = sum(math.prod(shapes[t]) for t in uncompressed)
+    powersgd_numel += sum((n + m) * r for _, n, m, r in compressed)
+    cases = [
+        ((None, hooks.bf16_compress), [2 * numel] * 3),
+        ((None, hooks.fp16_compress), [2 * numel] * 3),
+        (
+            (hooks.PowerSGDState(rank=2, start_powerSGD_iter=2), hooks.powersgd),
+            [4 * numel, 4 * numel, 4 * powersgd_numel],
+        ),
+        ((hooks.TopKState(ratio=0.01), hooks.topk), [8 * math.ceil(0.01 * numel)] * 3),
+    ]
+    for (state, hook), expected in cases:
+        stats = []
+        _train(ddp, state, hook, 3, rank, bucket_cap_mb=25, stats=stats)
+        assert [s["bytes_sent"] for s in stats] == expected, (hook.__name__, stats)
+        assert all(s["bytes_reduced"] == 4 * numel for s in stats)
 
 
 @pytest.mark.parametrize("kind", DDP_KINDS)

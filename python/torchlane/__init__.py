@@ -16,6 +16,7 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
 
 __version__ = "0.1.0"
 
+from torchlane.ddp import DistributedDataParallel  # noqa: E402
+
 # ---- gradient compression hooks (issue 4) ----
 from torchlane import hooks  # noqa: E402, F401
-
