@@ -6,7 +6,8 @@
 #include <torch/library.h>
 
 #ifdef TORCHLANE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "kernels/compress_cast.cuh"
 #endif
@@ -94,10 +95,11 @@ at::Tensor cast_compress(const at::Tensor& src, at::ScalarType wire_dtype, int64
   }
 #ifdef TORCHLANE_WITH_CUDA
   if (in.is_cuda()) {
+    const c10::cuda::CUDAGuard device_guard(in.device());
     kernels::CastParams p{in.const_data_ptr(), out.mutable_data_ptr(),
                           in.numel(),          cast_dtype(in.scalar_type()),
                           cast_dtype(wire_dtype), divisor};
-    const auto err = kernels::launch_cast_compress(p, at::cuda::getCurrentCUDAStream());
+    const auto err = kernels::launch_cast_compress(p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "cast_compress: CUDA launch failed: ", cudaGetErrorString(err));
     return out;
   }
@@ -128,10 +130,11 @@ void cast_decompress_into(const at::Tensor& wire, at::Tensor& dst) {
   }
 #ifdef TORCHLANE_WITH_CUDA
   if (in.is_cuda()) {
+    const c10::cuda::CUDAGuard device_guard(in.device());
     kernels::CastParams p{in.const_data_ptr(),          dst.mutable_data_ptr(),
                           in.numel(),                   cast_dtype(in.scalar_type()),
                           cast_dtype(dst.scalar_type()), 1.0f};
-    const auto err = kernels::launch_cast_decompress(p, at::cuda::getCurrentCUDAStream());
+    const auto err = kernels::launch_cast_decompress(p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "cast_decompress: CUDA launch failed: ",
                 cudaGetErrorString(err));
     return;

@@ -8,7 +8,8 @@
 #include <torch/library.h>
 
 #ifdef TORCHLANE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "kernels/compress_topk.cuh"
 #endif
@@ -111,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_(at::Tensor& residual, const at
   }
 #ifdef TORCHLANE_WITH_CUDA
   TORCH_CHECK(residual.is_cuda(), "topk_compress_: unsupported device ", residual.device());
+  const c10::cuda::CUDAGuard device_guard(residual.device());
   residual.add_(g);
   // Largest magnitudes via torch's topk; ties may resolve differently from the CPU path.
   at::Tensor picked = std::get<1>(at::topk(residual.abs(), k, 0, true, false));
@@ -118,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_(at::Tensor& residual, const at
   kernels::TopKGatherParams p{residual.mutable_data_ptr(),    picked.const_data_ptr<int64_t>(),
                               values.mutable_data_ptr(),      indices.mutable_data_ptr<int32_t>(),
                               k, residual.scalar_type() == at::kDouble};
-  const auto err = kernels::launch_topk_gather_clear(p, at::cuda::getCurrentCUDAStream());
+  const auto err = kernels::launch_topk_gather_clear(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "topk_compress_: CUDA launch failed: ", cudaGetErrorString(err));
   return {values, indices};
 #else
@@ -148,10 +150,13 @@ void topk_scatter_add_(at::Tensor& out, const at::Tensor& values, const at::Tens
   }
 #ifdef TORCHLANE_WITH_CUDA
   TORCH_CHECK(out.is_cuda(), "topk_scatter_add_: unsupported device ", out.device());
+  TORCH_CHECK(v.device() == out.device() && i.device() == out.device(),
+              "topk_scatter_add_: values and indices must be on ", out.device());
+  const c10::cuda::CUDAGuard device_guard(out.device());
   kernels::TopKScatterParams p{out.mutable_data_ptr(), v.const_data_ptr(),
                                i.const_data_ptr<int32_t>(), v.numel(), scale,
                                out.scalar_type() == at::kDouble};
-  const auto err = kernels::launch_topk_scatter_add(p, at::cuda::getCurrentCUDAStream());
+  const auto err = kernels::launch_topk_scatter_add(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "topk_scatter_add_: CUDA launch failed: ",
               cudaGetErrorString(err));
 #else
