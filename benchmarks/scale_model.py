@@ -1,0 +1,172 @@
+"""Scaling past one machine: an alpha-beta model of ring all-reduce driven by a measured step.
+
+    python benchmarks/scale_model.py benchmarks/results/ddp_link200_n2.json [more.json ...]
+
+Input: JSON written by benchmarks/ddp_vs_torch.py, whose "profile" holds one real step's forward
+time, optimizer time and every parameter's gradient-ready time in backward (measured on the bare
+model), and the measured torch DDP / torchlane step times. The model:
+
+  * ring all-reduce of S bytes over N ranks: 2 (N - 1) alpha + 2 (N - 1) / N * S / B
+    (B = per-rank link bandwidth, full duplex: a switched cluster). On the benchmark's shaped
+    loopback every byte of every rank goes through one shared queue (Note [Shaped loopback is a
+    shared medium] in netns.py), so there the bandwidth term is 2 (N - 1) S / B.
+  * the bucket schedule: a bucket is ready when its last parameter's gradient is ready; buckets
+    are all-reduced one at a time in launch order, each starting when it is ready and the
+    previous one is done. step = forward + max(backward, last all-reduce done) + optimizer.
+  * torchlane's bucket plan and torch DDP's plan are computed by bucket_plan(), the same rule
+    both use (reverse registration order, first bucket 1 MiB, then bucket_cap_mb, close at >= cap).
+
+It validates itself against the measured shaped-loopback step times (predicted vs measured) and
+predicts step time and scaling efficiency (T_step(1) / T_step(N)) for N = 2..1024 on the stated
+links, writing benchmarks/results/scale_model.json and scale_model.png.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+# Stated cluster links: (name, bandwidth in Gbit/s per rank, alpha in seconds).
+LINKS = [("25 Gbit/s", 25.0, 5e-6), ("100 Gbit/s", 100.0, 5e-6), ("400 Gbit/s", 400.0, 5e-6)]
+WORLD_SIZES = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+def bucket_plan(param_bytes, cap_bytes=25 * MiB, first_cap_bytes=1 * MiB):
+    """Bucket assignment of DDP (torch's and torchlane's rule) for one dtype/device group.
+
+    param_bytes: bytes of each parameter in registration order. Returns a list of buckets, each a
+    list of parameter indices, in launch order: parameters are taken in reverse registration
+    order and a bucket closes once it holds >= its cap (the first bucket's cap is first_cap_bytes).
+    """
+    if cap_bytes <= 0 or first_cap_bytes <= 0:
+        raise ValueError(f"caps must be > 0, got cap_bytes={cap_bytes}, first_cap_bytes={first_cap_bytes}")
+    buckets, current, size = [], [], 0
+    for i in reversed(range(len(param_bytes))):
+        current.append(i)
+        size += param_bytes[i]
+        if size >= (first_cap_bytes if not buckets else cap_bytes):
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def ring_allreduce_s(nbytes, n, alpha_s, bw_bytes_per_s, shared_medium=False):
+    """Seconds for a ring all-reduce of nbytes over n ranks (alpha-beta model)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n == 1 or nbytes == 0:
+        return 0.0
+    steps = 2 * (n - 1)
+    wire = steps * nbytes if shared_medium else steps * nbytes / n
+    return steps * alpha_s + wire / bw_bytes_per_s
+
+
+def simulate_step(bucket_ready_s, bucket_comm_s, forward_s, backward_s, optimizer_s):
+    """Step time of one data-parallel step with buckets reduced one at a time in order.
+
+    bucket_ready_s: time each bucket is ready, from the start of backward (launch order);
+    bucket_comm_s: its all-reduce time. Returns (step_s, comm_end_s from backward start).
+    """
+    end = 0.0
+    for ready, comm in zip(bucket_ready_s, bucket_comm_s, strict=True):
+        end = max(end, ready) + comm
+    return forward_s + max(backward_s, end) + optimizer_s, end
+
+
+def bucket_ready_times(buckets, param_ready_s):
+    return [max(param_ready_s[i] for i in b) for b in buckets]
+
+
+def predict(profile, n, alpha_s, bw_bytes_per_s, cap_mb=25.0, shared_medium=False, bytes_scale=1.0):
+    """Predicted step seconds for the profiled model at n ranks (bytes_scale: 0.5 for bf16)."""
+    pbytes = profile["param_bytes"]
+    buckets = bucket_plan(pbytes, int(cap_mb * MiB))
+    ready = bucket_ready_times(buckets, [t / 1e3 for t in profile["param_ready_ms"]])
+    comm = [
+        ring_allreduce_s(sum(pbytes[i] for i in b) * bytes_scale, n, alpha_s, bw_bytes_per_s, shared_medium)
+        for b in buckets
+    ]
+    step, _ = simulate_step(
+        ready, comm, profile["forward_ms"] / 1e3, profile["backward_ms"] / 1e3, profile["optimizer_ms"] / 1e3
+    )
+    return step
+
+
+def compute_step_s(profile):
+    return (profile["forward_ms"] + profile["backward_ms"] + profile["optimizer_ms"]) / 1e3
+
+
+def validate(result):
+    """Predicted vs measured step times of one ddp_vs_torch.py run on a shaped link."""
+    prof, n, mbit = result["profile"], result["world_size"], result.get("link_mbit")
+    if not mbit:
+        return None
+    scale = {"none": 1.0, "fp16": 0.5, "bf16": 0.5}.get(result.get("hook", "none"))
+    if scale is None:
+        return None  # PowerSGD / top-k volumes are not modelled by a plain all-reduce
+    alpha = result.get("alpha_s", 50e-6)
+    rows = []
+    for row in result["results"]:
+        pred = predict(prof, n, alpha, mbit * 1e6 / 8, row["bucket_cap_mb"], True, scale) * 1e3
+        for key in ("torch_ms", "torchlane_ms"):
+            if row.get(key):
+                rows.append({
+                    "world_size": n, "link_mbit": mbit, "hook": result.get("hook", "none"),
+                    "bucket_cap_mb": row["bucket_cap_mb"], "variant": key[:-3],
+                    "measured_ms": row[key], "predicted_ms": pred,
+                    "error": pred / row[key] - 1.0,
+                })
+    return rows
+
+
+def extrapolate(profile, cap_mb=25.0):
+    """Step time and scaling efficiency for N in WORLD_SIZES on each stated link."""
+    t1 = compute_step_s(profile)
+    out = []
+    for name, gbit, alpha in LINKS:
+        for n in WORLD_SIZES:
+            step = predict(profile, n, alpha, gbit * 1e9 / 8, cap_mb)
+            out.append({"link": name, "world_size": n, "step_ms": step * 1e3, "efficiency": t1 / step})
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="ddp_vs_torch.py JSON results (shaped-link runs validate)")
+    p.add_argument("--out", default="benchmarks/results/scale_model.json")
+    p.add_argument("--plot", default="benchmarks/results/scale_model.png")
+    args = p.parse_args()
+    runs = [json.loads(Path(f).read_text()) for f in args.runs]
+    validation = [row for r in runs for row in (validate(r) or [])]
+    base = next(r for r in runs if r.get("profile"))
+    result = {
+        "source": args.runs,
+        "model_params": base.get("params"),
+        "validation": validation,
+        "extrapolation": extrapolate(base["profile"]),
+        "links": [{"name": n, "gbit": g, "alpha_s": a} for n, g, a in LINKS],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("validation (shaped loopback, shared medium):")
+    for v in validation:
+        print(
+            f"  N={v['world_size']} {v['link_mbit']:g} Mbit/s hook={v['hook']} cap={v['bucket_cap_mb']:g} MB "
+            f"{v['variant']:>9}: measured {v['measured_ms']:8.1f} ms  predicted {v['predicted_ms']:8.1f} ms  "
+            f"error {v['error'] * 100:+.1f}%"
+        )
+    for name, _, _ in LINKS:
+        effs = [f"N={e['world_size']}: {e['efficiency']:.2f}" for e in result["extrapolation"] if e["link"] == name]
+        print(f"  {name}: " + ", ".join(effs))
+    if args.plot:
+        from plots import plot_scale_model
+
+        plot_scale_model(result, args.plot)
+        print(f"wrote {args.out}, {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
