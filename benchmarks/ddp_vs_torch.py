@@ -40,9 +40,11 @@ HOOKS = ("none", "fp16", "bf16", "powersgd", "topk")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     a = p.add_argument
-    a("--nproc", type=int, default=2, help="ranks to launch (when not started by torchrun)")
+    a("--world-size", type=int, default=2, help="ranks to launch (when not started by torchrun)")
     a("--link-mbit", type=float, default=None, help="shape the ranks' loopback to N Mbit/s (root)")
     a("--hook", choices=HOOKS, default="none")
     a("--bucket-cap-mb", default="25", help="comma-separated list: a bucket-size sweep")
@@ -70,8 +72,8 @@ def parse_args(argv=None):
     bad = set(args.variant_list) - {"bare", "torch", "torchlane"}
     if bad:
         p.error(f"--variants: unknown {sorted(bad)}; choose from bare,torch,torchlane")
-    if args.nproc < 1 or args.rounds < 1 or args.steps < 1:
-        p.error("--nproc, --rounds and --steps must be >= 1")
+    if args.world_size < 1 or args.rounds < 1 or args.steps < 1:
+        p.error("--world-size, --rounds and --steps must be >= 1")
     return args
 
 
@@ -81,7 +83,7 @@ def default_json(args):
     tag = args.tag or "_".join(
         ["ddp"]
         + ([f"link{args.link_mbit:g}"] if args.link_mbit else ["loopback"])
-        + [f"n{args.nproc if 'WORLD_SIZE' not in os.environ else os.environ['WORLD_SIZE']}"]
+        + [f"n{args.world_size if 'WORLD_SIZE' not in os.environ else os.environ['WORLD_SIZE']}"]
         + ([f"hook-{args.hook}"] if args.hook != "none" else [])
         + ([f"{args.params:g}M"] if args.params else [])
     )
@@ -92,9 +94,16 @@ def default_json(args):
 
 
 def launch(args, argv):
-    """Start args.nproc ranks with torchrun, inside a shaped namespace when --link-mbit is set."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           str(Path(__file__).resolve()), *argv]
+    """Start args.world_size ranks with torchrun, inside a shaped namespace when --link-mbit is set."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.world_size}",
+        str(Path(__file__).resolve()),
+        *argv,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.setdefault("TORCHLANE_BENCH_JSON", str(default_json(args)))
     if args.link_mbit:
@@ -102,9 +111,14 @@ def launch(args, argv):
 
         try:
             with netns.shaped_namespace(args.link_mbit) as ns:
-                print(f"[ddp_vs_torch] {args.nproc} ranks in namespace {ns}, loopback shaped to "
-                      f"{args.link_mbit:g} Mbit/s (tbf)", flush=True)
-                return subprocess.run(netns.netns_command(ns, cmd), env=env, timeout=args.timeout_s).returncode
+                print(
+                    f"[ddp_vs_torch] {args.world_size} ranks in namespace {ns}, loopback shaped to "
+                    f"{args.link_mbit:g} Mbit/s (tbf)",
+                    flush=True,
+                )
+                return subprocess.run(
+                    netns.netns_command(ns, cmd), env=env, timeout=args.timeout_s
+                ).returncode
         except netns.NetnsUnavailable as e:
             print(f"[ddp_vs_torch] {e}", file=sys.stderr)
             return 2
@@ -124,6 +138,15 @@ def build_model(args):
     return GPT(cfg)
 
 
+def torch_bf16_compress_hook(process_group, bucket):
+    """torch's bf16_compress_hook, whose name torch DDP refuses unless the backend is NCCL: the
+    same body (torch's own default_hooks._compress_hook) under another name, so it runs on Gloo."""
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
+
+
 def torch_hook(ddp, hook):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as dh
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
@@ -131,10 +154,17 @@ def torch_hook(ddp, hook):
     if hook == "fp16":
         ddp.register_comm_hook(None, dh.fp16_compress_hook)
     elif hook == "bf16":
-        ddp.register_comm_hook(None, dh.bf16_compress_hook)
+        # torch DDP refuses bf16_compress_hook by name unless on NCCL; register its body.
+        ddp.register_comm_hook(None, torch_bf16_compress_hook)
     elif hook == "powersgd":
-        state = ps.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2,
-                                 min_compression_rate=2, use_error_feedback=True, warm_start=True)
+        state = ps.PowerSGDState(
+            None,
+            matrix_approximation_rank=4,
+            start_powerSGD_iter=2,
+            min_compression_rate=2,
+            use_error_feedback=True,
+            warm_start=True,
+        )
         ddp.register_comm_hook(state, ps.powerSGD_hook)
     # topk: torch has no top-k hook, torch DDP runs uncompressed.
 
@@ -196,7 +226,16 @@ def make_variants(args, world, state, batch, cap):
         torch_hook(m, args.hook)
         out.append(("torch", Variant(f"torch@{cap:g}", m, batch)))
         if args.hook != "none":
-            out.append(("torch_nohook", Variant(f"torch_nohook@{cap:g}", tp.DistributedDataParallel(fresh(), bucket_cap_mb=cap), batch)))
+            out.append(
+                (
+                    "torch_nohook",
+                    Variant(
+                        f"torch_nohook@{cap:g}",
+                        tp.DistributedDataParallel(fresh(), bucket_cap_mb=cap),
+                        batch,
+                    ),
+                )
+            )
     if "torchlane" in args.variant_list:
         cls, why = torchlane_ddp_class()
         if cls is None:
@@ -228,7 +267,7 @@ def comm_only_ms(bucket_bytes, dtype_bytes, reps=3):
     import torch.distributed as dist
 
     dtype = {4: torch.float32, 2: torch.bfloat16}[dtype_bytes]
-    bufs = [torch.zeros(max(1, b // 4), dtype=dtype) for b in bucket_bytes]
+    bufs = [torch.zeros(max(1, b // dtype_bytes), dtype=dtype) for b in bucket_bytes]
     out = []
     for _ in range(reps):
         dist.barrier()
@@ -251,6 +290,7 @@ def profile_bare_step(model, batch, reps=3):
     t_bwd = [0.0]
     handles = []
     for i, p in enumerate(params):
+
         def hook(_p, i=i):
             ready[i] = (time.perf_counter() - t_bwd[0]) * 1e3
 
@@ -325,9 +365,12 @@ def worker(args):
     comm_times = {cap: [] for cap in comm_keys}
 
     if rank == 0:
-        print(f"[ddp_vs_torch] {world} ranks, {n_params / 1e6:.2f}M params ({sum(param_bytes) / 1e6:.1f} MB of "
-              f"fp32 gradients), hook={args.hook}, link={f'{args.link_mbit:g} Mbit/s' if args.link_mbit else 'loopback'}, caps={args.caps}, "
-              f"variants={[v.name for _, _, v in groups]}, {args.rounds}+1 rounds x {args.steps} steps", flush=True)
+        print(
+            f"[ddp_vs_torch] {world} ranks, {n_params / 1e6:.2f}M params ({sum(param_bytes) / 1e6:.1f} MB of "
+            f"fp32 gradients), hook={args.hook}, link={f'{args.link_mbit:g} Mbit/s' if args.link_mbit else 'loopback'}, caps={args.caps}, "
+            f"variants={[v.name for _, _, v in groups]}, {args.rounds}+1 rounds x {args.steps} steps",
+            flush=True,
+        )
     for r in range(args.rounds + 1):
         k = r % len(groups)
         order = groups[k:] + groups[:k]  # rotate so no variant always runs first
@@ -354,13 +397,21 @@ def worker(args):
         medians[(key, cap)] = statistics.median(reduce_max(v.times))
     comm_ms = {cap: statistics.median(reduce_max(t)) for cap, t in comm_times.items()}
 
-    profile = profile_bare_step(bare, batch) if rank == 0 else None
-    stats = {key: comm_stats_of(v.model) for key, cap, v in groups if key == "torchlane" and cap == args.caps[-1]}
+    # Every rank profiles at once, so the compute runs under the same CPU contention as the steps.
+    dist.barrier()
+    profile = profile_bare_step(bare, batch)
+    stats = {
+        key: comm_stats_of(v.model)
+        for key, cap, v in groups
+        if key == "torchlane" and cap == args.caps[-1]
+    }
     all_stats = [None] * world
     dist.all_gather_object(all_stats, stats.get("torchlane"))
 
     if rank == 0:
-        result = summarize(args, world, n_params, sum(param_bytes), medians, comm_ms, profile, all_stats, bare)
+        result = summarize(
+            args, world, n_params, sum(param_bytes), medians, comm_ms, profile, all_stats, bare
+        )
         out = Path(os.environ.get("TORCHLANE_BENCH_JSON") or default_json(args))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
@@ -384,7 +435,11 @@ def summarize(args, world, n_params, grad_bytes, medians, comm_ms, profile, all_
         row = {"bucket_cap_mb": cap, "bare_ms": bare_ms}
         for key in ("torch", "torch_nohook", "torchlane"):
             row[f"{key}_ms"] = medians.get((key, cap))
-        row["ratio"] = row["torchlane_ms"] / row["torch_ms"] if row["torchlane_ms"] and row["torch_ms"] else None
+        row["ratio"] = (
+            row["torchlane_ms"] / row["torch_ms"]
+            if row["torchlane_ms"] and row["torch_ms"]
+            else None
+        )
         if row.get("torch_nohook_ms") and row["torchlane_ms"]:
             row["speedup_vs_torch_nohook"] = row["torch_nohook_ms"] / row["torchlane_ms"]
         if row["torch_ms"] and row.get("torch_nohook_ms"):
@@ -417,8 +472,13 @@ def summarize(args, world, n_params, grad_bytes, medians, comm_ms, profile, all_
         "torch_ms": default["torch_ms"],
         "torchlane_ms": default["torchlane_ms"],
         "ratio": default["ratio"],
-        "best": {"torch_ms": bt, "torch_cap_mb": bt_cap, "torchlane_ms": bl, "torchlane_cap_mb": bl_cap,
-                 "ratio": bl / bt if bl and bt else None},
+        "best": {
+            "torch_ms": bt,
+            "torch_cap_mb": bt_cap,
+            "torchlane_ms": bl,
+            "torchlane_cap_mb": bl_cap,
+            "ratio": bl / bt if bl and bt else None,
+        },
         "results": rows,
         "profile": profile,
         "torchlane_comm_stats": all_stats,
@@ -431,18 +491,40 @@ def fmt(v, spec=".1f"):
 
 
 def print_table(res):
-    print(f"\nDDP step time, {res['world_size']} ranks, {res['params'] / 1e6:.2f}M params, hook={res['hook']}, "
-          f"link={str(res['link_mbit']) + ' Mbit/s' if res['link_mbit'] else 'loopback'} (median ms over {res['rounds']}x{res['steps_per_round']} steps)")
-    head = ["cap MB", "bare", "torch", "torch nohook", "torchlane", "ratio", "T_comm", "eff torch", "eff torchlane"]
+    print(
+        f"\nDDP step time, {res['world_size']} ranks, {res['params'] / 1e6:.2f}M params, hook={res['hook']}, "
+        f"link={str(res['link_mbit']) + ' Mbit/s' if res['link_mbit'] else 'loopback'} (median ms over {res['rounds']}x{res['steps_per_round']} steps)"
+    )
+    head = [
+        "cap MB",
+        "bare",
+        "torch",
+        "torch nohook",
+        "torchlane",
+        "ratio",
+        "T_comm",
+        "eff torch",
+        "eff torchlane",
+    ]
     print(" | ".join(f"{h:>12}" for h in head))
     for r in res["results"]:
-        cells = [fmt(r["bucket_cap_mb"], "g"), fmt(r["bare_ms"]), fmt(r["torch_ms"]), fmt(r.get("torch_nohook_ms")),
-                 fmt(r["torchlane_ms"]), fmt(r["ratio"], ".3f"), fmt(r["comm_ms"]), fmt(r["efficiency_torch"], ".2f"),
-                 fmt(r["efficiency_torchlane"], ".2f")]
+        cells = [
+            fmt(r["bucket_cap_mb"], "g"),
+            fmt(r["bare_ms"]),
+            fmt(r["torch_ms"]),
+            fmt(r.get("torch_nohook_ms")),
+            fmt(r["torchlane_ms"]),
+            fmt(r["ratio"], ".3f"),
+            fmt(r["comm_ms"]),
+            fmt(r["efficiency_torch"], ".2f"),
+            fmt(r["efficiency_torchlane"], ".2f"),
+        ]
         print(" | ".join(f"{c:>12}" for c in cells))
     b = res["best"]
-    print(f"best: torch {fmt(b['torch_ms'])} ms @ {fmt(b['torch_cap_mb'], 'g')} MB, torchlane "
-          f"{fmt(b['torchlane_ms'])} ms @ {fmt(b['torchlane_cap_mb'], 'g')} MB, ratio {fmt(b['ratio'], '.3f')}")
+    print(
+        f"best: torch {fmt(b['torch_ms'])} ms @ {fmt(b['torch_cap_mb'], 'g')} MB, torchlane "
+        f"{fmt(b['torchlane_ms'])} ms @ {fmt(b['torchlane_cap_mb'], 'g')} MB, ratio {fmt(b['ratio'], '.3f')}"
+    )
 
 
 def main(argv=None):
@@ -453,7 +535,7 @@ def main(argv=None):
     if args.link_mbit and "TORCHLANE_BENCH_JSON" not in os.environ:
         # Started by the user's own torchrun: the ranks are already running outside a namespace.
         raise SystemExit(
-            "--link-mbit: start this script with plain `python benchmarks/ddp_vs_torch.py --nproc N "
+            "--link-mbit: start this script with plain `python benchmarks/ddp_vs_torch.py --world-size N "
             "--link-mbit M ...` (not under torchrun): it launches the ranks inside the shaped namespace."
         )
     worker(args)

@@ -124,7 +124,9 @@ def _measure_stream(n_bytes=16 * 1024 * 1024):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--mbit", type=float, required=True)
     p.add_argument("--check", action="store_true", help="measure one TCP stream through the link")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
@@ -137,8 +139,12 @@ def main():
             print(f"namespace {ns}: lo shaped with tbf {' '.join(tbf_args(args.mbit))}")
             if args.check:
                 out = subprocess.run(
-                    netns_command(ns, [sys.executable, __file__, "--mbit", str(args.mbit), "--inside"]),
-                    capture_output=True, text=True, check=True,
+                    netns_command(
+                        ns, [sys.executable, __file__, "--mbit", str(args.mbit), "--inside"]
+                    ),
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 ).stdout
                 print(f"one TCP stream: {float(out):.1f} Mbit/s (link {args.mbit} Mbit/s)")
     except NetnsUnavailable as e:

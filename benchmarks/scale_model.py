@@ -32,17 +32,24 @@ LINKS = [("25 Gbit/s", 25.0, 5e-6), ("100 Gbit/s", 100.0, 5e-6), ("400 Gbit/s", 
 WORLD_SIZES = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
-def bucket_plan(param_bytes, cap_bytes=25 * MiB, first_cap_bytes=1 * MiB):
+def bucket_plan(param_bytes, cap_bytes=25 * MiB, first_cap_bytes=1 * MiB, order=None):
     """Bucket assignment of DDP (torch's and torchlane's rule) for one dtype/device group.
 
-    param_bytes: bytes of each parameter in registration order. Returns a list of buckets, each a
-    list of parameter indices, in launch order: parameters are taken in reverse registration
-    order and a bucket closes once it holds >= its cap (the first bucket's cap is first_cap_bytes).
+    param_bytes: bytes of each parameter in registration order; order: the order parameters are
+    walked in (default: reverse registration order; after the first iteration both DDPs rebuild
+    their buckets from the observed gradient-ready order). Returns a list of buckets, each a list
+    of parameter indices, in launch order; a bucket closes once it holds >= its cap (the first
+    bucket's cap is first_cap_bytes).
     """
     if cap_bytes <= 0 or first_cap_bytes <= 0:
-        raise ValueError(f"caps must be > 0, got cap_bytes={cap_bytes}, first_cap_bytes={first_cap_bytes}")
+        raise ValueError(
+            f"caps must be > 0, got cap_bytes={cap_bytes}, first_cap_bytes={first_cap_bytes}"
+        )
+    order = list(reversed(range(len(param_bytes)))) if order is None else list(order)
+    if sorted(order) != list(range(len(param_bytes))):
+        raise ValueError("order must be a permutation of the parameter indices")
     buckets, current, size = [], [], 0
-    for i in reversed(range(len(param_bytes))):
+    for i in order:
         current.append(i)
         size += param_bytes[i]
         if size >= (first_cap_bytes if not buckets else cap_bytes):
@@ -82,17 +89,39 @@ def bucket_ready_times(buckets, param_ready_s):
 
 def predict(profile, n, alpha_s, bw_bytes_per_s, cap_mb=25.0, shared_medium=False, bytes_scale=1.0):
     """Predicted step seconds for the profiled model at n ranks (bytes_scale: 0.5 for bf16)."""
-    pbytes = profile["param_bytes"]
-    buckets = bucket_plan(pbytes, int(cap_mb * MiB))
-    ready = bucket_ready_times(buckets, [t / 1e3 for t in profile["param_ready_ms"]])
+    pbytes, ready_ms = profile["param_bytes"], profile["param_ready_ms"]
+    observed = sorted(range(len(pbytes)), key=lambda i: (ready_ms[i], -i))  # rebuilt-bucket order
+    buckets = bucket_plan(pbytes, int(cap_mb * MiB), order=observed)
+    ready = bucket_ready_times(buckets, [t / 1e3 for t in ready_ms])
     comm = [
-        ring_allreduce_s(sum(pbytes[i] for i in b) * bytes_scale, n, alpha_s, bw_bytes_per_s, shared_medium)
+        ring_allreduce_s(
+            sum(pbytes[i] for i in b) * bytes_scale, n, alpha_s, bw_bytes_per_s, shared_medium
+        )
         for b in buckets
     ]
     step, _ = simulate_step(
-        ready, comm, profile["forward_ms"] / 1e3, profile["backward_ms"] / 1e3, profile["optimizer_ms"] / 1e3
+        ready,
+        comm,
+        profile["forward_ms"] / 1e3,
+        profile["backward_ms"] / 1e3,
+        profile["optimizer_ms"] / 1e3,
     )
     return step
+
+
+def calibrated(profile, compute_ms):
+    """The profile with every time scaled so forward + backward + optimizer = compute_ms.
+
+    The profile is one instrumented step; compute_ms is the median bare step of the same run
+    (same CPU contention), so the scaled profile keeps the measured shape and the measured total.
+    """
+    total = profile["forward_ms"] + profile["backward_ms"] + profile["optimizer_ms"]
+    k = compute_ms / total
+    out = dict(profile)
+    for key in ("forward_ms", "backward_ms", "optimizer_ms"):
+        out[key] = profile[key] * k
+    out["param_ready_ms"] = [t * k for t in profile["param_ready_ms"]]
+    return out
 
 
 def compute_step_s(profile):
@@ -108,17 +137,25 @@ def validate(result):
     if scale is None:
         return None  # PowerSGD / top-k volumes are not modelled by a plain all-reduce
     alpha = result.get("alpha_s", 50e-6)
+    if result.get("bare_ms"):
+        prof = calibrated(prof, result["bare_ms"])
     rows = []
     for row in result["results"]:
         pred = predict(prof, n, alpha, mbit * 1e6 / 8, row["bucket_cap_mb"], True, scale) * 1e3
         for key in ("torch_ms", "torchlane_ms"):
             if row.get(key):
-                rows.append({
-                    "world_size": n, "link_mbit": mbit, "hook": result.get("hook", "none"),
-                    "bucket_cap_mb": row["bucket_cap_mb"], "variant": key[:-3],
-                    "measured_ms": row[key], "predicted_ms": pred,
-                    "error": pred / row[key] - 1.0,
-                })
+                rows.append(
+                    {
+                        "world_size": n,
+                        "link_mbit": mbit,
+                        "hook": result.get("hook", "none"),
+                        "bucket_cap_mb": row["bucket_cap_mb"],
+                        "variant": key[:-3],
+                        "measured_ms": row[key],
+                        "predicted_ms": pred,
+                        "error": pred / row[key] - 1.0,
+                    }
+                )
     return rows
 
 
@@ -129,13 +166,19 @@ def extrapolate(profile, cap_mb=25.0):
     for name, gbit, alpha in LINKS:
         for n in WORLD_SIZES:
             step = predict(profile, n, alpha, gbit * 1e9 / 8, cap_mb)
-            out.append({"link": name, "world_size": n, "step_ms": step * 1e3, "efficiency": t1 / step})
+            out.append(
+                {"link": name, "world_size": n, "step_ms": step * 1e3, "efficiency": t1 / step}
+            )
     return out
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="ddp_vs_torch.py JSON results (shaped-link runs validate)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "runs", nargs="+", help="ddp_vs_torch.py JSON results (shaped-link runs validate)"
+    )
     p.add_argument("--out", default="benchmarks/results/scale_model.json")
     p.add_argument("--plot", default="benchmarks/results/scale_model.png")
     args = p.parse_args()
@@ -159,7 +202,11 @@ def main():
             f"error {v['error'] * 100:+.1f}%"
         )
     for name, _, _ in LINKS:
-        effs = [f"N={e['world_size']}: {e['efficiency']:.2f}" for e in result["extrapolation"] if e["link"] == name]
+        effs = [
+            f"N={e['world_size']}: {e['efficiency']:.2f}"
+            for e in result["extrapolation"]
+            if e["link"] == name
+        ]
         print(f"  {name}: " + ", ".join(effs))
     if args.plot:
         from plots import plot_scale_model

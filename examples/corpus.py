@@ -22,7 +22,9 @@ def stdlib_dir():
 def _text_files(folder):
     files = []
     for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "site-packages", "test", "tests"))
+        dirs[:] = sorted(
+            d for d in dirs if d not in ("__pycache__", "site-packages", "test", "tests")
+        )
         files.extend(Path(root) / n for n in sorted(names) if n.endswith(TEXT_SUFFIXES))
     return sorted(files)
 
@@ -33,7 +35,9 @@ def load_bytes(path=None, max_bytes=None):
         folder = stdlib_dir()
         # Top-level modules only: a few MB of ordinary, well-formatted Python.
         files = sorted(p for p in folder.glob("*.py"))
-        source = f"Python {'.'.join(map(str, __import__('sys').version_info[:2]))} stdlib ({folder})"
+        source = (
+            f"Python {'.'.join(map(str, __import__('sys').version_info[:2]))} stdlib ({folder})"
+        )
     else:
         p = Path(path)
         if not p.exists():
@@ -41,7 +45,9 @@ def load_bytes(path=None, max_bytes=None):
         if p.is_dir():
             files = _text_files(p)
             if not files:
-                raise ValueError(f"--data: folder {path!r} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+                raise ValueError(
+                    f"--data: folder {path!r} holds no text files ({', '.join(TEXT_SUFFIXES)})"
+                )
         else:
             files = [p]
         source = str(p)
@@ -59,7 +65,9 @@ def load_bytes(path=None, max_bytes=None):
             break
     data = b"".join(chunks)
     if len(data) < 1024:
-        raise ValueError(f"--data: corpus {source!r} has only {len(data)} bytes; need at least 1024")
+        raise ValueError(
+            f"--data: corpus {source!r} has only {len(data)} bytes; need at least 1024"
+        )
     return data, f"{source}: {len(files)} file(s), {len(data) / 1e6:.2f} MB"
 
 

@@ -51,9 +51,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if cfg.n_embd % cfg.n_head != 0:
-            raise ValueError(
-                f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})"
-            )
+            raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
@@ -165,5 +163,7 @@ def config_for_params(target_params, block_size=128, vocab_size=256, attention="
 def count_params(cfg):
     """Closed-form parameter count of GPT(cfg) (tied head, so the head adds nothing)."""
     e = cfg.n_embd
-    per_block = 2 * (2 * e) + (3 * e * e + 3 * e) + (e * e + e) + (4 * e * e + 4 * e) + (4 * e * e + e)
+    per_block = (
+        2 * (2 * e) + (3 * e * e + 3 * e) + (e * e + e) + (4 * e * e + 4 * e) + (4 * e * e + e)
+    )
     return cfg.vocab_size * e + cfg.block_size * e + cfg.n_layer * per_block + 2 * e

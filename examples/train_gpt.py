@@ -36,7 +36,9 @@ HOOKS = ("none", "fp16", "bf16", "powersgd", "topk")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     a = p.add_argument
     a("--data", default=None, help="text file or folder (default: the Python stdlib's source)")
     a("--max-data-mb", type=float, default=4.0, help="read at most this many MB of the corpus")
@@ -64,12 +66,25 @@ def parse_args(argv=None):
     a("--ckpt-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     a("--out-dir", default="runs/train_gpt")
     a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    a(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop with a checkpoint at this step (the schedule still runs to --max-steps): split a run into jobs",
+    )
     a("--sample-tokens", type=int, default=300)
     a("--prompt", default="def ")
     a("--seed", type=int, default=1337)
     a("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     args = p.parse_args(argv)
-    for name in ("max_steps", "batch_size", "grad_accum", "block_size", "eval_every", "eval_batches"):
+    for name in (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "block_size",
+        "eval_every",
+        "eval_batches",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -117,6 +132,15 @@ def wrap_ddp(model, args, device):
     return ddp
 
 
+def torch_bf16_compress_hook(process_group, bucket):
+    """torch's bf16_compress_hook, whose name torch DDP refuses unless the backend is NCCL: the
+    same body (torch's own default_hooks._compress_hook) under another name, so it runs on Gloo."""
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
+
+
 def register_hook(ddp, flavour, hook):
     """The same compression on both sides: torch's own Python hooks vs torchlane.hooks."""
     if flavour == "torch":
@@ -126,7 +150,8 @@ def register_hook(ddp, flavour, hook):
         if hook == "fp16":
             ddp.register_comm_hook(None, dh.fp16_compress_hook)
         elif hook == "bf16":
-            ddp.register_comm_hook(None, dh.bf16_compress_hook)
+            # torch DDP refuses bf16_compress_hook by name unless on NCCL; register its body.
+            ddp.register_comm_hook(None, torch_bf16_compress_hook)
         elif hook == "powersgd":
             state = ps.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2)
             ddp.register_comm_hook(state, ps.powerSGD_hook)
@@ -151,7 +176,10 @@ def register_hook(ddp, flavour, hook):
 def make_optimizer(model, args):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
@@ -233,7 +261,9 @@ class Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True
+                )
             except ImportError:
                 pass
 
@@ -241,10 +271,15 @@ class Progress:
         if self.rank != 0:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", step_ms=f"{step_ms:.0f}", lr=f"{lr:.1e}")
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", step_ms=f"{step_ms:.0f}", lr=f"{lr:.1e}"
+            )
             self.bar.update(1)
         elif step % 10 == 0:
-            print(f"step {step:5d}  loss {loss:.4f}  {tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  lr {lr:.2e}", flush=True)
+            print(
+                f"step {step:5d}  loss {loss:.4f}  {tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  lr {lr:.2e}",
+                flush=True,
+            )
 
     def write(self, msg):
         if self.rank != 0:
@@ -283,9 +318,13 @@ def main(argv=None):
 
     data, description = corpus.load_bytes(args.data, int(args.max_data_mb * 1e6))
     train_tokens, val_tokens = corpus.split(data)
-    batches = corpus.ShardedBatches(train_tokens, args.block_size, args.batch_size, rank, world, args.seed)
+    batches = corpus.ShardedBatches(
+        train_tokens, args.block_size, args.batch_size, rank, world, args.seed
+    )
 
-    cfg = GPTConfig(256, args.block_size, args.n_layer, args.n_head, args.n_embd, args.dropout, args.attention)
+    cfg = GPTConfig(
+        256, args.block_size, args.n_layer, args.n_head, args.n_embd, args.dropout, args.attention
+    )
     raw_model = GPT(cfg).to(device)
     optimizer = make_optimizer(raw_model, args)
     out_dir = Path(args.out_dir)
@@ -309,8 +348,15 @@ def main(argv=None):
             + (f", resumed at step {step}" if args.resume else ""),
             flush=True,
         )
-        log(type="config", args=vars(args), config=cfg.to_dict(), world_size=world,
-            params=raw_model.num_params(), corpus=description, resumed_at=step if args.resume else None)
+        log(
+            type="config",
+            args=vars(args),
+            config=cfg.to_dict(),
+            world_size=world,
+            params=raw_model.num_params(),
+            corpus=description,
+            resumed_at=step if args.resume else None,
+        )
 
     progress = Progress(rank, args.max_steps, step, args.no_progress)
     if step == 0 or step % args.eval_every == 0:
@@ -318,7 +364,8 @@ def main(argv=None):
         progress.write(f"step {step:5d}  val loss {val:.4f}")
         log(type="val", step=step, val_loss=val)
     t_run = time.perf_counter()
-    while step < args.max_steps:
+    stop = min(args.max_steps, args.stop_at or args.max_steps)
+    while step < stop:
         t0 = time.perf_counter()
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
@@ -341,13 +388,20 @@ def main(argv=None):
         step += 1
         dt = time.perf_counter() - t0
         progress.update(step, loss_sum, tokens_per_step / dt, dt * 1e3, lr)
-        log(type="train", step=step, loss=loss_sum, lr=lr, step_ms=dt * 1e3, tokens_per_s=tokens_per_step / dt)
-        if step % args.eval_every == 0 or step == args.max_steps:
+        log(
+            type="train",
+            step=step,
+            loss=loss_sum,
+            lr=lr,
+            step_ms=dt * 1e3,
+            tokens_per_s=tokens_per_step / dt,
+        )
+        if step % args.eval_every == 0 or step == stop:
             val = evaluate(raw_model, val_tokens, args, device, world)
             best_val = val if best_val is None else min(best_val, val)
             progress.write(f"step {step:5d}  val loss {val:.4f}")
             log(type="val", step=step, val_loss=val)
-        if rank == 0 and ((args.ckpt_every and step % args.ckpt_every == 0) or step == args.max_steps):
+        if rank == 0 and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop):
             save_checkpoint(ckpt_path, raw_model, optimizer, step, batches, args, best_val)
     progress.close()
     elapsed = time.perf_counter() - t_run
@@ -360,7 +414,9 @@ def main(argv=None):
         print("\n---- sample ----\n" + text + "\n----------------", flush=True)
         log(type="sample", step=step, text=text)
         log(type="summary", step=step, best_val_loss=best_val, train_seconds=elapsed)
-        print(f"done: {step} steps, best val loss {best_val:.4f}, log {out_dir / 'log.jsonl'}, checkpoint {ckpt_path}")
+        print(
+            f"done: {step} steps, best val loss {best_val:.4f}, log {out_dir / 'log.jsonl'}, checkpoint {ckpt_path}"
+        )
     log.close()
     if world > 1:
         dist.barrier()
