@@ -140,41 +140,47 @@ def plot_timeline(result, path):
     return True
 
 
+def default_row(run, cap=25.0):
+    return {
+        **run,
+        **next((r for r in run["results"] if r["bucket_cap_mb"] == cap), run["results"][0]),
+    }
+
+
 def plot_hooks(runs, path):
-    """Step time per compression hook on a shaped link: torch (no hook), torch + its hook, torchlane."""
-    runs = [r for r in runs if r.get("torch_ms") or r.get("torchlane_ms")]
+    """Step time per compression hook on a shaped link, each group from one run: no DDP, torch DDP
+    without a hook, torch DDP + its equivalent hook, torchlane DDP + the hook."""
+    runs = [default_row(r) for r in runs]
     if not runs:
         return False
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    width = 0.27
-    for j, (key, label) in enumerate(
-        (
-            ("torch_nohook", "torch DDP, no hook"),
-            ("torch", "torch DDP + its hook"),
-            ("torchlane", "torchlane DDP + hook"),
-        )
-    ):
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.2
+    series = (
+        ("bare", "no DDP (compute only)"),
+        ("torch_nohook", "torch DDP, no hook"),
+        ("torch", "torch DDP + its hook"),
+        ("torchlane", "torchlane DDP + hook"),
+    )
+    for j, (key, label) in enumerate(series):
         xs, ys = [], []
         for i, r in enumerate(runs):
-            v = (
-                r.get(f"{key}_ms")
-                if key != "torch_nohook" or r["hook"] != "none"
-                else r.get("torch_ms")
-            )
-            if key == "torch" and r["hook"] in ("none", "topk"):
-                v = None  # no separate torch hook bar: torch has no top-k hook; "none" is the no-hook bar
+            if key == "torch_nohook":
+                v = r.get("torch_ms") if r["hook"] == "none" else r.get("torch_nohook_ms")
+            elif key == "torch":
+                v = (
+                    None if r["hook"] in ("none", "topk") else r.get("torch_ms")
+                )  # topk: no torch hook
+            else:
+                v = r.get(f"{key}_ms")
             if v:
-                xs.append(i + (j - 1) * width)
+                xs.append(i + (j - 1.5) * width)
                 ys.append(v)
         ax.bar(xs, ys, width, label=label, color=COLORS[key])
-    ax.axhline(
-        runs[0].get("bare_ms") or 0, color="k", ls="--", lw=0.8, label="no DDP (compute only)"
-    )
     ax.set_xticks(range(len(runs)), [r["hook"] for r in runs])
     ax.set_ylabel("step time (ms, median)")
     ax.set_title(
-        f"compression hooks, {runs[0]['world_size']} ranks, {runs[0]['link_mbit']:g} Mbit/s shaped loopback, "
-        f"{runs[0]['params'] / 1e6:.2f}M params",
+        f"compression hooks, {runs[0]['world_size']} ranks, {runs[0]['link_mbit']:g} Mbit/s shaped "
+        f"loopback, {runs[0]['params'] / 1e6:.2f}M params (one run per group)",
         fontsize=9,
     )
     ax.legend(fontsize=8)

@@ -144,20 +144,18 @@ class GPT(nn.Module):
 def config_for_params(target_params, block_size=128, vocab_size=256, attention="sdpa"):
     """A GPTConfig whose parameter count is close to target_params (used by the size sweep).
 
-    Depth grows slowly with width (n_layer = clamp(n_embd / 64, 2, 8)), head dim 64 (32 below
-    n_embd 128); the count per layer is ~12 n_embd^2 plus embeddings.
+    Width in steps of 64, head dim 64 (32 below n_embd 128), 2 to 8 layers; among the shapes
+    within 10% of the target the one with width closest to 32 x depth wins (a sane aspect ratio).
+    The count per layer is ~12 n_embd^2 plus embeddings.
     """
-    best = None
-    for n_embd in range(64, 2049, 32):
-        n_layer = max(2, min(8, n_embd // 64))
-        n_head = max(1, n_embd // 64) if n_embd >= 128 else max(1, n_embd // 32)
-        if n_embd % n_head:
-            continue
-        cfg = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, 0.0, attention)
-        n = count_params(cfg)
-        if best is None or abs(n - target_params) < abs(best[0] - target_params):
-            best = (n, cfg)
-    return best[1]
+    cands = []
+    for n_embd in range(64, 2049, 64):
+        n_head = n_embd // 64 if n_embd >= 128 else n_embd // 32
+        for n_layer in range(2, 9):
+            cfg = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, 0.0, attention)
+            err = abs(count_params(cfg) / target_params - 1)
+            cands.append((err > 0.1, err if err > 0.1 else abs(n_embd / (64 * n_layer) - 1), cfg))
+    return min(cands, key=lambda c: c[:2])[2]
 
 
 def count_params(cfg):
