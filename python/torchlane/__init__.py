@@ -15,3 +15,5 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
     ) from e
 
 __version__ = "0.1.0"
+
+from torchlane.ddp import DistributedDataParallel  # noqa: E402
