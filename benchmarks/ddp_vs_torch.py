@@ -170,6 +170,8 @@ def torch_hook(ddp, hook):
 
 
 def torchlane_hook(ddp, hook):
+    if hook == "none":
+        return
     import torchlane.hooks as th
 
     if hook == "fp16":

@@ -87,11 +87,25 @@ def bucket_ready_times(buckets, param_ready_s):
     return [max(param_ready_s[i] for i in b) for b in buckets]
 
 
-def predict(profile, n, alpha_s, bw_bytes_per_s, cap_mb=25.0, shared_medium=False, bytes_scale=1.0):
-    """Predicted step seconds for the profiled model at n ranks (bytes_scale: 0.5 for bf16)."""
+def predict(
+    profile,
+    n,
+    alpha_s,
+    bw_bytes_per_s,
+    cap_mb=25.0,
+    shared_medium=False,
+    bytes_scale=1.0,
+    plan=None,
+):
+    """Predicted step seconds for the profiled model at n ranks (bytes_scale: 0.5 for bf16).
+
+    plan: buckets as lists of parameter indices in launch order (e.g. torchlane's own, from
+    comm_stats); default: bucket_plan() over the observed gradient-ready order, which is what
+    both DDPs use after their one-time bucket rebuild.
+    """
     pbytes, ready_ms = profile["param_bytes"], profile["param_ready_ms"]
     observed = sorted(range(len(pbytes)), key=lambda i: (ready_ms[i], -i))  # rebuilt-bucket order
-    buckets = bucket_plan(pbytes, int(cap_mb * MiB), order=observed)
+    buckets = plan or bucket_plan(pbytes, int(cap_mb * MiB), order=observed)
     ready = bucket_ready_times(buckets, [t / 1e3 for t in ready_ms])
     comm = [
         ring_allreduce_s(
@@ -128,6 +142,20 @@ def compute_step_s(profile):
     return (profile["forward_ms"] + profile["backward_ms"] + profile["optimizer_ms"]) / 1e3
 
 
+def torchlane_plan(result):
+    """torchlane's actual buckets (rank 0's comm_stats, last bucket cap of the run) as parameter
+    indices of the profile, or None."""
+    stats = (result.get("torchlane_comm_stats") or [None])[0]
+    names = (result.get("profile") or {}).get("param_names")
+    if not stats or not names or not stats.get("buckets"):
+        return None
+    index = {name: i for i, name in enumerate(names)}
+    try:
+        return [[index[p.removeprefix("module.")] for p in b["params"]] for b in stats["buckets"]]
+    except (KeyError, TypeError):
+        return None
+
+
 def validate(result):
     """Predicted vs measured step times of one ddp_vs_torch.py run on a shaped link."""
     prof, n, mbit = result["profile"], result["world_size"], result.get("link_mbit")
@@ -139,10 +167,13 @@ def validate(result):
     alpha = result.get("alpha_s", 50e-6)
     if result.get("bare_ms"):
         prof = calibrated(prof, result["bare_ms"])
+    tl_plan = torchlane_plan(result)
     rows = []
     for row in result["results"]:
-        pred = predict(prof, n, alpha, mbit * 1e6 / 8, row["bucket_cap_mb"], True, scale) * 1e3
         for key in ("torch_ms", "torchlane_ms"):
+            plan = tl_plan if key == "torchlane_ms" and row is result["results"][-1] else None
+            pred = predict(prof, n, alpha, mbit * 1e6 / 8, row["bucket_cap_mb"], True, scale, plan)
+            pred *= 1e3
             if row.get(key):
                 rows.append(
                     {

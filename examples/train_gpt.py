@@ -45,7 +45,12 @@ def parse_args(argv=None):
     a("--device", choices=("cpu", "cuda"), default="cpu")
     a("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     a("--ddp", choices=("torchlane", "torch"), default="torchlane")
-    a("--attention", choices=ATTENTION_BACKENDS, default="torchlane")
+    a(
+        "--attention",
+        choices=("auto", *ATTENTION_BACKENDS),
+        default="auto",
+        help="auto: torchlane.attention when this torchlane build has it, else sdpa",
+    )
     a("--hook", choices=HOOKS, default="none", help="gradient compression comm hook")
     a("--bucket-cap-mb", type=float, default=25.0)
     a("--n-layer", type=int, default=4)
@@ -77,6 +82,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=1337)
     a("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     args = p.parse_args(argv)
+    if args.attention == "auto":
+        args.attention = "torchlane" if _torchlane_has("attention") else "sdpa"
     for name in (
         "max_steps",
         "batch_size",
@@ -88,6 +95,14 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+def _torchlane_has(name):
+    try:
+        import torchlane
+    except ImportError:
+        return False
+    return hasattr(torchlane, name)
 
 
 # ----------------------------------------------------------------------------- distributed set-up
@@ -343,6 +358,7 @@ def main(argv=None):
             f"corpus: {description}\n"
             f"model: {raw_model.num_params() / 1e6:.2f}M parameters {cfg.to_dict()}\n"
             f"{world} rank(s) on {device.type}, ddp={args.ddp if world > 1 else 'none'}, "
+            f"attention={args.attention}, "
             f"hook={args.hook}, dtype={args.dtype}, {tokens_per_step} tokens/step, "
             f"{batches.batches_per_epoch} batches/epoch/rank"
             + (f", resumed at step {step}" if args.resume else ""),
