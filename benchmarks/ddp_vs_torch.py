@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -94,6 +93,19 @@ def default_json(args):
 
 
 def launch(args, argv):
+    import subprocess
+
+    try:
+        return _launch(args, argv)
+    except subprocess.TimeoutExpired:
+        print(
+            f"[ddp_vs_torch] timed out after {args.timeout_s:g} s (--timeout-s); ranks ended",
+            file=sys.stderr,
+        )
+        return 124
+
+
+def _launch(args, argv):
     """Start args.world_size ranks with torchrun, inside a shaped namespace when --link-mbit is set."""
     cmd = [
         sys.executable,
@@ -104,11 +116,11 @@ def launch(args, argv):
         str(Path(__file__).resolve()),
         *argv,
     ]
+    import netns
+
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.setdefault("TORCHLANE_BENCH_JSON", str(default_json(args)))
     if args.link_mbit:
-        import netns
-
         try:
             with netns.shaped_namespace(args.link_mbit) as ns:
                 print(
@@ -116,13 +128,11 @@ def launch(args, argv):
                     f"{args.link_mbit:g} Mbit/s (tbf)",
                     flush=True,
                 )
-                return subprocess.run(
-                    netns.netns_command(ns, cmd), env=env, timeout=args.timeout_s
-                ).returncode
+                return netns.run_group(netns.netns_command(ns, cmd), env, args.timeout_s)
         except netns.NetnsUnavailable as e:
             print(f"[ddp_vs_torch] {e}", file=sys.stderr)
             return 2
-    return subprocess.run(cmd, env=env, timeout=args.timeout_s).returncode
+    return netns.run_group(cmd, env, args.timeout_s)
 
 
 # ----------------------------------------------------------------------------- models
@@ -179,7 +189,7 @@ def torchlane_hook(ddp, hook):
     elif hook == "bf16":
         ddp.register_comm_hook(None, th.bf16_compress)
     elif hook == "powersgd":
-        ddp.register_comm_hook(th.PowerSGDState(rank=4, start_iter=2), th.powersgd)
+        ddp.register_comm_hook(th.PowerSGDState(rank=4, start_powerSGD_iter=2), th.powersgd)
     elif hook == "topk":
         ddp.register_comm_hook(th.TopKState(ratio=0.01), th.topk)
 

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -84,6 +85,24 @@ def shaped_namespace(mbit, name=None):
 
 def netns_command(name, cmd):
     return ["ip", "netns", "exec", name, *cmd]
+
+
+def run_group(cmd, env=None, timeout=None):
+    """Run cmd in its own process group; on timeout or Ctrl-C end that group (the ranks with it),
+    so nothing is left running inside a namespace that is about to be deleted."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
 
 
 def _measure_stream(n_bytes=16 * 1024 * 1024):

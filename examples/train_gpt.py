@@ -180,7 +180,7 @@ def register_hook(ddp, flavour, hook):
     elif hook == "bf16":
         ddp.register_comm_hook(None, th.bf16_compress)
     elif hook == "powersgd":
-        ddp.register_comm_hook(th.PowerSGDState(rank=4, start_iter=2), th.powersgd)
+        ddp.register_comm_hook(th.PowerSGDState(rank=4, start_powerSGD_iter=2), th.powersgd)
     elif hook == "topk":
         ddp.register_comm_hook(th.TopKState(ratio=0.01), th.topk)
 
