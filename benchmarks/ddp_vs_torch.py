@@ -404,9 +404,12 @@ def worker(args):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
-    medians = {}
+    medians, spreads = {}, {}
     for key, cap, v in groups:
-        medians[(key, cap)] = statistics.median(reduce_max(v.times))
+        slowest = reduce_max(v.times)
+        medians[(key, cap)] = statistics.median(slowest)
+        q = statistics.quantiles(slowest, n=4) if len(slowest) > 1 else [slowest[0]] * 3
+        spreads[(key, cap)] = [q[0], q[2]]
     comm_ms = {cap: statistics.median(reduce_max(t)) for cap, t in comm_times.items()}
 
     # Every rank profiles at once, so the compute runs under the same CPU contention as the steps.
@@ -424,6 +427,9 @@ def worker(args):
         result = summarize(
             args, world, n_params, sum(param_bytes), medians, comm_ms, profile, all_stats, bare
         )
+        result["quartiles_ms"] = {
+            f"{key}@{cap:g}" if cap is not None else key: q for (key, cap), q in spreads.items()
+        }
         out = Path(os.environ.get("TORCHLANE_BENCH_JSON") or default_json(args))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

@@ -190,18 +190,34 @@ def plot_hooks(runs, path):
 
 
 def plot_scale_model(result, path):
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     links = [entry["name"] for entry in result["links"]]
-    for name in links:
-        rows = [e for e in result["extrapolation"] if e["link"] == name]
-        ax.plot([e["world_size"] for e in rows], [e["efficiency"] for e in rows], "o-", label=name)
-    ax.set(xscale="log", xlabel="ranks N", ylabel="scaling efficiency T(1) / T(N)", ylim=(0, 1.05))
+    scales = sorted({e.get("compute_scale", 1.0) for e in result["extrapolation"]}, reverse=True)
+    styles = ["-", "--", ":", "-."]
+    for li, name in enumerate(links):
+        for si, k in enumerate(scales):
+            rows = [
+                e
+                for e in result["extrapolation"]
+                if e["link"] == name and e.get("compute_scale", 1.0) == k
+            ]
+            ax.plot(
+                [e["world_size"] for e in rows],
+                [e["efficiency"] for e in rows],
+                styles[si % 4],
+                marker="o",
+                ms=3,
+                color=f"C{li}",
+                label=f"{name}, compute x{k:g}",
+            )
+    ax.set(xlabel="ranks N", ylabel="scaling efficiency T(1) / T(N)", ylim=(0, 1.05))
     ax.set_xscale("log", base=2)
     ax.set_title(
-        f"predicted, ring all-reduce, alpha 5 us, {(result.get('model_params') or 0) / 1e6:.2f}M params",
-        fontsize=9,
+        f"predicted: ring all-reduce, alpha 5 us, {(result.get('model_params') or 0) / 1e6:.1f}M "
+        f"params, measured step {result.get('compute_ms', 0):.0f} ms x compute scale",
+        fontsize=8,
     )
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     val = result.get("validation") or []
     if val:

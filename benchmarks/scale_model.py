@@ -190,16 +190,34 @@ def validate(result):
     return rows
 
 
-def extrapolate(profile, cap_mb=25.0):
-    """Step time and scaling efficiency for N in WORLD_SIZES on each stated link."""
-    t1 = compute_step_s(profile)
+def scaled(profile, k):
+    """The profile with every compute time multiplied by k (k = 0.01: compute 100x faster)."""
+    out = dict(profile)
+    for key in ("forward_ms", "backward_ms", "optimizer_ms"):
+        out[key] = profile[key] * k
+    out["param_ready_ms"] = [t * k for t in profile["param_ready_ms"]]
+    return out
+
+
+def extrapolate(profile, cap_mb=25.0, compute_scales=(1.0,)):
+    """Step time and scaling efficiency T(1) / T(N) for N in WORLD_SIZES on each stated link,
+    for the measured compute and for compute scaled by each factor in compute_scales."""
     out = []
-    for name, gbit, alpha in LINKS:
-        for n in WORLD_SIZES:
-            step = predict(profile, n, alpha, gbit * 1e9 / 8, cap_mb)
-            out.append(
-                {"link": name, "world_size": n, "step_ms": step * 1e3, "efficiency": t1 / step}
-            )
+    for k in compute_scales:
+        prof = scaled(profile, k)
+        t1 = compute_step_s(prof)
+        for name, gbit, alpha in LINKS:
+            for n in WORLD_SIZES:
+                step = predict(prof, n, alpha, gbit * 1e9 / 8, cap_mb)
+                out.append(
+                    {
+                        "link": name,
+                        "compute_scale": k,
+                        "world_size": n,
+                        "step_ms": step * 1e3,
+                        "efficiency": t1 / step,
+                    }
+                )
     return out
 
 
@@ -210,17 +228,39 @@ def main():
     p.add_argument(
         "runs", nargs="+", help="ddp_vs_torch.py JSON results (shaped-link runs validate)"
     )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="run whose profile is extrapolated (default: the first run given)",
+    )
+    p.add_argument(
+        "--compute-scale",
+        default="1,0.01",
+        help="compute-time factors to extrapolate with (0.01: a 100x faster device, e.g. a GPU)",
+    )
     p.add_argument("--out", default="benchmarks/results/scale_model.json")
     p.add_argument("--plot", default="benchmarks/results/scale_model.png")
     args = p.parse_args()
-    runs = [json.loads(Path(f).read_text()) for f in args.runs]
+    missing = [f for f in args.runs if not Path(f).exists()]
+    if missing:
+        print(f"scale_model: skipping missing run(s): {', '.join(missing)}")
+    runs = [json.loads(Path(f).read_text()) for f in args.runs if Path(f).exists()]
+    if not runs:
+        raise SystemExit("scale_model: none of the given runs exists")
     validation = [row for r in runs for row in (validate(r) or [])]
-    base = next(r for r in runs if r.get("profile"))
+    base = json.loads(Path(args.base).read_text()) if args.base else runs[0]
+    scales = [float(x) for x in args.compute_scale.split(",") if x]
+    if not base.get("profile"):
+        raise SystemExit("scale_model: the base run has no profile (rerun ddp_vs_torch.py)")
+    # Extrapolate the measured bare step of the base run (its median, the profile's shape).
+    prof = calibrated(base["profile"], base["bare_ms"]) if base.get("bare_ms") else base["profile"]
     result = {
         "source": args.runs,
+        "base": args.base or args.runs[0],
         "model_params": base.get("params"),
+        "compute_ms": compute_step_s(prof) * 1e3,
         "validation": validation,
-        "extrapolation": extrapolate(base["profile"]),
+        "extrapolation": extrapolate(prof, compute_scales=scales),
         "links": [{"name": n, "gbit": g, "alpha_s": a} for n, g, a in LINKS],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -232,13 +272,18 @@ def main():
             f"{v['variant']:>9}: measured {v['measured_ms']:8.1f} ms  predicted {v['predicted_ms']:8.1f} ms  "
             f"error {v['error'] * 100:+.1f}%"
         )
-    for name, _, _ in LINKS:
-        effs = [
-            f"N={e['world_size']}: {e['efficiency']:.2f}"
-            for e in result["extrapolation"]
-            if e["link"] == name
-        ]
-        print(f"  {name}: " + ", ".join(effs))
+    print(
+        f"predicted scaling efficiency, {base.get('params', 0) / 1e6:.1f}M params, measured compute "
+        f"{result['compute_ms']:.0f} ms x compute scale:"
+    )
+    for k in scales:
+        for name, _, _ in LINKS:
+            effs = [
+                f"N={e['world_size']}: {e['efficiency']:.2f}"
+                for e in result["extrapolation"]
+                if e["link"] == name and e["compute_scale"] == k
+            ]
+            print(f"  x{k:g} {name}: " + ", ".join(effs))
     if args.plot:
         from plots import plot_scale_model
 
