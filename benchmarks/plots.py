@@ -105,12 +105,15 @@ def plot_timeline(result, path):
     if not per_rank:
         return False
     n_buckets = max(len(bucket_events(s)) for _, s in per_rank)
+    # Each rank's times start at its own first gradient hook (comm_stats has no common clock).
+    shifts = {r: 0.0 for r, _ in per_rank}
     fig, ax = plt.subplots(figsize=(11, 1.2 + 0.35 * len(per_rank) * (n_buckets + 1)))
     y, ticks, labels = 0, [], []
     for rank, stats in per_rank:
+        sh = shifts[rank]
         bwd = backward_end_ms(stats)
         if bwd is not None:
-            ax.barh(y, bwd, left=0, color="#999999", height=0.7)
+            ax.barh(y, bwd, left=sh, color="#999999", height=0.7)
             ticks.append(y)
             labels.append(f"rank {rank} backward")
             y += 1
@@ -118,6 +121,7 @@ def plot_timeline(result, path):
             ready, launch, done = ev.get("ready_ms"), ev.get("launch_ms"), ev.get("done_ms")
             if launch is None or done is None:
                 continue
+            ready, launch, done = (None if ready is None else ready + sh), launch + sh, done + sh
             if ready is not None and launch > ready:
                 ax.barh(y, launch - ready, left=ready, color="#fdb863", height=0.7)
             ax.barh(y, done - launch, left=launch, color=COLORS["torchlane"], height=0.7)
@@ -127,7 +131,7 @@ def plot_timeline(result, path):
         y += 0.5
     ax.set_yticks(ticks, labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("ms from the first gradient hook")
+    ax.set_xlabel("ms from each rank's own first gradient hook (last synchronised step of the run)")
     mbit = result.get("link_mbit")
     ax.set_title(
         f"torchlane DDP, one step: backward (grey), bucket waiting to launch (orange), all-reduce (blue); "
