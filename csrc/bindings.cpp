@@ -119,10 +119,6 @@ PYBIND11_MODULE(_C, m) {
              r.register_comm_hook(
                  std::make_shared<c10d::PythonCommHook>(std::move(state), std::move(hook)));
            })
-      .def("finalize_backward", &Reducer::finalize_backward,
-           py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("static_graph_first_iteration",
-                             &Reducer::static_graph_first_iteration)
       .def("buckets", &buckets_to_list)
       .def("stats", &stats_to_dict)
       .def_property_readonly("world_size", &Reducer::world_size);

@@ -32,6 +32,29 @@ std::string join_names(const std::vector<std::string>& names, size_t limit = 20)
   return out.str();
 }
 
+// Note [Finalize on the outermost backward]
+// finalize_backward must run when the *whole* backward pass is done. A callback queued from a
+// gradient hook lands on the graph task that is running, which under reentrant backward (a
+// checkpointed segment runs a nested backward) is an inner one that ends early. So the forward's
+// outputs carry a pre-hook on their grad_fn nodes: those nodes run first, on the outermost graph
+// task, and queue finalize there. The token lets a graph that outlives the reducer do nothing.
+class QueueFinalizePreHook : public torch::autograd::FunctionPreHook {
+ public:
+  QueueFinalizePreHook(Reducer* reducer, std::shared_ptr<std::atomic<bool>> alive)
+      : reducer_(reducer), alive_(std::move(alive)) {}
+
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    if (alive_->load()) {
+      reducer_->queue_finalize();
+    }
+    return grads;
+  }
+
+ private:
+  Reducer* reducer_;
+  std::shared_ptr<std::atomic<bool>> alive_;
+};
+
 }  // namespace
 
 Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_names,
@@ -88,6 +111,7 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
 }
 
 Reducer::~Reducer() {
+  alive_->store(false);
   for (size_t i = 0; i < grad_accumulators_.size(); ++i) {
     grad_accumulators_[i]->del_post_hook(hook_keys_[i]);
   }
@@ -180,6 +204,24 @@ void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
   if (options_.find_unused_parameters && !options_.static_graph) {
     find_unused_parameters(outputs);
   }
+  // See Note [Finalize on the outermost backward].
+  std::unordered_set<torch::autograd::Node*> hooked;
+  for (const auto& out : outputs) {
+    if (out.defined() && out.requires_grad()) {
+      auto fn = out.grad_fn();
+      if (fn && hooked.insert(fn.get()).second) {
+        fn->add_pre_hook(std::make_unique<QueueFinalizePreHook>(this, alive_));
+      }
+    }
+  }
+}
+
+void Reducer::queue_finalize() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (expect_hooks_ && !finalize_queued_) {
+    finalize_queued_ = true;
+    torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
+  }
 }
 
 // Note [Finding unused parameters]: a parameter whose AccumulateGrad node cannot be reached from
@@ -228,10 +270,10 @@ void Reducer::autograd_hook(int64_t index) {
   if (!expect_hooks_) {
     return;  // no_sync() / require_backward_grad_sync=False: gradients accumulate locally
   }
-  if (!finalize_queued_ && !static_graph_first_iteration()) {
-    // Queued on the graph task running now. Under reentrant backward (a checkpointed segment
-    // runs a nested backward) that may be an inner one: finalize_backward then finds buckets
-    // still pending and re-arms, and the next hook queues it again on the enclosing task.
+  if (!finalize_queued_) {
+    // Normally an output's pre-hook queued finalize already (Note [Finalize on the outermost
+    // backward]). If the loss did not come from the outputs, queue it on the running graph task;
+    // should that be a nested one, finalize_backward finds buckets pending and re-arms.
     finalize_queued_ = true;
     torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
   }
@@ -378,7 +420,6 @@ void Reducer::finalize_backward() {
   }
   backward_end_ns_ = now_ns();
   if (static_graph_first_iteration()) {
-    // See Note [Static graph]: queued by the Python wrapper on the outermost graph task.
     expected_hook_count_ = hook_count_;
     for (size_t i = 0; i < params_.size(); ++i) {
       if (hook_count_[i] == 0) {

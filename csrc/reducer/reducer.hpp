@@ -81,8 +81,9 @@ class Reducer {
   // Rebuilds buckets from the first iteration's gradient-ready order; returns true if it did.
   bool rebuild_buckets();
   void register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook);
-  // Runs the end-of-backward work; queued by the hooks, or by the Python wrapper on the outermost
-  // graph task in a static graph's first iteration (Note [Static graph]).
+  // Queues finalize_backward on the running graph task, once per backward.
+  void queue_finalize();
+  // The end-of-backward work: waits for every bucket and writes `.grad`.
   void finalize_backward();
   bool static_graph_first_iteration() const;
 
@@ -125,6 +126,7 @@ class Reducer {
   std::vector<Bucket> buckets_;
   std::vector<std::pair<size_t, size_t>> param_location_;  // (bucket, slot)
 
+  std::shared_ptr<std::atomic<bool>> alive_ = std::make_shared<std::atomic<bool>>(true);
   std::shared_ptr<c10d::CommHookInterface> comm_hook_;
   bool comm_hook_counts_bytes_ = false;
 

@@ -40,37 +40,31 @@ def _find_tensors(obj):
 
 
 class _OutputSink(torch.autograd.Function):
-    """Identity on the forward's outputs; its backward runs first in the backward pass.
+    """Identity on the forward's outputs (find_unused_parameters only, as torch DDP does).
 
-    - With find_unused_parameters, outputs that took no part in the loss get an undefined
-      gradient here, so the graph below them still runs and their parameters' hooks fire (with no
-      gradient) instead of leaving their buckets waiting (Note [Finding unused parameters]).
-    - In a static graph's first iteration it queues the reducer's finalize on the outermost graph
-      task, which reentrant backward cannot end early (Note [Static graph]).
+    Outputs that took no part in the loss get an undefined gradient here, so the graph below them
+    still runs and their parameters' hooks fire (with no gradient) instead of leaving their
+    buckets waiting (Note [Finding unused parameters]).
     """
 
     @staticmethod
-    def forward(ctx, reducer, *tensors):
+    def forward(ctx, *tensors):
         ctx.set_materialize_grads(False)
-        ctx.reducer = reducer
         return tensors
 
     @staticmethod
     def backward(ctx, *grads):
-        reducer = ctx.reducer
-        if reducer is not None and reducer.static_graph_first_iteration:
-            torch.autograd.Variable._execution_engine.queue_callback(reducer.finalize_backward)
-        return (None, *grads)
+        return grads
 
 
-def _pass_through_sink(output, reducer):
+def _pass_through_sink(output):
     leaves, spec = tree_flatten(output)
     positions = [
         i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.grad_fn is not None
     ]
     if not positions:
         return output
-    sunk = _OutputSink.apply(reducer, *(leaves[i] for i in positions))
+    sunk = _OutputSink.apply(*(leaves[i] for i in positions))
     for i, t in zip(positions, sunk):
         leaves[i] = t
     return tree_unflatten(leaves, spec)
@@ -317,13 +311,13 @@ class DistributedDataParallel(Module):
                 inputs, kwargs = _move_to(inputs, device), _move_to(kwargs, device)
             output = self.module(*inputs, **kwargs)
             dynamic_unused = self.find_unused_parameters and not self.static_graph
+            if dynamic_unused and grad_sync:
+                output = _pass_through_sink(output)
             if grad_sync:
                 self.require_forward_param_sync = True
-                self._reducer.prepare_for_backward(_find_tensors(output) if dynamic_unused else [])
+                self._reducer.prepare_for_backward(_find_tensors(output))
             else:
                 self.require_forward_param_sync = False
-            if grad_sync and (dynamic_unused or self._reducer.static_graph_first_iteration):
-                output = _pass_through_sink(output, self._reducer)
             return output
 
     @contextmanager
