@@ -119,8 +119,9 @@ def test_not_root_message(monkeypatch):
         netns.check_available()
 
 
-def test_ddp_vs_torch_end_to_end(tmp_path):
-    out = tmp_path / "ddp.json"
+@pytest.fixture(scope="module")
+def tiny_ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "ddp.json"
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "ddp_vs_torch.py"),
@@ -145,7 +146,11 @@ def test_ddp_vs_torch_end_to_end(tmp_path):
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_ddp_vs_torch_end_to_end(tiny_ddp_run):
+    res = tiny_ddp_run
     for key in ("bare_ms", "torch_ms", "torchlane_ms", "ratio"):
         assert key in res
     assert res["bare_ms"] > 0 and res["torch_ms"] > 0
@@ -153,3 +158,43 @@ def test_ddp_vs_torch_end_to_end(tmp_path):
     prof = res["profile"]
     assert len(prof["param_ready_ms"]) == len(prof["param_bytes"]) == len(prof["param_names"])
     assert sum(prof["param_bytes"]) == res["grad_bytes"] == 4 * res["params"]
+
+
+def test_report_renders(tiny_ddp_run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import run_all
+
+    run = dict(tiny_ddp_run)
+    (tmp_path / "ddp_loopback_n2.json").write_text(json.dumps(run))
+    (tmp_path / "ddp_size_1M.json").write_text(json.dumps(run))
+    # Pretend the same run was on a shaped link, so the link sections and the scale model render.
+    shaped = dict(run, link_mbit=200.0)
+    (tmp_path / "ddp_link200_n2_hook-none.json").write_text(json.dumps(shaped))
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    monkeypatch.chdir(ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/scale_model.py",
+            str(tmp_path / "ddp_link200_n2_hook-none.json"),
+            "--out",
+            str(tmp_path / "scale_model.json"),
+            "--plot",
+            str(tmp_path / "scale_model.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_all.report({}, quick=False)
+    summary = (tmp_path / "summary.md").read_text()
+    for heading in (
+        "torch DDP vs torchlane DDP",
+        "Step time vs model size",
+        "Gradient compression",
+        "Scaling model",
+    ):
+        assert heading in summary
+    for png in ("step_time_vs_size.png", "hooks.png", "scale_model.png"):
+        assert (tmp_path / png).stat().st_size > 1000
