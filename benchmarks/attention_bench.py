@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=3, help="calls per backend per round")
     p.add_argument("--no-causal", action="store_true")
-    p.add_argument("--json", default=str(HERE / "results" / "attention.json"))
+    p.add_argument("--json", default=str(HERE / "results" / "attention_seq.json"))
     args = p.parse_args(argv)
     args.seqs = [int(s) for s in args.seq.split(",") if s]
     return args

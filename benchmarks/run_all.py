@@ -82,14 +82,14 @@ def commands(quick):
     out.append(
         (
             "attention",
-            "attention.json",
+            "attention_seq.json",
             py
             + [
                 "benchmarks/attention_bench.py",
                 "--rounds",
                 "2" if quick else "5",
                 "--json",
-                "benchmarks/results/attention.json",
+                "benchmarks/results/attention_seq.json",
             ],
         )
     )
@@ -288,13 +288,13 @@ def report(log, quick):
             "",
         ]
 
-    a = load("attention.json")
+    a = load("attention_seq.json")
     if a:
         plots.plot_attention(a, RESULTS / "attention.png")
         md += [
             "## Attention: torchlane.attention vs SDPA",
             "",
-            f"Command: {cmd_of('attention.json')}",
+            f"Command: {cmd_of('attention_seq.json')}",
             "",
             "![attention GFLOP/s](attention.png)",
             "",
