@@ -240,3 +240,34 @@ def overlap(rank, world):
         model(x).pow(2).mean().backward()
     names = {e.name for e in prof.events()}
     return stats, "torchlane::allreduce_bucket" in names
+
+
+# ---- non-finite gradients ----
+
+
+def nonfinite(rank, world, gradient_as_bucket_view):
+    """A NaN in rank 1's input at step 2: every rank must see grads_finite False at that step only,
+    skip it, and stay equal to torch DDP skipping the same step."""
+    ours = torchlane.DistributedDataParallel(
+        make_model("mlp"), check_finite=True, gradient_as_bucket_view=gradient_as_bucket_view
+    )
+    theirs = nn.parallel.DistributedDataParallel(make_model("mlp"))
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=LR)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=LR)
+    flags = []
+    for step in range(4):
+        x, y = batch("mlp", step, world * PER_RANK)
+        xs, ys = shard(x, rank), shard(y, rank)
+        if step == 2 and rank == 1:
+            xs = xs.clone()
+            xs[0, 0] = float("nan")
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            loss_fn("mlp", model(xs), ys).backward()
+        flags.append(ours.grads_finite)
+        if ours.grads_finite:
+            opt_ours.step()
+        if all(torch.isfinite(p.grad).all() for p in theirs.parameters()):
+            opt_theirs.step()
+    diff = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters()))
+    return flags, diff

@@ -1,5 +1,7 @@
 #include "reducer/reducer.hpp"
 
+#include "reducer/finite_copy.hpp"
+
 #include <algorithm>
 #include <sstream>
 #include <unordered_set>
@@ -463,6 +465,7 @@ void Reducer::finalize_backward() {
 }
 
 void Reducer::write_back_gradients() {
+  grads_finite_ = true;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     auto& bucket = buckets_[b];
     if (comm_hook_) {
@@ -486,6 +489,13 @@ void Reducer::write_back_gradients() {
         bucket.buffer.copy_(result.view({-1}));
       }
     }
+    // Note [Finite check]: every rank holds the same reduced buffer, so a NaN/Inf seen here is
+    // seen on every rank and a step skipped on that basis is skipped consistently. In copy mode
+    // the check rides on the write-back copy; gradient-as-view has no copy and pays one pass.
+    bool bucket_finite = true;
+    if (options_.check_finite && options_.gradient_as_bucket_view) {
+      bucket_finite = all_finite(bucket.buffer);
+    }
     for (size_t slot = 0; slot < bucket.params.size(); ++slot) {
       const auto i = bucket.params[slot];
       if (tracks_usage() && globally_unused_[i]) {
@@ -497,12 +507,18 @@ void Reducer::write_back_gradients() {
         if (!grad.defined() || !grad.is_alias_of(view)) {
           grad = view;
         }
-      } else if (grad.defined()) {
-        grad.copy_(view);
       } else {
-        grad = view.clone();
+        if (!grad.defined()) {
+          grad = at::empty_like(view, at::MemoryFormat::Contiguous);
+        }
+        if (options_.check_finite) {
+          bucket_finite &= copy_and_check_finite(grad, view);
+        } else {
+          grad.copy_(view);
+        }
       }
     }
+    grads_finite_ &= bucket_finite;
   }
 }
 

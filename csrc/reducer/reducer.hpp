@@ -25,6 +25,7 @@ struct ReducerOptions {
   bool find_unused_parameters = false;
   bool gradient_as_bucket_view = false;
   bool static_graph = false;
+  bool check_finite = false;
 };
 
 // One flat buffer holding the gradients of several parameters of one dtype and device.
@@ -91,6 +92,11 @@ class Reducer {
     return buckets_;
   }
   StepStats stats() const;
+  // check_finite: whether the last reduced gradients were all finite (the same on every rank).
+  bool grads_finite() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return grads_finite_;
+  }
   int64_t world_size() const {
     return world_size_;
   }
@@ -144,6 +150,7 @@ class Reducer {
   at::Tensor local_used_result_;           // all-reduced usage flags
   c10::intrusive_ptr<c10::ivalue::Future> local_used_future_;
   int64_t iterations_ = 0;                 // finished synchronised backward passes
+  bool grads_finite_ = true;
   int64_t first_hook_ns_ = 0, backward_end_ns_ = 0, comm_end_ns_ = 0;
 
   // Note [Bucket rebuild]: the order in which gradients became ready in the first synchronised

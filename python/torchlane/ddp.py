@@ -93,6 +93,9 @@ class DistributedDataParallel(Module):
     1 MiB); each bucket's all-reduce is launched from a C++ autograd hook the moment its last
     gradient is ready, so communication overlaps the rest of the backward pass. See the README
     for the differences from ``torch.nn.parallel.DistributedDataParallel``.
+
+    torchlane-only keyword: ``check_finite=True`` checks the reduced gradients for NaN/Inf while
+    writing them back (see ``grads_finite``).
     """
 
     def __init__(
@@ -114,6 +117,8 @@ class DistributedDataParallel(Module):
         mixed_precision=None,
         device_mesh=None,
         skip_all_reduce_unused_params: bool = False,
+        *,
+        check_finite: bool = False,
     ):
         super().__init__()
         if not isinstance(module, Module):
@@ -193,7 +198,9 @@ class DistributedDataParallel(Module):
             find_unused_parameters,
             gradient_as_bucket_view,
             static_graph,
+            check_finite,
         )
+        self.check_finite = check_finite
         self._comm_hook = None
 
     # ---- construction helpers ----
@@ -357,6 +364,15 @@ class DistributedDataParallel(Module):
                 )
             self._reducer.register_python_comm_hook(state, hook)
         self._comm_hook = hook
+
+    @property
+    def grads_finite(self) -> bool:
+        """With ``check_finite=True``: whether the gradients reduced by the last synchronised
+        backward were all finite. Every rank sees the same reduced values, so ``if
+        model.grads_finite: optimizer.step()`` skips a step on all ranks alike."""
+        if not self.check_finite:
+            raise RuntimeError("grads_finite needs torchlane.DistributedDataParallel(..., check_finite=True)")
+        return self._reducer.grads_finite
 
     # ---- observability ----
 
