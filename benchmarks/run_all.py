@@ -31,9 +31,10 @@ sys.path.insert(0, str(HERE))
 PARTS = ("ddp", "sizes", "attention", "hooks", "n4", "scale")
 SIZES_M = (1, 3, 10, 25, 50)
 LINK_MBIT = 200
+HOOKS = ("none", "fp16", "bf16", "powersgd", "topk")
 
 
-def commands(quick):
+def commands(quick, hooks=HOOKS):
     """(part, json name, argv) for every benchmark run, in order."""
     py = ["python"]
     r = ["--rounds", "2", "--steps", "3"] if quick else ["--rounds", "5", "--steps", "5"]
@@ -94,7 +95,7 @@ def commands(quick):
         )
     )
     rh = ["--rounds", "2", "--steps", "3"] if quick else ["--rounds", "4", "--steps", "4"]
-    for hook in ("none", "fp16", "bf16", "powersgd", "topk"):
+    for hook in hooks:
         out.append(
             (
                 "hooks",
@@ -150,8 +151,8 @@ def commands(quick):
     return out
 
 
-def run_parts(parts, quick, log):
-    for part, name, argv in commands(quick):
+def run_parts(parts, quick, log, hooks=HOOKS):
+    for part, name, argv in commands(quick, hooks):
         if part not in parts:
             continue
         if part in ("hooks", "n4") and os.geteuid() != 0:
@@ -492,6 +493,7 @@ def main():
         "--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
     )
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--hooks", default=",".join(HOOKS), help="hooks for the 'hooks' part")
     args = p.parse_args()
     parts = [x for x in args.only.split(",") if x]
     bad = set(parts) - set(PARTS)
@@ -500,7 +502,12 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = {}
     if not args.report_only:
-        run_parts(parts, args.quick, log)
+        hooks = [h for h in args.hooks.split(",") if h]
+        if set(hooks) - set(HOOKS):
+            p.error(
+                f"--hooks: unknown {sorted(set(hooks) - set(HOOKS))}; choose from {','.join(HOOKS)}"
+            )
+        run_parts(parts, args.quick, log, hooks)
     report(log, args.quick)
 
 
