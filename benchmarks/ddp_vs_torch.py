@@ -204,6 +204,14 @@ def torchlane_ddp_class():
     return torchlane.DistributedDataParallel, None
 
 
+def torchlane_has_hooks():
+    try:
+        import torchlane.hooks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Variant:
     """One model copy + optimizer; step() runs forward, backward and the optimizer."""
 
@@ -250,6 +258,8 @@ def make_variants(args, world, state, batch, cap):
             )
     if "torchlane" in args.variant_list:
         cls, why = torchlane_ddp_class()
+        if cls is not None and args.hook != "none" and not torchlane_has_hooks():
+            cls, why = None, "this torchlane build has no torchlane.hooks yet"
         if cls is None:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"[ddp_vs_torch] skipping torchlane: {why}", flush=True)
