@@ -15,3 +15,6 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
     ) from e
 
 __version__ = "0.1.0"
+
+# ---- checkpoints (issue 6: fault tolerance) ----
+from torchlane import checkpoint  # noqa: E402, F401
