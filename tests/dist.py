@@ -10,7 +10,9 @@ A rank that does not finish within `timeout` seconds fails the test instead of h
 
 import datetime
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -65,20 +67,27 @@ def run(fn, world_size=2, args=(), timeout=180, pg_timeout=60, env=None):
     for p in procs:
         p.start()
     results, errors = {}, {}
+    deadline = time.monotonic() + timeout
+    exited_at = {}
     try:
-        for _ in range(world_size):
+        while len(results) + len(errors) < world_size and not errors:
             try:
-                rank, ok, value = queue.get(timeout=timeout)
-            except Exception as e:  # queue.Empty
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+                rank, ok, value = queue.get(timeout=0.2)
+                (results if ok else errors)[rank] = value
+                continue
+            except queue_mod.Empty:
+                pass
+            now = time.monotonic()
+            for r, p in enumerate(procs):
+                if r not in results and r not in errors and p.exitcode is not None:
+                    exited_at.setdefault(r, now)
+                    if now - exited_at[r] > 3.0:  # its report would have arrived by now
+                        errors[r] = f"rank {r} exited with code {p.exitcode} without reporting"
+            if now > deadline:
                 raise RankError(
                     f"ranks did not finish within {timeout}s (finished: {sorted(results)}, "
-                    f"errors: {sorted(errors)}, exited without reporting: {dead})"
-                ) from e
-            (results if ok else errors)[rank] = value
-            if errors:
-                # One rank failed: give the others a moment to report, then stop.
-                break
+                    f"errors: {sorted(errors)})"
+                )
         if errors:
             rank = min(errors)
             raise RankError(f"rank {rank} failed:\n{errors[rank]}")

@@ -18,5 +18,7 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
 
 __version__ = "0.1.0"
 
+from torchlane.ddp import DistributedDataParallel  # noqa: E402
+
 # ---- checkpoints (issue 6: fault tolerance) ----
 from torchlane import checkpoint  # noqa: E402, F401

@@ -1,0 +1,564 @@
+#include "reducer/reducer.hpp"
+
+#include <algorithm>
+#include <sstream>
+#include <unordered_set>
+
+#include <ATen/ScalarOps.h>
+#include <ATen/record_function.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+namespace torchlane {
+
+namespace {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string join_names(const std::vector<std::string>& names, size_t limit = 20) {
+  std::ostringstream out;
+  for (size_t i = 0; i < names.size() && i < limit; ++i) {
+    out << (i ? ", " : "") << names[i];
+  }
+  if (names.size() > limit) {
+    out << ", ... (" << names.size() - limit << " more)";
+  }
+  return out.str();
+}
+
+}  // namespace
+
+Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_names,
+                 c10::intrusive_ptr<c10d::ProcessGroup> process_group, ReducerOptions options)
+    : params_(std::move(params)),
+      param_names_(std::move(param_names)),
+      process_group_(std::move(process_group)),
+      options_(options) {
+  TORCH_CHECK(process_group_, "process_group must not be None");
+  TORCH_CHECK(!params_.empty(), "the reducer needs at least one parameter that requires grad");
+  TORCH_CHECK(param_names_.size() == params_.size(), "got ", param_names_.size(),
+              " parameter names for ", params_.size(), " parameters");
+  TORCH_CHECK(options_.bucket_cap_bytes > 0, "bucket_cap_mb must be positive, got ",
+              options_.bucket_cap_bytes, " bytes");
+  world_size_ = process_group_->getSize();
+  const auto n = static_cast<int64_t>(params_.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& p = params_[i];
+    TORCH_CHECK(p.defined() && p.requires_grad(), "parameter '", param_names_[i],
+                "' must be a defined tensor that requires grad");
+    TORCH_CHECK(p.layout() == at::kStrided, "parameter '", param_names_[i],
+                "' is not a dense (strided) tensor; torchlane DDP supports dense parameters only");
+    param_meta_.push_back({static_cast<int64_t>(p.numel() * p.element_size()), p.scalar_type(),
+                           p.device()});
+  }
+
+  // Note [Gradient-ready hooks]: a post-hook on each parameter's AccumulateGrad node runs right
+  // after the gradient was accumulated into `.grad`, on the autograd thread, with no Python.
+  for (int64_t i = 0; i < n; ++i) {
+    auto accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
+    TORCH_INTERNAL_ASSERT(accumulator, "no gradient accumulator for parameter ", i);
+    accumulator_index_[accumulator.get()] = i;
+    hook_keys_.push_back(accumulator->add_post_hook(
+        std::make_unique<torch::autograd::utils::LambdaPostHook>(
+            [this, i](const torch::autograd::variable_list& outputs,
+                      const torch::autograd::variable_list& /*inputs*/) {
+              autograd_hook(i);
+              return outputs;
+            })));
+    grad_accumulators_.push_back(std::move(accumulator));
+  }
+
+  std::vector<int64_t> reverse_order(n);
+  for (int64_t i = 0; i < n; ++i) {
+    reverse_order[i] = n - 1 - i;
+  }
+  initialize_buckets(compute_bucket_assignment(param_meta_, reverse_order,
+                                               options_.first_bucket_cap_bytes,
+                                               options_.bucket_cap_bytes));
+  ready_.assign(n, 0);
+  hook_count_.assign(n, 0);
+  local_used_host_.assign(n, 0);
+  globally_unused_.assign(n, 0);
+}
+
+Reducer::~Reducer() {
+  for (size_t i = 0; i < grad_accumulators_.size(); ++i) {
+    grad_accumulators_[i]->del_post_hook(hook_keys_[i]);
+  }
+}
+
+void Reducer::initialize_buckets(const std::vector<std::vector<int64_t>>& assignment) {
+  std::vector<Bucket> buckets;
+  buckets.reserve(assignment.size());
+  param_location_.assign(params_.size(), {0, 0});
+  for (const auto& members : assignment) {
+    TORCH_INTERNAL_ASSERT(!members.empty());
+    Bucket bucket;
+    bucket.params = members;
+    size_t total = 0;
+    for (auto i : members) {
+      bucket.offsets.push_back(total);
+      bucket.lengths.push_back(static_cast<size_t>(params_[i].numel()));
+      total += bucket.lengths.back();
+    }
+    const auto& first = params_[members.front()];
+    bucket.buffer = at::zeros({static_cast<int64_t>(total)}, first.options().requires_grad(false));
+    for (size_t slot = 0; slot < members.size(); ++slot) {
+      const auto i = members[slot];
+      param_location_[i] = {buckets.size(), slot};
+      auto view = bucket.buffer
+                      .narrow(0, static_cast<int64_t>(bucket.offsets[slot]),
+                              static_cast<int64_t>(bucket.lengths[slot]))
+                      .view(params_[i].sizes());
+      // See Note [Gradient as bucket view]: an existing gradient moves into the new buffer.
+      if (options_.gradient_as_bucket_view) {
+        auto& grad = params_[i].mutable_grad();
+        if (grad.defined()) {
+          view.copy_(grad);
+          grad = view;
+        }
+      }
+      bucket.views.push_back(std::move(view));
+    }
+    bucket.pending = members.size();
+    bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
+    buckets.push_back(std::move(bucket));
+  }
+  buckets_ = std::move(buckets);
+}
+
+void Reducer::reset_iteration_state() {
+  backward_started_ = false;
+  finalize_queued_ = false;
+  next_bucket_ = 0;
+  std::fill(ready_.begin(), ready_.end(), 0);
+  std::fill(hook_count_.begin(), hook_count_.end(), 0);
+  std::fill(local_used_host_.begin(), local_used_host_.end(), 0);
+  for (auto& bucket : buckets_) {
+    bucket.pending = bucket.params.size();
+    bucket.launched = false;
+    bucket.future.reset();
+    bucket.ready_ns = bucket.launch_ns = bucket.wait_ns = 0;
+    bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
+  }
+  local_used_future_.reset();
+  if (!(options_.static_graph && iterations_ > 0)) {
+    unused_.clear();
+  }
+}
+
+void Reducer::prepare_for_forward() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  expect_hooks_ = false;
+  if (!require_finalize_) {
+    return;
+  }
+  auto missing = unready_parameter_names_locked();
+  require_finalize_ = false;
+  expect_hooks_ = false;
+  reset_iteration_state();
+  TORCH_CHECK(false,
+              "Expected to have finished reduction in the prior iteration before starting a new "
+              "one. This error indicates that your module has parameters that were not used in "
+              "producing loss. You can enable unused parameter detection by passing the keyword "
+              "argument `find_unused_parameters=True` to `torchlane.DistributedDataParallel`, and "
+              "by making sure all `forward` function outputs participate in calculating loss. "
+              "Parameters which did not receive grad for rank ",
+              process_group_->getRank(), ": ", join_names(missing));
+}
+
+void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  expect_hooks_ = true;
+  reset_iteration_state();
+  if (options_.find_unused_parameters && !options_.static_graph) {
+    find_unused_parameters(outputs);
+  }
+}
+
+// Note [Finding unused parameters]: a parameter whose AccumulateGrad node cannot be reached from
+// the forward's outputs will get no gradient in this backward. It is marked ready (a zero slot in
+// its bucket) when the first hook fires, so its bucket does not wait for it forever.
+void Reducer::find_unused_parameters(const std::vector<at::Tensor>& outputs) {
+  std::unordered_set<torch::autograd::Node*> seen;
+  std::vector<torch::autograd::Node*> stack;
+  for (const auto& out : outputs) {
+    if (!out.defined() || !out.requires_grad()) {
+      continue;
+    }
+    auto fn = torch::autograd::impl::gradient_edge(out).function;
+    if (fn && seen.insert(fn.get()).second) {
+      stack.push_back(fn.get());
+    }
+  }
+  while (!stack.empty()) {
+    auto* node = stack.back();
+    stack.pop_back();
+    for (const auto& edge : node->next_edges()) {
+      auto* next = edge.function.get();
+      if (next && seen.insert(next).second) {
+        stack.push_back(next);
+      }
+    }
+  }
+  unused_.clear();
+  for (size_t i = 0; i < grad_accumulators_.size(); ++i) {
+    if (!seen.count(grad_accumulators_[i].get())) {
+      unused_.push_back(static_cast<int64_t>(i));
+    }
+  }
+}
+
+bool Reducer::static_graph_first_iteration() const {
+  return options_.static_graph && iterations_ == 0;
+}
+
+bool Reducer::tracks_usage() const {
+  return options_.find_unused_parameters || options_.static_graph;
+}
+
+void Reducer::autograd_hook(int64_t index) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!expect_hooks_) {
+    return;  // no_sync() / require_backward_grad_sync=False: gradients accumulate locally
+  }
+  if (!finalize_queued_ && !static_graph_first_iteration()) {
+    // Queued on the graph task running now. Under reentrant backward (a checkpointed segment
+    // runs a nested backward) that may be an inner one: finalize_backward then finds buckets
+    // still pending and re-arms, and the next hook queues it again on the enclosing task.
+    finalize_queued_ = true;
+    torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
+  }
+  if (!backward_started_) {
+    backward_started_ = true;
+    require_finalize_ = true;
+    first_hook_ns_ = now_ns();
+    for (auto i : unused_) {
+      mark_ready(i);
+    }
+  }
+  hook_count_[index] += 1;
+  if (static_graph_first_iteration()) {
+    // Note [Static graph]: the first iteration only observes how often each parameter's hook
+    // fires and in which order; all buckets are reduced in finalize_backward.
+    if (hook_count_[index] == 1) {
+      ready_order_.push_back(index);
+    }
+    return;
+  }
+  if (options_.static_graph && hook_count_[index] < expected_hook_count_[index]) {
+    return;  // the gradient is complete only after the last of its expected firings
+  }
+  mark_ready(index);
+}
+
+void Reducer::mark_ready(int64_t index) {
+  TORCH_CHECK(!ready_[index], "torchlane DDP: parameter '", param_names_[index], "' (index ",
+              index,
+              ") received its gradient more than once in one backward pass. This happens with "
+              "reentrant backward (e.g. activation checkpointing with use_reentrant=True) or when "
+              "a parameter is used by several forward calls whose outputs share one backward. "
+              "Pass static_graph=True if the graph is the same every iteration.");
+  ready_[index] = 1;
+  if (!rebuilt_ && !options_.static_graph && !options_.find_unused_parameters) {
+    ready_order_.push_back(index);
+  }
+  copy_grad_to_bucket(index);
+  const auto [b, slot] = param_location_[index];
+  auto& bucket = buckets_[b];
+  TORCH_INTERNAL_ASSERT(bucket.pending > 0);
+  if (--bucket.pending == 0) {
+    bucket.ready_ns = now_ns();
+    launch_ready_buckets();
+  }
+}
+
+// Note [Gradient as bucket view]: with gradient_as_bucket_view=True each `.grad` is a view of
+// its bucket's buffer, so AccumulateGrad already wrote the gradient in place and no copy is
+// needed. A `.grad` that is not such a view (the first backward, or after zero_grad set it to
+// None) is copied in once and replaced by the view.
+void Reducer::copy_grad_to_bucket(int64_t index) {
+  const auto [b, slot] = param_location_[index];
+  auto& view = buckets_[b].views[slot];
+  auto& grad = params_[index].mutable_grad();
+  if (!grad.defined()) {
+    view.zero_();
+    return;
+  }
+  TORCH_CHECK(!grad.is_sparse(), "torchlane DDP does not support sparse gradients (parameter '",
+              param_names_[index], "')");
+  local_used_host_[index] = 1;
+  const bool scale = !comm_hook_;  // a comm hook receives the unscaled sum (Note [Comm hook contract])
+  if (options_.gradient_as_bucket_view && grad.is_alias_of(view)) {
+    if (scale) {
+      view.mul_(1.0 / static_cast<double>(world_size_));
+    }
+    return;
+  }
+  if (scale) {
+    // Pre-divide by world size fused into the copy, exactly as torch DDP does.
+    auto factor = c10::scalar_to_tensor(c10::Scalar(1.0 / static_cast<double>(world_size_)));
+    factor.unsafeGetTensorImpl()->set_wrapped_number(true);
+    at::mul_out(view, grad, factor);
+  } else {
+    view.copy_(grad);
+  }
+  if (options_.gradient_as_bucket_view) {
+    grad = view;
+  }
+}
+
+void Reducer::launch_ready_buckets() {
+  while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].pending == 0) {
+    launch_bucket(next_bucket_++);
+  }
+  if (next_bucket_ == buckets_.size() && tracks_usage() &&
+      (options_.find_unused_parameters || static_graph_first_iteration()) && !local_used_future_) {
+    // Which parameters got a gradient on any rank: globally unused ones keep their `.grad`.
+    auto used = at::from_blob(local_used_host_.data(), {static_cast<int64_t>(params_.size())},
+                              at::kInt)
+                    .to(params_.front().device(), /*non_blocking=*/false, /*copy=*/true);
+    std::vector<at::Tensor> tensors{used};
+    local_used_future_ = process_group_->allreduce(tensors)->getFuture();
+    local_used_result_ = used;
+  }
+}
+
+void Reducer::launch_bucket(size_t b) {
+  auto& bucket = buckets_[b];
+  RECORD_FUNCTION("torchlane::allreduce_bucket", std::vector<c10::IValue>({bucket.buffer}));
+  bucket.launch_ns = now_ns();
+  bucket.launched = true;
+  if (comm_hook_) {
+    std::vector<c10::IntArrayRef> sizes;
+    std::vector<at::Tensor> params;
+    for (auto i : bucket.params) {
+      sizes.push_back(params_[i].sizes());
+      params.push_back(params_[i]);
+    }
+    c10d::GradBucket grad_bucket(b, buckets_.size(), bucket.buffer, bucket.offsets,
+                                 bucket.lengths, std::move(sizes), std::move(params),
+                                 std::nullopt);
+    bucket.future = comm_hook_->runHook(grad_bucket);
+    TORCH_CHECK(bucket.future, "the communication hook returned no future for bucket ", b);
+    if (!comm_hook_counts_bytes_) {
+      step_bytes_sent_ += bucket.buffer.nbytes();
+    }
+  } else {
+    std::vector<at::Tensor> tensors{bucket.buffer};
+    bucket.future = process_group_->allreduce(tensors)->getFuture();
+    step_bytes_sent_ += bucket.buffer.nbytes();
+  }
+  // The callback may run after finalize_backward returned (futures wake waiters before running
+  // callbacks), so it writes only to a slot it co-owns.
+  auto done = bucket.done_ns;
+  bucket.future->addCallback([done](c10::ivalue::Future&) { done->store(now_ns()); });
+}
+
+std::string Reducer::describe_bucket(size_t b) const {
+  const auto& bucket = buckets_[b];
+  std::ostringstream out;
+  out << "bucket " << b << " of " << buckets_.size() << " (" << bucket.params.size()
+      << " parameters, " << bucket.buffer.nbytes() << " bytes, first parameter '"
+      << param_names_[bucket.params.front()] << "')";
+  return out.str();
+}
+
+void Reducer::finalize_backward() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  finalize_queued_ = false;
+  if (!expect_hooks_ || !backward_started_) {
+    return;
+  }
+  backward_end_ns_ = now_ns();
+  if (static_graph_first_iteration()) {
+    // See Note [Static graph]: queued by the Python wrapper on the outermost graph task.
+    expected_hook_count_ = hook_count_;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (hook_count_[i] == 0) {
+        unused_.push_back(static_cast<int64_t>(i));
+        ready_order_.push_back(static_cast<int64_t>(i));
+      }
+    }
+    for (size_t i = 0; i < params_.size(); ++i) {
+      mark_ready(static_cast<int64_t>(i));
+    }
+  }
+  if (next_bucket_ < buckets_.size()) {
+    // Some parameters have no gradient yet. Either a nested backward ended (more hooks will come
+    // and queue this again) or they are unused: then require_finalize_ stays set and the next
+    // forward raises with their names (prepare_for_forward).
+    return;
+  }
+  expect_hooks_ = false;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    try {
+      buckets_[b].future->wait();
+      buckets_[b].wait_ns = now_ns();
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "torchlane DDP: the all-reduce of ", describe_bucket(b),
+                  " failed while waiting for the other ranks: ", e.what());
+    }
+  }
+  comm_end_ns_ = now_ns();
+  if (local_used_future_) {
+    local_used_future_->wait();
+    auto used = local_used_result_.to(at::kCPU);
+    const auto* flags = used.data_ptr<int32_t>();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      globally_unused_[i] = flags[i] == 0;
+    }
+  }
+  write_back_gradients();
+  publish_stats();
+  require_finalize_ = false;
+  iterations_ += 1;
+}
+
+void Reducer::write_back_gradients() {
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    auto& bucket = buckets_[b];
+    if (comm_hook_) {
+      at::Tensor result;
+      try {
+        result = comm_hook_->parseHookResult(bucket.future->value());
+      } catch (const std::exception& e) {
+        TORCH_CHECK(false, "the communication hook's future for ", describe_bucket(b),
+                    " did not hold a tensor: ", e.what());
+      }
+      TORCH_CHECK(result.defined() && result.numel() == bucket.buffer.numel() &&
+                      result.scalar_type() == bucket.buffer.scalar_type(),
+                  "the communication hook must return a future of a tensor with the bucket's "
+                  "numel and dtype: expected ",
+                  bucket.buffer.numel(), " elements of ", bucket.buffer.scalar_type(),
+                  " for ", describe_bucket(b), ", got ",
+                  result.defined() ? std::to_string(result.numel()) : std::string("undefined"),
+                  " elements of ",
+                  result.defined() ? c10::toString(result.scalar_type()) : "no dtype");
+      if (!result.is_same(bucket.buffer)) {
+        bucket.buffer.copy_(result.view({-1}));
+      }
+    }
+    for (size_t slot = 0; slot < bucket.params.size(); ++slot) {
+      const auto i = bucket.params[slot];
+      if (tracks_usage() && globally_unused_[i]) {
+        continue;  // no rank produced a gradient: leave `.grad` as it is, as torch DDP does
+      }
+      auto& grad = params_[i].mutable_grad();
+      const auto& view = bucket.views[slot];
+      if (options_.gradient_as_bucket_view) {
+        if (!grad.defined() || !grad.is_alias_of(view)) {
+          grad = view;
+        }
+      } else if (grad.defined()) {
+        grad.copy_(view);
+      } else {
+        grad = view.clone();
+      }
+    }
+  }
+}
+
+void Reducer::publish_stats() {
+  StepStats stats;
+  stats.first_hook_ns = first_hook_ns_;
+  stats.backward_end_ns = backward_end_ns_;
+  stats.comm_end_ns = comm_end_ns_;
+  for (const auto& bucket : buckets_) {
+    stats.bytes_reduced += static_cast<int64_t>(bucket.buffer.nbytes());
+    stats.ready_ns.push_back(bucket.ready_ns);
+    stats.launch_ns.push_back(bucket.launch_ns);
+    stats.done_slots.push_back(bucket.done_ns);
+    stats.wait_ns.push_back(bucket.wait_ns);
+  }
+  auto* counting = comm_hook_counts_bytes_ ? dynamic_cast<CommHook*>(comm_hook_.get()) : nullptr;
+  stats.bytes_sent = step_bytes_sent_ + (counting ? counting->take_bytes_sent() : 0);
+  step_bytes_sent_ = 0;
+  std::lock_guard<std::mutex> guard(stats_mutex_);
+  last_stats_ = std::move(stats);
+}
+
+StepStats Reducer::stats() const {
+  std::lock_guard<std::mutex> guard(stats_mutex_);
+  StepStats stats = last_stats_;
+  stats.done_ns.clear();
+  for (size_t b = 0; b < stats.done_slots.size(); ++b) {
+    // Completion callbacks run after waiters are woken, so the earlier of the callback and the
+    // wait's return bounds when the bucket's communication finished.
+    const int64_t callback = stats.done_slots[b]->load();
+    stats.done_ns.push_back(callback ? std::min(callback, stats.wait_ns[b]) : stats.wait_ns[b]);
+  }
+  if (!stats.done_ns.empty()) {
+    stats.comm_end_ns = *std::max_element(stats.done_ns.begin(), stats.done_ns.end());
+  }
+  return stats;
+}
+
+bool Reducer::rebuild_buckets() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto n = static_cast<int64_t>(params_.size());
+  if (rebuilt_ || (options_.find_unused_parameters && !options_.static_graph) ||
+      static_cast<int64_t>(ready_order_.size()) != n) {
+    return false;
+  }
+  // See Note [Bucket rebuild]. The order travels as a tensor (never a pickle) and is checked
+  // before use: a bad peer must not be able to make us index out of bounds.
+  auto order = at::empty({n + 1}, at::TensorOptions().dtype(at::kLong));
+  if (process_group_->getRank() == 0) {
+    auto* data = order.data_ptr<int64_t>();
+    data[0] = n;
+    std::copy(ready_order_.begin(), ready_order_.end(), data + 1);
+  }
+  auto on_device = order.to(params_.front().device());
+  std::vector<at::Tensor> tensors{on_device};
+  process_group_->broadcast(tensors)->wait();
+  order = on_device.to(at::kCPU);
+  const auto* data = order.data_ptr<int64_t>();
+  TORCH_CHECK(data[0] == n, "torchlane DDP: rank 0 sent a bucket order for ", data[0],
+              " parameters, this rank has ", n);
+  std::vector<int64_t> received(data + 1, data + 1 + n);
+  std::vector<char> seen(n, 0);
+  for (int64_t pos = 0; pos < n; ++pos) {
+    const auto i = received[pos];
+    TORCH_CHECK(i >= 0 && i < n && !seen[i], "torchlane DDP: rank 0 sent an invalid bucket order ",
+                "(entry ", pos, " = ", i, " is out of range or repeated)");
+    seen[i] = 1;
+  }
+  initialize_buckets(compute_bucket_assignment(param_meta_, received,
+                                               options_.first_bucket_cap_bytes,
+                                               options_.bucket_cap_bytes));
+  rebuilt_ = true;
+  ready_order_.clear();
+  return true;
+}
+
+void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK(hook, "register_comm_hook: hook must not be None");
+  TORCH_CHECK(!comm_hook_, "register_comm_hook can only be called once: a communication hook is "
+                           "already registered on this model");
+  TORCH_CHECK(iterations_ == 0 && !backward_started_,
+              "register_comm_hook must be called before the first backward pass; this model "
+              "already reduced gradients ",
+              iterations_, " time(s)");
+  comm_hook_counts_bytes_ = dynamic_cast<CommHook*>(hook.get()) != nullptr;
+  comm_hook_ = std::move(hook);
+}
+
+std::vector<std::string> Reducer::unready_parameter_names_locked() const {
+  std::vector<std::string> names;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!ready_[i]) {
+      names.push_back(param_names_[i]);
+    }
+  }
+  return names;
+}
+
+}  // namespace torchlane

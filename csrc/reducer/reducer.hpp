@@ -1,0 +1,161 @@
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
+
+#include "reducer/bucket_plan.hpp"
+#include "reducer/comm_hook.hpp"
+
+namespace torchlane {
+
+struct ReducerOptions {
+  int64_t bucket_cap_bytes = 25 * 1024 * 1024;
+  int64_t first_bucket_cap_bytes = 1024 * 1024;
+  bool find_unused_parameters = false;
+  bool gradient_as_bucket_view = false;
+  bool static_graph = false;
+};
+
+// One flat buffer holding the gradients of several parameters of one dtype and device.
+struct Bucket {
+  std::vector<int64_t> params;   // parameter indices, in layout order
+  std::vector<size_t> offsets;   // element offset of each parameter in `buffer`
+  std::vector<size_t> lengths;   // numel of each parameter
+  at::Tensor buffer;             // flat, contiguous
+  std::vector<at::Tensor> views; // views of `buffer` shaped like each parameter
+  size_t pending = 0;            // parameters not yet ready in this iteration
+  bool launched = false;
+  c10::intrusive_ptr<c10::ivalue::Future> future;
+  int64_t ready_ns = 0;
+  int64_t launch_ns = 0;
+  int64_t wait_ns = 0;  // when finalize_backward's wait on `future` returned
+  // Written by the future's completion callback, which may outlive this iteration.
+  std::shared_ptr<std::atomic<int64_t>> done_ns;
+};
+
+// Timing and volume of the last synchronised backward pass (see Reducer::stats()).
+struct StepStats {
+  int64_t first_hook_ns = 0;
+  int64_t backward_end_ns = 0;
+  int64_t comm_end_ns = 0;
+  int64_t bytes_reduced = 0;  // uncompressed bytes of all buckets
+  int64_t bytes_sent = 0;     // bytes this rank handed to the process group (after compression)
+  std::vector<int64_t> ready_ns, launch_ns, done_ns;  // per bucket, absolute steady-clock ns
+  std::vector<std::shared_ptr<std::atomic<int64_t>>> done_slots;
+  std::vector<int64_t> wait_ns;
+};
+
+// Note [Reducer life cycle]
+// Per synchronised iteration: the Python wrapper calls prepare_for_forward() before the forward
+// (which raises if the previous reduction never finished, e.g. a parameter got no gradient),
+// rebuild_buckets() (once, see Note [Bucket rebuild]) and prepare_for_backward(outputs) after it.
+// During backward, a C++ post-hook on each parameter's AccumulateGrad node calls
+// autograd_hook(i): the gradient is copied (pre-divided by world size when no comm hook is set)
+// into its bucket slot, and a bucket whose last gradient arrived is launched at once, buckets in
+// index order on every rank. The first hook queues finalize_backward() on the autograd engine; it
+// runs once backward is done, waits for every bucket's future and writes the averaged gradients to
+// `.grad`. When require_backward_grad_sync is off (no_sync), prepare_for_backward is not called
+// and the hooks return immediately, so gradients accumulate locally in `.grad`.
+class Reducer {
+ public:
+  Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_names,
+          c10::intrusive_ptr<c10d::ProcessGroup> process_group, ReducerOptions options);
+  ~Reducer();
+
+  Reducer(const Reducer&) = delete;
+  Reducer& operator=(const Reducer&) = delete;
+
+  void prepare_for_forward();
+  void prepare_for_backward(const std::vector<at::Tensor>& outputs);
+  // Rebuilds buckets from the first iteration's gradient-ready order; returns true if it did.
+  bool rebuild_buckets();
+  void register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook);
+  // Runs the end-of-backward work; queued by the hooks, or by the Python wrapper on the outermost
+  // graph task in a static graph's first iteration (Note [Static graph]).
+  void finalize_backward();
+  bool static_graph_first_iteration() const;
+
+  const std::vector<Bucket>& buckets() const {
+    return buckets_;
+  }
+  StepStats stats() const;
+  int64_t world_size() const {
+    return world_size_;
+  }
+
+ private:
+  void autograd_hook(int64_t index);
+  void mark_ready(int64_t index);
+  void copy_grad_to_bucket(int64_t index);
+  void launch_ready_buckets();
+  void launch_bucket(size_t b);
+  void write_back_gradients();
+  void publish_stats();
+  void find_unused_parameters(const std::vector<at::Tensor>& outputs);
+  bool tracks_usage() const;
+  std::vector<std::string> unready_parameter_names_locked() const;
+  void initialize_buckets(const std::vector<std::vector<int64_t>>& assignment);
+  void reset_iteration_state();
+  std::string describe_bucket(size_t b) const;
+
+  std::vector<at::Tensor> params_;
+  std::vector<std::string> param_names_;
+  std::vector<TensorMeta> param_meta_;
+  c10::intrusive_ptr<c10d::ProcessGroup> process_group_;
+  ReducerOptions options_;
+  int64_t world_size_;
+
+  // Autograd wiring: strong references to the AccumulateGrad nodes (autograd keeps them only
+  // weakly), the hook keys to remove the hooks again, and node -> parameter for graph traversal.
+  std::vector<c10::intrusive_ptr<torch::autograd::Node>> grad_accumulators_;
+  std::vector<uintptr_t> hook_keys_;
+  std::unordered_map<torch::autograd::Node*, int64_t> accumulator_index_;
+
+  std::vector<Bucket> buckets_;
+  std::vector<std::pair<size_t, size_t>> param_location_;  // (bucket, slot)
+
+  std::shared_ptr<c10d::CommHookInterface> comm_hook_;
+  bool comm_hook_counts_bytes_ = false;
+
+  // Per-iteration state, guarded by mutex_.
+  mutable std::mutex mutex_;
+  bool expect_hooks_ = false;      // a synchronised backward is expected
+  bool backward_started_ = false;  // the first hook of this backward has run
+  bool finalize_queued_ = false;   // finalize_backward is queued on a graph task
+  bool require_finalize_ = false;  // reduction started but not finished
+  size_t next_bucket_ = 0;
+  std::vector<char> ready_;
+  std::vector<int64_t> unused_;            // locally unused (find_unused / static graph)
+  std::vector<int32_t> local_used_host_;   // 1 = got a gradient on this rank this iteration
+  std::vector<char> globally_unused_;      // no rank produced a gradient (last known)
+  at::Tensor local_used_result_;           // all-reduced usage flags
+  c10::intrusive_ptr<c10::ivalue::Future> local_used_future_;
+  int64_t iterations_ = 0;                 // finished synchronised backward passes
+  int64_t first_hook_ns_ = 0, backward_end_ns_ = 0, comm_end_ns_ = 0;
+
+  // Note [Bucket rebuild]: the order in which gradients became ready in the first synchronised
+  // iteration; rank 0's order is broadcast and buckets are rebuilt from it once.
+  std::vector<int64_t> ready_order_;
+  bool rebuilt_ = false;
+
+  // static_graph: hook firings per parameter observed in the first iteration, and this one's.
+  std::vector<int64_t> expected_hook_count_;
+  std::vector<int64_t> hook_count_;
+
+  mutable std::mutex stats_mutex_;
+  StepStats last_stats_;
+  int64_t step_bytes_sent_ = 0;
+};
+
+}  // namespace torchlane
