@@ -19,6 +19,25 @@ import torchlane
 PG_TIMEOUT = 4  # seconds
 
 
+# Reducer::finalize_backward waits with Future::wait(), which does not rethrow the future's
+# error: a failed all-reduce is silently taken as done. Fixed by waitAndThrow(); remove this
+# marker then (strict: the test reports when it starts passing).
+NEEDS_WAIT_AND_THROW = pytest.mark.xfail(
+    strict=True,
+    reason="torchlane reducer swallows all-reduce errors (Future::wait, not waitAndThrow)",
+)
+# torch's DDP runs the same checks (minus the bucket name) as a check of the test itself; it is
+# skipped by default to keep the suite short: TORCHLANE_TEST_AGAINST_TORCH=1 runs it.
+AGAINST_TORCH = pytest.mark.skipif(
+    not os.environ.get("TORCHLANE_TEST_AGAINST_TORCH"),
+    reason="TORCHLANE_TEST_AGAINST_TORCH=1 runs it",
+)
+IMPLS = [
+    pytest.param("torch", marks=AGAINST_TORCH),
+    pytest.param("torchlane", marks=NEEDS_WAIT_AND_THROW),
+]
+
+
 def _impl(name):
     if name == "torch":
         return torch.nn.parallel.DistributedDataParallel
@@ -87,7 +106,7 @@ def _run_rank0(impl, how):
                 p.join()
 
 
-@pytest.mark.parametrize("impl", ["torch", "torchlane"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_dead_peer_is_reported_within_seconds(impl):
     _impl(impl)
     (elapsed, exc, msg), victim = _run_rank0(impl, "dies")
@@ -98,7 +117,7 @@ def test_dead_peer_is_reported_within_seconds(impl):
         assert re.search(r"bucket", msg), msg
 
 
-@pytest.mark.parametrize("impl", ["torch", "torchlane"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_hung_peer_times_out_naming_the_bucket(impl):
     _impl(impl)
     (elapsed, exc, msg), _ = _run_rank0(impl, "hangs")

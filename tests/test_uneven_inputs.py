@@ -63,7 +63,12 @@ def _single_process_reference():
     return model.state_dict()
 
 
-@pytest.mark.parametrize("impl", ["torch", "torchlane"])
+NEEDS_JOINABLE = pytest.mark.xfail(
+    strict=True, reason="torchlane.DistributedDataParallel does not implement Joinable yet"
+)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("torchlane", marks=NEEDS_JOINABLE)])
 def test_join_with_uneven_inputs(impl):
     impls = ["torch"]
     if impl == "torchlane":
