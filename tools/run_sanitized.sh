@@ -56,8 +56,12 @@ ASAN_RT=$( (ldd "$SO" || true) | awk '/libasan/ {print $3}')
 UBSAN_RT=$( (ldd "$SO" || true) | awk '/libubsan/ {print $3}')
 export LD_PRELOAD="$ASAN_RT${UBSAN_RT:+ $UBSAN_RT}"
 # CPython and torch keep allocations alive until exit by design: leak reports would be noise.
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=99:detect_stack_use_after_return=0:strict_init_order=1:${ASAN_OPTIONS:-}"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=98:${UBSAN_OPTIONS:-}"
+# Reports go to stderr; pytest runs with -s below so that the reports of every process (a spawned
+# rank, a test that passed or xfailed) reach the log that is searched afterwards.
+ASAN_OPTIONS_BASE="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=99:detect_stack_use_after_return=0:strict_init_order=1"
+UBSAN_OPTIONS_BASE="halt_on_error=1:print_stacktrace=1:exitcode=98"
+export ASAN_OPTIONS="$ASAN_OPTIONS_BASE${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+export UBSAN_OPTIONS="$UBSAN_OPTIONS_BASE${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
 export PYTHONMALLOC=malloc  # Python objects on the ASan heap too, not in pymalloc arenas
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -68,6 +72,37 @@ import torchlane
 assert torchlane._C.__file__.startswith(sys.argv[1]), torchlane._C.__file__
 print("run_sanitized: torchlane._C =", torchlane._C.__file__)
 EOF
+
+# Canary: a deliberate heap overflow and signed overflow in a tiny library built the same way
+# must be reported under these settings, or a clean run below would prove nothing.
+CANARY="$ROOT/build/sanitize/canary"
+rm -rf "$CANARY"
+mkdir -p "$CANARY"
+cat > "$CANARY/canary.c" <<'EOF'
+int heap_overflow(int i) {
+    int *a = __builtin_malloc(4 * sizeof(int));
+    a[0] = 0;
+    int v = a[i];
+    __builtin_free(a);
+    return v;
+}
+int signed_overflow(int x) { return x + 1; }
+EOF
+"${CC:-cc}" -shared -fPIC -g -O0 -fsanitize=address,undefined "$CANARY/canary.c" -o "$CANARY/canary.so"
+for probe in "heap_overflow(4):99:ERROR: AddressSanitizer" "signed_overflow(2**31 - 1):98:runtime error:"; do
+    IFS=: read -r call code pattern <<< "$probe"
+    kind=${pattern%%:*}
+    set +e
+    ASAN_OPTIONS="$ASAN_OPTIONS_BASE" UBSAN_OPTIONS="$UBSAN_OPTIONS_BASE" \
+        "$PYTHON" -c "import ctypes; ctypes.CDLL('$CANARY/canary.so').$call" 2> "$CANARY/stderr"
+    got=$?
+    set -e
+    if [[ $got -ne $code ]] || ! grep -q "$pattern" "$CANARY/stderr"; then
+        echo "run_sanitized: the $kind canary $call was not reported (exit $got): sanitizers inactive" >&2
+        exit 3
+    fi
+done
+echo "run_sanitized: canaries reported as expected (ASan heap overflow, UBSan signed overflow)"
 
 if [[ $# -gt 0 ]]; then
     tests=("$@")
@@ -89,18 +124,18 @@ echo "run_sanitized: pytest ${tests[*]}"
 LOG="$ROOT/build/sanitize/pytest.log"
 start=$(date +%s)
 set +e
-"$PYTHON" -m pytest -q -p no:cacheprovider -o "pythonpath=$STAGE $ROOT/tests" "${tests[@]}" 2>&1 |
+"$PYTHON" -m pytest -q -s -p no:cacheprovider -o "pythonpath=$STAGE $ROOT/tests" "${tests[@]}" 2>&1 |
     tee "$LOG"
 rc=${PIPESTATUS[0]}
 set -e
 echo "run_sanitized: pytest exited with $rc after $(($(date +%s) - start)) s (log: $LOG)"
-# A report in a spawned rank shows up in the parent only as a failed rank: look for them all.
 if grep -q "ERROR: AddressSanitizer" "$LOG"; then
-    echo "run_sanitized: AddressSanitizer reported an error (see $LOG)" >&2
+    echo "run_sanitized: AddressSanitizer reported errors (see $LOG)" >&2
     [[ $rc -ne 0 ]] || rc=99
 fi
 if grep -qE ":[0-9]+:[0-9]+: runtime error:" "$LOG"; then
-    echo "run_sanitized: UndefinedBehaviorSanitizer reported an error (see $LOG)" >&2
+    echo "run_sanitized: UndefinedBehaviorSanitizer reported errors (see $LOG)" >&2
     [[ $rc -ne 0 ]] || rc=98
 fi
+[[ $rc -ne 0 ]] || echo "run_sanitized: no sanitizer reports"
 exit "$rc"
