@@ -10,6 +10,7 @@ A rank that does not finish within `timeout` seconds fails the test instead of h
 
 import datetime
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -43,7 +44,9 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout, env):
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-        queue.put((rank, True, result))
+        # Plain pickle: torch's multiprocessing reducers would share tensors through file
+        # descriptors that vanish when this process exits.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report everything, including SystemExit, to the parent
         queue.put((rank, False, traceback.format_exc()))
 
@@ -73,7 +76,7 @@ def run(fn, world_size=2, args=(), timeout=180, pg_timeout=60, env=None):
         while len(results) + len(errors) < world_size and not errors:
             try:
                 rank, ok, value = queue.get(timeout=0.2)
-                (results if ok else errors)[rank] = value
+                (results if ok else errors)[rank] = pickle.loads(value) if ok else value
                 continue
             except queue_mod.Empty:
                 pass

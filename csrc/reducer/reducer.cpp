@@ -1,5 +1,7 @@
 #include "reducer/reducer.hpp"
 
+#include "reducer/finite_copy.hpp"
+
 #include <algorithm>
 #include <sstream>
 #include <unordered_set>
@@ -31,6 +33,29 @@ std::string join_names(const std::vector<std::string>& names, size_t limit = 20)
   }
   return out.str();
 }
+
+// Note [Finalize on the outermost backward]
+// finalize_backward must run when the *whole* backward pass is done. A callback queued from a
+// gradient hook lands on the graph task that is running, which under reentrant backward (a
+// checkpointed segment runs a nested backward) is an inner one that ends early. So the forward's
+// outputs carry a pre-hook on their grad_fn nodes: those nodes run first, on the outermost graph
+// task, and queue finalize there. The token lets a graph that outlives the reducer do nothing.
+class QueueFinalizePreHook : public torch::autograd::FunctionPreHook {
+ public:
+  QueueFinalizePreHook(Reducer* reducer, std::shared_ptr<std::atomic<bool>> alive)
+      : reducer_(reducer), alive_(std::move(alive)) {}
+
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    if (alive_->load()) {
+      reducer_->queue_finalize();
+    }
+    return grads;
+  }
+
+ private:
+  Reducer* reducer_;
+  std::shared_ptr<std::atomic<bool>> alive_;
+};
 
 }  // namespace
 
@@ -88,6 +113,7 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
 }
 
 Reducer::~Reducer() {
+  alive_->store(false);
   for (size_t i = 0; i < grad_accumulators_.size(); ++i) {
     grad_accumulators_[i]->del_post_hook(hook_keys_[i]);
   }
@@ -180,6 +206,24 @@ void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
   if (options_.find_unused_parameters && !options_.static_graph) {
     find_unused_parameters(outputs);
   }
+  // See Note [Finalize on the outermost backward].
+  std::unordered_set<torch::autograd::Node*> hooked;
+  for (const auto& out : outputs) {
+    if (out.defined() && out.requires_grad()) {
+      auto fn = out.grad_fn();
+      if (fn && hooked.insert(fn.get()).second) {
+        fn->add_pre_hook(std::make_unique<QueueFinalizePreHook>(this, alive_));
+      }
+    }
+  }
+}
+
+void Reducer::queue_finalize() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (expect_hooks_ && !finalize_queued_) {
+    finalize_queued_ = true;
+    torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
+  }
 }
 
 // Note [Finding unused parameters]: a parameter whose AccumulateGrad node cannot be reached from
@@ -228,10 +272,10 @@ void Reducer::autograd_hook(int64_t index) {
   if (!expect_hooks_) {
     return;  // no_sync() / require_backward_grad_sync=False: gradients accumulate locally
   }
-  if (!finalize_queued_ && !static_graph_first_iteration()) {
-    // Queued on the graph task running now. Under reentrant backward (a checkpointed segment
-    // runs a nested backward) that may be an inner one: finalize_backward then finds buckets
-    // still pending and re-arms, and the next hook queues it again on the enclosing task.
+  if (!finalize_queued_) {
+    // Normally an output's pre-hook queued finalize already (Note [Finalize on the outermost
+    // backward]). If the loss did not come from the outputs, queue it on the running graph task;
+    // should that be a nested one, finalize_backward finds buckets pending and re-arms.
     finalize_queued_ = true;
     torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
   }
@@ -378,7 +422,6 @@ void Reducer::finalize_backward() {
   }
   backward_end_ns_ = now_ns();
   if (static_graph_first_iteration()) {
-    // See Note [Static graph]: queued by the Python wrapper on the outermost graph task.
     expected_hook_count_ = hook_count_;
     for (size_t i = 0; i < params_.size(); ++i) {
       if (hook_count_[i] == 0) {
@@ -422,6 +465,7 @@ void Reducer::finalize_backward() {
 }
 
 void Reducer::write_back_gradients() {
+  grads_finite_ = true;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     auto& bucket = buckets_[b];
     if (comm_hook_) {
@@ -445,6 +489,13 @@ void Reducer::write_back_gradients() {
         bucket.buffer.copy_(result.view({-1}));
       }
     }
+    // Note [Finite check]: every rank holds the same reduced buffer, so a NaN/Inf seen here is
+    // seen on every rank and a step skipped on that basis is skipped consistently. In copy mode
+    // the check rides on the write-back copy; gradient-as-view has no copy and pays one pass.
+    bool bucket_finite = true;
+    if (options_.check_finite && options_.gradient_as_bucket_view) {
+      bucket_finite = all_finite(bucket.buffer);
+    }
     for (size_t slot = 0; slot < bucket.params.size(); ++slot) {
       const auto i = bucket.params[slot];
       if (tracks_usage() && globally_unused_[i]) {
@@ -456,12 +507,18 @@ void Reducer::write_back_gradients() {
         if (!grad.defined() || !grad.is_alias_of(view)) {
           grad = view;
         }
-      } else if (grad.defined()) {
-        grad.copy_(view);
       } else {
-        grad = view.clone();
+        if (!grad.defined()) {
+          grad = at::empty_like(view, at::MemoryFormat::Contiguous);
+        }
+        if (options_.check_finite) {
+          bucket_finite &= copy_and_check_finite(grad, view);
+        } else {
+          grad.copy_(view);
+        }
       }
     }
+    grads_finite_ &= bucket_finite;
   }
 }
 
@@ -549,6 +606,40 @@ void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) 
               iterations_, " time(s)");
   comm_hook_counts_bytes_ = dynamic_cast<CommHook*>(hook.get()) != nullptr;
   comm_hook_ = std::move(hook);
+}
+
+// Note [Join]: a rank that ran out of data shadows the collectives of one synchronised backward
+// of the others: an all-reduce of zeros per bucket, in bucket order, through the comm hook if one
+// is registered, then the usage flags where the others send them.
+void Reducer::run_zero_allreduces() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    auto zeros = at::zeros_like(buckets_[b].buffer);
+    if (comm_hook_) {
+      std::vector<c10::IntArrayRef> sizes;
+      std::vector<at::Tensor> params;
+      for (auto i : buckets_[b].params) {
+        sizes.push_back(params_[i].sizes());
+        params.push_back(params_[i]);
+      }
+      c10d::GradBucket grad_bucket(b, buckets_.size(), zeros, buckets_[b].offsets,
+                                   buckets_[b].lengths, std::move(sizes), std::move(params),
+                                   std::nullopt);
+      futures.push_back(comm_hook_->runHook(grad_bucket));
+    } else {
+      std::vector<at::Tensor> tensors{zeros};
+      futures.push_back(process_group_->allreduce(tensors)->getFuture());
+    }
+  }
+  if (options_.find_unused_parameters || static_graph_first_iteration()) {
+    std::vector<at::Tensor> tensors{at::zeros({static_cast<int64_t>(params_.size())},
+                                              params_.front().options().dtype(at::kInt))};
+    futures.push_back(process_group_->allreduce(tensors)->getFuture());
+  }
+  for (auto& future : futures) {
+    future->wait();
+  }
 }
 
 std::vector<std::string> Reducer::unready_parameter_names_locked() const {

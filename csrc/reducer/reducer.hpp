@@ -25,6 +25,7 @@ struct ReducerOptions {
   bool find_unused_parameters = false;
   bool gradient_as_bucket_view = false;
   bool static_graph = false;
+  bool check_finite = false;
 };
 
 // One flat buffer holding the gradients of several parameters of one dtype and device.
@@ -81,8 +82,11 @@ class Reducer {
   // Rebuilds buckets from the first iteration's gradient-ready order; returns true if it did.
   bool rebuild_buckets();
   void register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook);
-  // Runs the end-of-backward work; queued by the hooks, or by the Python wrapper on the outermost
-  // graph task in a static graph's first iteration (Note [Static graph]).
+  // Shadows one synchronised backward of the other ranks after this one joined (Note [Join]).
+  void run_zero_allreduces();
+  // Queues finalize_backward on the running graph task, once per backward.
+  void queue_finalize();
+  // The end-of-backward work: waits for every bucket and writes `.grad`.
   void finalize_backward();
   bool static_graph_first_iteration() const;
 
@@ -90,6 +94,11 @@ class Reducer {
     return buckets_;
   }
   StepStats stats() const;
+  // check_finite: whether the last reduced gradients were all finite (the same on every rank).
+  bool grads_finite() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return grads_finite_;
+  }
   int64_t world_size() const {
     return world_size_;
   }
@@ -125,6 +134,7 @@ class Reducer {
   std::vector<Bucket> buckets_;
   std::vector<std::pair<size_t, size_t>> param_location_;  // (bucket, slot)
 
+  std::shared_ptr<std::atomic<bool>> alive_ = std::make_shared<std::atomic<bool>>(true);
   std::shared_ptr<c10d::CommHookInterface> comm_hook_;
   bool comm_hook_counts_bytes_ = false;
 
@@ -142,6 +152,7 @@ class Reducer {
   at::Tensor local_used_result_;           // all-reduced usage flags
   c10::intrusive_ptr<c10::ivalue::Future> local_used_future_;
   int64_t iterations_ = 0;                 // finished synchronised backward passes
+  bool grads_finite_ = true;
   int64_t first_hook_ns_ = 0, backward_end_ns_ = 0, comm_end_ns_ = 0;
 
   // Note [Bucket rebuild]: the order in which gradients became ready in the first synchronised

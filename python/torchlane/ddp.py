@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.nn import Module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -40,37 +41,31 @@ def _find_tensors(obj):
 
 
 class _OutputSink(torch.autograd.Function):
-    """Identity on the forward's outputs; its backward runs first in the backward pass.
+    """Identity on the forward's outputs (find_unused_parameters only, as torch DDP does).
 
-    - With find_unused_parameters, outputs that took no part in the loss get an undefined
-      gradient here, so the graph below them still runs and their parameters' hooks fire (with no
-      gradient) instead of leaving their buckets waiting (Note [Finding unused parameters]).
-    - In a static graph's first iteration it queues the reducer's finalize on the outermost graph
-      task, which reentrant backward cannot end early (Note [Static graph]).
+    Outputs that took no part in the loss get an undefined gradient here, so the graph below them
+    still runs and their parameters' hooks fire (with no gradient) instead of leaving their
+    buckets waiting (Note [Finding unused parameters]).
     """
 
     @staticmethod
-    def forward(ctx, reducer, *tensors):
+    def forward(ctx, *tensors):
         ctx.set_materialize_grads(False)
-        ctx.reducer = reducer
         return tensors
 
     @staticmethod
     def backward(ctx, *grads):
-        reducer = ctx.reducer
-        if reducer is not None and reducer.static_graph_first_iteration:
-            torch.autograd.Variable._execution_engine.queue_callback(reducer.finalize_backward)
-        return (None, *grads)
+        return grads
 
 
-def _pass_through_sink(output, reducer):
+def _pass_through_sink(output):
     leaves, spec = tree_flatten(output)
     positions = [
         i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.grad_fn is not None
     ]
     if not positions:
         return output
-    sunk = _OutputSink.apply(reducer, *(leaves[i] for i in positions))
+    sunk = _OutputSink.apply(*(leaves[i] for i in positions))
     for i, t in zip(positions, sunk):
         leaves[i] = t
     return tree_unflatten(leaves, spec)
@@ -92,13 +87,44 @@ _DTYPES = (
 )
 
 
-class DistributedDataParallel(Module):
+class _JoinHook(JoinHook):
+    """Lets a rank that ran out of data shadow the collectives of the others (Note [Join])."""
+
+    def __init__(self, ddp, divide_by_initial_world_size):
+        if not divide_by_initial_world_size:
+            raise ValueError(
+                "torchlane.DistributedDataParallel supports Join only with "
+                "divide_by_initial_world_size=True (gradients averaged over the initial world size)"
+            )
+        self.ddp = ddp
+
+    def main_hook(self):
+        ddp = self.ddp
+        ddp._reducer.rebuild_buckets()
+        if ddp._will_sync_buffers():
+            ddp._sync_buffers_from_common_rank(active=False)
+        sync = ddp._global_grad_sync_flag(active=False)
+        ddp.require_forward_param_sync = sync
+        if sync:
+            ddp._reducer.run_zero_allreduces()
+
+    def post_hook(self, is_last_joiner: bool):
+        ddp = self.ddp
+        src = ddp._common_rank(is_last_joiner)
+        tensors = [p.detach() for _, p in ddp.module.named_parameters()] + ddp._module_buffers()
+        ddp._broadcast(tensors, src=src)
+
+
+class DistributedDataParallel(Module, Joinable):
     """Data parallelism at the module level, with torch DDP's arguments and behaviour.
 
     Gradients are packed into size-capped buckets (``bucket_cap_mb``, the first bucket capped at
     1 MiB); each bucket's all-reduce is launched from a C++ autograd hook the moment its last
     gradient is ready, so communication overlaps the rest of the backward pass. See the README
     for the differences from ``torch.nn.parallel.DistributedDataParallel``.
+
+    torchlane-only keyword: ``check_finite=True`` checks the reduced gradients for NaN/Inf while
+    writing them back (see ``grads_finite``).
     """
 
     def __init__(
@@ -120,8 +146,11 @@ class DistributedDataParallel(Module):
         mixed_precision=None,
         device_mesh=None,
         skip_all_reduce_unused_params: bool = False,
+        *,
+        check_finite: bool = False,
     ):
         super().__init__()
+        Joinable.__init__(self)
         if not isinstance(module, Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         for name, value in (
@@ -199,7 +228,9 @@ class DistributedDataParallel(Module):
             find_unused_parameters,
             gradient_as_bucket_view,
             static_graph,
+            check_finite,
         )
+        self.check_finite = check_finite
         self._comm_hook = None
 
     # ---- construction helpers ----
@@ -252,11 +283,11 @@ class DistributedDataParallel(Module):
     def _comm_device(self):
         return self._params[0].device
 
-    def _broadcast(self, tensors):
+    def _broadcast(self, tensors, src=0):
         tensors = [t for t in tensors if t.numel() > 0]
         if tensors:
             with torch.no_grad():
-                _C.broadcast_coalesced(self.process_group, tensors, self.broadcast_bucket_size, 0)
+                _C.broadcast_coalesced(self.process_group, tensors, self.broadcast_bucket_size, src)
 
     def _verify_params_across_ranks(self):
         """Every rank must hold the same parameters (names' order, shapes, dtypes). Raises on every
@@ -305,26 +336,76 @@ class DistributedDataParallel(Module):
     def forward(self, *inputs, **kwargs):
         with torch.autograd.profiler.record_function("torchlane.DistributedDataParallel.forward"):
             grad_sync = torch.is_grad_enabled() and self.require_backward_grad_sync
+            join_enabled = self._join_config.enable
             if torch.is_grad_enabled():
                 # Raises if the previous reduction never finished; with no_sync() too, so the
                 # hooks of a non-synchronised backward are never taken for a synchronised one.
                 self._reducer.prepare_for_forward()
+            if join_enabled:
+                Join.notify_join_context(self)
+            if torch.is_grad_enabled():
                 self._reducer.rebuild_buckets()
             if self._will_sync_buffers():
-                self._broadcast(self._module_buffers())
+                if join_enabled:
+                    self._sync_buffers_from_common_rank(active=True)
+                else:
+                    self._broadcast(self._module_buffers())
+            if join_enabled:
+                self._global_grad_sync_flag(active=True)
             if self.device_ids:
                 device = torch.device(self._params[0].device.type, self.device_ids[0])
                 inputs, kwargs = _move_to(inputs, device), _move_to(kwargs, device)
             output = self.module(*inputs, **kwargs)
             dynamic_unused = self.find_unused_parameters and not self.static_graph
+            if dynamic_unused and grad_sync:
+                output = _pass_through_sink(output)
             if grad_sync:
                 self.require_forward_param_sync = True
-                self._reducer.prepare_for_backward(_find_tensors(output) if dynamic_unused else [])
+                self._reducer.prepare_for_backward(_find_tensors(output))
             else:
                 self.require_forward_param_sync = False
-            if grad_sync and (dynamic_unused or self._reducer.static_graph_first_iteration):
-                output = _pass_through_sink(output, self._reducer)
             return output
+
+    # ---- uneven inputs (torch.distributed.algorithms.join) ----
+
+    def join(self, divide_by_initial_world_size=True, enable=True, throw_on_early_termination=False):
+        """Context manager for ranks with different numbers of batches, as torch DDP's."""
+        return Join(
+            [self],
+            enable,
+            throw_on_early_termination,
+            divide_by_initial_world_size=divide_by_initial_world_size,
+        )
+
+    def join_hook(self, **kwargs):
+        return _JoinHook(self, kwargs.get("divide_by_initial_world_size", True))
+
+    @property
+    def join_device(self):
+        return self._comm_device()
+
+    @property
+    def join_process_group(self):
+        return self.process_group
+
+    def _common_rank(self, candidate: bool) -> int:
+        """The highest rank for which `candidate` holds (all ranks call this together)."""
+        me = dist.get_rank(self.process_group)
+        t = torch.tensor([me if candidate else -1], device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return int(t.item())
+
+    def _sync_buffers_from_common_rank(self, active: bool):
+        # Rank 0 may have joined already and hold stale buffers: take them from an active rank.
+        src = self._common_rank(active)
+        self._broadcast(self._module_buffers(), src=src)
+
+    def _global_grad_sync_flag(self, active: bool) -> bool:
+        """Whether any active rank synchronises gradients in this iteration."""
+        flag = int(active and self.require_backward_grad_sync)
+        t = torch.tensor([flag], device=self._comm_device())
+        dist.all_reduce(t, group=self.process_group)
+        return bool(t.item())
 
     @contextmanager
     def no_sync(self):
@@ -363,6 +444,15 @@ class DistributedDataParallel(Module):
                 )
             self._reducer.register_python_comm_hook(state, hook)
         self._comm_hook = hook
+
+    @property
+    def grads_finite(self) -> bool:
+        """With ``check_finite=True``: whether the gradients reduced by the last synchronised
+        backward were all finite. Every rank sees the same reduced values, so ``if
+        model.grads_finite: optimizer.step()`` skips a step on all ranks alike."""
+        if not self.check_finite:
+            raise RuntimeError("grads_finite needs torchlane.DistributedDataParallel(..., check_finite=True)")
+        return self._reducer.grads_finite
 
     # ---- observability ----
 
