@@ -6,7 +6,6 @@ as torch DDP's Join and as a single-process computation of the same updates.
 import pickle
 
 import dist
-import pytest
 import torch
 import torchlane
 from torch.distributed.algorithms.join import Join
