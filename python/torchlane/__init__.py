@@ -4,6 +4,8 @@
     out = torchlane.attention(q, k, v, causal=True)       # fused flash-style attention
 """
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from torchlane import _C  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without a build
