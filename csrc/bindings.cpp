@@ -253,20 +253,32 @@ PYBIND11_MODULE(_C, m) {
            py::arg("find_unused_parameters"), py::arg("gradient_as_bucket_view"),
            py::arg("static_graph"), py::arg("check_finite") = false,
            py::arg("verify_layout") = false)
-      .def("prepare_for_forward", &Reducer::prepare_for_forward)
-      .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"))
+      // The GIL is released wherever the reducer's mutex is taken: a Python comm hook's callbacks
+      // need the GIL while the autograd thread holds the mutex.
+      .def("prepare_for_forward", &Reducer::prepare_for_forward,
+           py::call_guard<py::gil_scoped_release>())
+      .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"),
+           py::call_guard<py::gil_scoped_release>())
       .def("rebuild_buckets", &Reducer::rebuild_buckets,
            py::call_guard<py::gil_scoped_release>())
-      .def("register_cpp_comm_hook",
-           [](Reducer& r, std::shared_ptr<torchlane::CommHook> hook) {
-             r.register_comm_hook(std::move(hook));
-           })
+      .def(
+          "register_cpp_comm_hook",
+          [](Reducer& r, std::shared_ptr<torchlane::CommHook> hook) {
+            r.register_comm_hook(std::move(hook));
+          },
+          py::call_guard<py::gil_scoped_release>())
       .def("register_python_comm_hook",
            [](Reducer& r, py::object state, py::object hook) {
-             r.register_comm_hook(
-                 std::make_shared<c10d::PythonCommHook>(std::move(state), std::move(hook)));
+             auto cpp_hook =
+                 std::make_shared<c10d::PythonCommHook>(std::move(state), std::move(hook));
+             py::gil_scoped_release release;
+             r.register_comm_hook(std::move(cpp_hook));
            })
-      .def_property_readonly("grads_finite", &Reducer::grads_finite)
+      .def_property_readonly("grads_finite",
+                             [](const Reducer& r) {
+                               py::gil_scoped_release release;
+                               return r.grads_finite();
+                             })
       .def("run_zero_allreduces", &Reducer::run_zero_allreduces,
            py::call_guard<py::gil_scoped_release>())
       .def("buckets", &buckets_to_list)

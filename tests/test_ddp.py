@@ -122,6 +122,8 @@ TORCH_CASES = [
     ("mlp", {}, "hook_fp16"),
     ("mixed", {}, "plain"),
     ("reordered", {"verify_layout": True}, "plain"),
+    ("mlp", {}, "create_graph"),
+    ("mlp", {"find_unused_parameters": True}, "inplace_output"),
 ]
 
 

@@ -5,6 +5,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
+#include <type_traits>
+
 namespace torchlane {
 
 namespace {
@@ -19,8 +22,9 @@ bool copy_contiguous(T* dst, const T* src, int64_t n) {
     for (int64_t i = begin; i < end; ++i) {
       const T v = src[i];
       dst[i] = v;
-      const float f = static_cast<float>(v);
-      local_bad |= !(f - f == 0.0f);
+      using Wide = std::conditional_t<std::is_same_v<T, double>, double, float>;
+      const Wide f = static_cast<Wide>(v);
+      local_bad |= !(f - f == Wide(0));
     }
     if (local_bad) {
       bad.store(true, std::memory_order_relaxed);

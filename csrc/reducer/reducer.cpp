@@ -120,6 +120,7 @@ Reducer::~Reducer() {
 }
 
 void Reducer::initialize_buckets(const std::vector<std::vector<int64_t>>& assignment) {
+  at::NoGradGuard no_grad;
   std::vector<Bucket> buckets;
   buckets.reserve(assignment.size());
   param_location_.assign(params_.size(), {0, 0});
@@ -160,6 +161,9 @@ void Reducer::initialize_buckets(const std::vector<std::vector<int64_t>>& assign
 }
 
 void Reducer::reset_iteration_state() {
+  if (!rebuilt_ && !static_graph_first_iteration()) {
+    ready_order_.clear();  // only a complete, finished iteration's order is used for the rebuild
+  }
   backward_started_ = false;
   layout_verified_ = false;
   finalize_queued_ = false;
@@ -169,7 +173,6 @@ void Reducer::reset_iteration_state() {
   std::fill(local_used_host_.begin(), local_used_host_.end(), 0);
   for (auto& bucket : buckets_) {
     bucket.pending = bucket.params.size();
-    bucket.launched = false;
     bucket.future.reset();
     bucket.ready_ns = bucket.launch_ns = bucket.wait_ns = 0;
     bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
@@ -187,9 +190,7 @@ void Reducer::prepare_for_forward() {
     return;
   }
   auto missing = unready_parameter_names_locked();
-  require_finalize_ = false;
-  expect_hooks_ = false;
-  reset_iteration_state();
+  abandon_iteration();
   TORCH_CHECK(false,
               "Expected to have finished reduction in the prior iteration before starting a new "
               "one. This error indicates that your module has parameters that were not used in "
@@ -221,10 +222,29 @@ void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
 
 void Reducer::queue_finalize() {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (expect_hooks_ && !finalize_queued_) {
-    finalize_queued_ = true;
-    torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
+  if (expect_hooks_) {
+    queue_finalize_locked();
   }
+}
+
+void Reducer::queue_finalize_locked() {
+  if (!finalize_queued_) {
+    finalize_queued_ = true;
+    auto alive = alive_;
+    torch::autograd::Engine::get_default_engine().queue_callback([this, alive] {
+      if (alive->load()) {
+        finalize_backward();
+      }
+    });
+  }
+}
+
+// Leaves an iteration that cannot finish (an error was raised) so that the next forward starts
+// clean instead of reporting unreduced parameters.
+void Reducer::abandon_iteration() {
+  expect_hooks_ = false;
+  require_finalize_ = false;
+  reset_iteration_state();
 }
 
 // Note [Finding unused parameters]: a parameter whose AccumulateGrad node cannot be reached from
@@ -237,7 +257,8 @@ void Reducer::find_unused_parameters(const std::vector<at::Tensor>& outputs) {
     if (!out.defined() || !out.requires_grad()) {
       continue;
     }
-    auto fn = torch::autograd::impl::gradient_edge(out).function;
+    // From grad_fn only, as torch DDP: a parameter returned as an output is not thereby used.
+    auto fn = out.grad_fn();
     if (fn && seen.insert(fn.get()).second) {
       stack.push_back(fn.get());
     }
@@ -273,12 +294,23 @@ void Reducer::autograd_hook(int64_t index) {
   if (!expect_hooks_) {
     return;  // no_sync() / require_backward_grad_sync=False: gradients accumulate locally
   }
-  if (!finalize_queued_) {
-    // Normally an output's pre-hook queued finalize already (Note [Finalize on the outermost
-    // backward]). If the loss did not come from the outputs, queue it on the running graph task;
-    // should that be a nested one, finalize_backward finds buckets pending and re-arms.
-    finalize_queued_ = true;
-    torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
+  try {
+    on_gradient_ready(index);
+  } catch (...) {
+    abandon_iteration();
+    throw;
+  }
+}
+
+void Reducer::on_gradient_ready(int64_t index) {
+  // Normally an output's pre-hook queued finalize already (Note [Finalize on the outermost
+  // backward]). If the loss did not come from the outputs, queue it on the running graph task;
+  // should that be a nested one, finalize_backward finds buckets pending and re-arms.
+  queue_finalize_locked();
+  // "Used" means this hook fired with a gradient, as in torch DDP: a stale `.grad` of a
+  // parameter marked ready as unused does not count.
+  if (params_[index].grad().defined()) {
+    local_used_host_[index] = 1;
   }
   if (!backward_started_) {
     backward_started_ = true;
@@ -329,6 +361,8 @@ void Reducer::mark_ready(int64_t index) {
 // needed. A `.grad` that is not such a view (the first backward, or after zero_grad set it to
 // None) is copied in once and replaced by the view.
 void Reducer::copy_grad_to_bucket(int64_t index) {
+  // backward(create_graph=True) runs hooks in grad mode: the bucket must not join the graph.
+  at::NoGradGuard no_grad;
   const auto [b, slot] = param_location_[index];
   auto& view = buckets_[b].views[slot];
   auto& grad = params_[index].mutable_grad();
@@ -338,7 +372,6 @@ void Reducer::copy_grad_to_bucket(int64_t index) {
   }
   TORCH_CHECK(!grad.is_sparse(), "torchlane DDP does not support sparse gradients (parameter '",
               param_names_[index], "')");
-  local_used_host_[index] = 1;
   const bool scale = !comm_hook_;  // a comm hook receives the unscaled sum (Note [Comm hook contract])
   if (options_.gradient_as_bucket_view && grad.is_alias_of(view)) {
     if (scale) {
@@ -366,7 +399,7 @@ void Reducer::launch_ready_buckets() {
   while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].pending == 0) {
     launch_bucket(next_bucket_++);
   }
-  if (next_bucket_ == buckets_.size() && tracks_usage() &&
+  if (next_bucket_ == buckets_.size() &&
       (options_.find_unused_parameters || static_graph_first_iteration()) && !local_used_future_) {
     // Which parameters got a gradient on any rank: globally unused ones keep their `.grad`.
     auto used = at::from_blob(local_used_host_.data(), {static_cast<int64_t>(params_.size())},
@@ -382,17 +415,8 @@ void Reducer::launch_bucket(size_t b) {
   auto& bucket = buckets_[b];
   RECORD_FUNCTION("torchlane::allreduce_bucket", std::vector<c10::IValue>({bucket.buffer}));
   bucket.launch_ns = now_ns();
-  bucket.launched = true;
   if (comm_hook_) {
-    std::vector<c10::IntArrayRef> sizes;
-    std::vector<at::Tensor> params;
-    for (auto i : bucket.params) {
-      sizes.push_back(params_[i].sizes());
-      params.push_back(params_[i]);
-    }
-    c10d::GradBucket grad_bucket(b, buckets_.size(), bucket.buffer, bucket.offsets,
-                                 bucket.lengths, std::move(sizes), std::move(params),
-                                 std::nullopt);
+    auto grad_bucket = make_grad_bucket(b, bucket.buffer);
     bucket.future = comm_hook_->runHook(grad_bucket);
     TORCH_CHECK(bucket.future, "the communication hook returned no future for bucket ", b);
     if (!comm_hook_counts_bytes_) {
@@ -424,11 +448,22 @@ void Reducer::wait_or_throw(c10::ivalue::Future& future, const std::string& what
     error = e.what();
   }
   if (!error.empty()) {
-    require_finalize_ = false;
-    expect_hooks_ = false;
+    abandon_iteration();
     TORCH_CHECK(false, "torchlane DDP: the all-reduce of ", what,
                 " failed while waiting for the other ranks: ", error);
   }
+}
+
+c10d::GradBucket Reducer::make_grad_bucket(size_t b, const at::Tensor& buffer) const {
+  const auto& bucket = buckets_[b];
+  std::vector<c10::IntArrayRef> sizes;
+  std::vector<at::Tensor> params;
+  for (auto i : bucket.params) {
+    sizes.push_back(params_[i].sizes());
+    params.push_back(params_[i]);
+  }
+  return c10d::GradBucket(b, buckets_.size(), buffer, bucket.offsets, bucket.lengths,
+                          std::move(sizes), std::move(params), std::nullopt);
 }
 
 std::string Reducer::describe_bucket(size_t b) const {
@@ -446,6 +481,15 @@ void Reducer::finalize_backward() {
   if (!expect_hooks_ || !backward_started_) {
     return;
   }
+  try {
+    finalize_locked();
+  } catch (...) {
+    abandon_iteration();
+    throw;
+  }
+}
+
+void Reducer::finalize_locked() {
   backward_end_ns_ = now_ns();
   if (static_graph_first_iteration()) {
     expected_hook_count_ = hook_count_;
@@ -491,6 +535,7 @@ void Reducer::finalize_backward() {
 }
 
 void Reducer::write_back_gradients() {
+  at::NoGradGuard no_grad;
   grads_finite_ = true;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     auto& bucket = buckets_[b];
@@ -512,14 +557,16 @@ void Reducer::write_back_gradients() {
                   " elements of ",
                   result.defined() ? c10::toString(result.scalar_type()) : "no dtype");
       if (!result.is_same(bucket.buffer)) {
-        bucket.buffer.copy_(result.view({-1}));
+        bucket.buffer.copy_(result.reshape({-1}));
       }
     }
     // Note [Finite check]: every rank holds the same reduced buffer, so a NaN/Inf seen here is
     // seen on every rank and a step skipped on that basis is skipped consistently. In copy mode
     // the check rides on the write-back copy; gradient-as-view has no copy and pays one pass.
     bool bucket_finite = true;
-    if (options_.check_finite && options_.gradient_as_bucket_view) {
+    const bool check_per_copy = options_.check_finite && !options_.gradient_as_bucket_view &&
+                                bucket.buffer.device().is_cpu();
+    if (options_.check_finite && !check_per_copy) {
       bucket_finite = all_finite(bucket.buffer);
     }
     for (size_t slot = 0; slot < bucket.params.size(); ++slot) {
@@ -537,7 +584,7 @@ void Reducer::write_back_gradients() {
         if (!grad.defined()) {
           grad = at::empty_like(view, at::MemoryFormat::Contiguous);
         }
-        if (options_.check_finite) {
+        if (check_per_copy) {
           bucket_finite &= copy_and_check_finite(grad, view);
         } else {
           grad.copy_(view);
@@ -691,9 +738,7 @@ void Reducer::verify_layout_across_ranks() {
   }
   const auto report = problems.str();
   if (!report.empty()) {
-    expect_hooks_ = false;
-    require_finalize_ = false;
-    reset_iteration_state();
+    abandon_iteration();
     TORCH_CHECK(false, "torchlane DDP layout check (verify_layout / TORCH_DISTRIBUTED_DEBUG=DETAIL) "
                 "failed before reducing gradients:", report,
                 " Parameters without a gradient need find_unused_parameters=True; all ranks must "
@@ -710,15 +755,7 @@ void Reducer::run_zero_allreduces() {
   for (size_t b = 0; b < buckets_.size(); ++b) {
     auto zeros = at::zeros_like(buckets_[b].buffer);
     if (comm_hook_) {
-      std::vector<c10::IntArrayRef> sizes;
-      std::vector<at::Tensor> params;
-      for (auto i : buckets_[b].params) {
-        sizes.push_back(params_[i].sizes());
-        params.push_back(params_[i]);
-      }
-      c10d::GradBucket grad_bucket(b, buckets_.size(), zeros, buckets_[b].offsets,
-                                   buckets_[b].lengths, std::move(sizes), std::move(params),
-                                   std::nullopt);
+      auto grad_bucket = make_grad_bucket(b, zeros);
       futures.push_back(comm_hook_->runHook(grad_bucket));
     } else {
       std::vector<at::Tensor> tensors{zeros};

@@ -37,7 +37,6 @@ struct Bucket {
   at::Tensor buffer;             // flat, contiguous
   std::vector<at::Tensor> views; // views of `buffer` shaped like each parameter
   size_t pending = 0;            // parameters not yet ready in this iteration
-  bool launched = false;
   c10::intrusive_ptr<c10::ivalue::Future> future;
   int64_t ready_ns = 0;
   int64_t launch_ns = 0;
@@ -106,6 +105,11 @@ class Reducer {
 
  private:
   void autograd_hook(int64_t index);
+  void on_gradient_ready(int64_t index);
+  void queue_finalize_locked();
+  void finalize_locked();
+  void abandon_iteration();
+  c10d::GradBucket make_grad_bucket(size_t b, const at::Tensor& buffer) const;
   void mark_ready(int64_t index);
   void copy_grad_to_bucket(int64_t index);
   void launch_ready_buckets();

@@ -53,7 +53,9 @@ class _OutputSink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *tensors):
         ctx.set_materialize_grads(False)
-        return tensors
+        # Clones, as torch DDP's sink: outputs returned as-is would be views that in-place
+        # changes (out.add_(1)) may not touch.
+        return tuple(t.clone() for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -62,9 +64,7 @@ class _OutputSink(torch.autograd.Function):
 
 def _pass_through_sink(output):
     leaves, spec = tree_flatten(output)
-    positions = [
-        i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.grad_fn is not None
-    ]
+    positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
     if not positions:
         return output
     sunk = _OutputSink.apply(*(leaves[i] for i in positions))
@@ -93,6 +93,11 @@ class _JoinHook(JoinHook):
     """Lets a rank that ran out of data shadow the collectives of the others (Note [Join])."""
 
     def __init__(self, ddp, divide_by_initial_world_size):
+        if ddp.verify_layout:
+            raise ValueError(
+                "Join cannot shadow the layout check of verify_layout=True "
+                "(TORCH_DISTRIBUTED_DEBUG=DETAIL): turn one of them off"
+            )
         if not divide_by_initial_world_size:
             raise ValueError(
                 "torchlane.DistributedDataParallel supports Join only with "
@@ -112,9 +117,7 @@ class _JoinHook(JoinHook):
 
     def post_hook(self, is_last_joiner: bool):
         ddp = self.ddp
-        src = ddp._common_rank(is_last_joiner)
-        tensors = [p.detach() for _, p in ddp.module.named_parameters()] + ddp._module_buffers()
-        ddp._broadcast(tensors, src=src)
+        ddp._broadcast(ddp._module_states(), src=ddp._common_rank(is_last_joiner))
 
 
 class DistributedDataParallel(Module, Joinable):
@@ -224,9 +227,7 @@ class DistributedDataParallel(Module, Joinable):
         self._set_devices(device_ids, output_device)
         self._verify_params_across_ranks()
         if init_sync:
-            self._broadcast(
-                [p.detach() for _, p in module.named_parameters()] + self._module_buffers()
-            )
+            self._broadcast(self._module_states())
         self._reducer = _C.Reducer(
             self._params,
             self._param_names,
@@ -241,7 +242,6 @@ class DistributedDataParallel(Module, Joinable):
         )
         self.check_finite = check_finite
         self.verify_layout = verify_layout
-        self._comm_hook = None
 
     # ---- construction helpers ----
 
@@ -282,6 +282,15 @@ class DistributedDataParallel(Module, Joinable):
                 self.device_ids = None
                 self.output_device = None
         self.device = next(iter(devices)) if len(devices) == 1 else None
+
+    def _module_states(self):
+        """Parameters and buffers rank 0 is authoritative for (ignored ones excluded)."""
+        params = [
+            p.detach()
+            for n, p in self.module.named_parameters()
+            if n not in self.parameters_to_ignore
+        ]
+        return params + self._module_buffers()
 
     def _module_buffers(self):
         return [
@@ -361,7 +370,7 @@ class DistributedDataParallel(Module, Joinable):
                 else:
                     self._broadcast(self._module_buffers())
             if join_enabled:
-                self._global_grad_sync_flag(active=True)
+                self._global_grad_sync_flag(active=True, sync=grad_sync)
             if self.device_ids:
                 device = torch.device(self._params[0].device.type, self.device_ids[0])
                 inputs, kwargs = _move_to(inputs, device), _move_to(kwargs, device)
@@ -410,9 +419,9 @@ class DistributedDataParallel(Module, Joinable):
         src = self._common_rank(active)
         self._broadcast(self._module_buffers(), src=src)
 
-    def _global_grad_sync_flag(self, active: bool) -> bool:
+    def _global_grad_sync_flag(self, active: bool, sync: bool = False) -> bool:
         """Whether any active rank synchronises gradients in this iteration."""
-        flag = int(active and self.require_backward_grad_sync)
+        flag = int(active and sync)
         t = torch.tensor([flag], device=self._comm_device())
         dist.all_reduce(t, group=self.process_group)
         return bool(t.item())
@@ -444,16 +453,14 @@ class DistributedDataParallel(Module, Joinable):
             if not callable(hook):
                 raise TypeError(f"Communication hook must be callable, got {type(hook).__name__}")
             try:
-                n_args = len(inspect.signature(hook).parameters)
-            except (TypeError, ValueError):
-                n_args = 2
-            if n_args != 2:
+                inspect.signature(hook).bind(state, None)
+            except TypeError as e:
                 raise ValueError(
-                    "Communication hook must take exactly two arguments (state, bucket), got "
-                    f"{n_args}"
-                )
+                    f"Communication hook must be callable as hook(state, bucket): {e}"
+                ) from None
+            except ValueError:
+                pass  # no signature to inspect (a builtin): let the call decide
             self._reducer.register_python_comm_hook(state, hook)
-        self._comm_hook = hook
 
     @property
     def grads_finite(self) -> bool:
