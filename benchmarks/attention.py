@@ -44,11 +44,11 @@ IMPLS = {
 }
 
 
-def timeit(fn, min_time=0.5, max_iters=20):
-    fn()  # warm-up
+def timeit(fn, min_time=0.2, max_iters=5):
+    """Best of up to max_iters calls, stopping after min_time seconds (at least one call)."""
     times = []
     start = time.perf_counter()
-    while len(times) < max_iters and (time.perf_counter() - start < min_time or len(times) < 2):
+    while len(times) < max_iters and (not times or time.perf_counter() - start < min_time):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -60,25 +60,38 @@ def make_inputs(B, H, S, D, dtype, grad):
     return [torch.randn(B, H, S, D, generator=g).to(dtype).requires_grad_(grad) for _ in range(3)]
 
 
-def bench_one(impl, B, H, S, D, dtype, causal, backward):
-    q, k, v = make_inputs(B, H, S, D, dtype, backward)
+def make_step(impl, q, k, v, do, causal, backward):
     f = IMPLS[impl]
     if not backward:
-        with torch.no_grad():
-            return timeit(lambda: f(q, k, v, causal))
-    do = torch.randn(B, H, S, D).to(dtype)
 
-    def step():
+        def fwd():
+            with torch.no_grad():
+                f(q, k, v, causal)
+
+        return fwd
+
+    def fwd_bwd():
         out = f(q, k, v, causal)
         torch.autograd.grad(out, (q, k, v), do)
 
-    return timeit(step)
+    return fwd_bwd
 
 
-def matmul_gflops(dtype, n=2048):
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    return 2 * n**3 / timeit(lambda: a @ b) / 1e9
+def bench_config(impls, B, H, S, D, dtype, causal, backward, rounds=3):
+    """Best time of each implementation and of a 2048^3 matmul in `dtype`, interleaved round by
+    round so that load from other processes on the machine hits all of them alike."""
+    q, k, v = make_inputs(B, H, S, D, dtype, backward)
+    do = torch.randn(B, H, S, D).to(dtype)
+    steps = {i: make_step(i, q, k, v, do, causal, backward) for i in impls}
+    x = torch.randn(2048, 2048).to(dtype)
+    steps["matmul"] = lambda: x @ x
+    for step in steps.values():
+        step()  # warm-up
+    best = dict.fromkeys(steps, math.inf)
+    for _ in range(rounds):
+        for i, step in steps.items():
+            best[i] = min(best[i], timeit(step))
+    return best
 
 
 def peak_memory_child(impl, S, dtype_name, backward):
@@ -105,7 +118,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-seq", type=int, default=8192, help="0 skips the memory measurement")
     p.add_argument("--no-math", action="store_true")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention.json"))
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "attention.json")
+    )
     p.add_argument("--_peak", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -115,9 +130,10 @@ def main():
         return
 
     causals = {"both": [False, True], "yes": [True], "no": [False]}[a.causal]
-    mm = {name: matmul_gflops(DTYPES[name]) for name in a.dtypes}
-    print(f"torch {torch.__version__}, {a.threads} threads, B={a.batch} H={a.heads}; matmul GFLOP/s: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in mm.items()))
+    print(
+        f"torch {torch.__version__}, {a.threads} threads, B={a.batch} H={a.heads}; "
+        "tl/matmul: torchlane GFLOP/s over a 2048^3 matmul in the same dtype, same rounds"
+    )
     hdr = f"{'dtype':5} {'S':>5} {'D':>4} {'causal':6} {'pass':7} | {'torchlane ms':>12} {'sdpa ms':>9} {'math ms':>9} | {'tl GF/s':>8} {'sdpa GF/s':>9} | {'sdpa/tl':>7} {'tl/matmul':>9}"
     print(hdr)
     print("-" * len(hdr))
@@ -128,39 +144,76 @@ def main():
             for D in a.dims:
                 for causal in causals:
                     for backward in (False, True):
-                        flops = 4 * B * H * S * S * D / (2 if causal else 1) * (3.5 if backward else 1)
-                        t = {}
-                        for impl in IMPLS:
-                            big = B * H * S * S * 4 > MATH_MAX_SCORE_BYTES
-                            if impl == "math" and (a.no_math or big):
-                                t[impl] = math.nan
-                                continue
-                            t[impl] = bench_one(impl, B, H, S, D, DTYPES[dt], causal, backward)
+                        flops = (
+                            4 * B * H * S * S * D / (2 if causal else 1) * (3.5 if backward else 1)
+                        )
+                        big = B * H * S * S * 4 > MATH_MAX_SCORE_BYTES
+                        impls = ["torchlane", "sdpa"] + ([] if a.no_math or big else ["math"])
+                        t = bench_config(impls, B, H, S, D, DTYPES[dt], causal, backward)
+                        mm_gf = 2 * 2048**3 / t.pop("matmul") / 1e9
+                        t.setdefault("math", math.nan)
                         gf = {k: flops / v / 1e9 for k, v in t.items()}
-                        row = dict(dtype=dt, S=S, D=D, causal=causal, backward=backward,
-                                   ms={k: v * 1e3 for k, v in t.items()}, gflops=gf,
-                                   ratio_sdpa=t["sdpa"] / t["torchlane"],
-                                   frac_matmul=gf["torchlane"] / mm[dt])
+                        row = dict(
+                            dtype=dt,
+                            S=S,
+                            D=D,
+                            causal=causal,
+                            backward=backward,
+                            ms={k: v * 1e3 for k, v in t.items()},
+                            gflops=gf,
+                            ratio_sdpa=t["sdpa"] / t["torchlane"],
+                            matmul_gflops=mm_gf,
+                            frac_matmul=gf["torchlane"] / mm_gf,
+                        )
                         rows.append(row)
-                        print(f"{dt:5} {S:5d} {D:4d} {str(causal):6} {'fwd+bwd' if backward else 'fwd':7} | "
-                              f"{t['torchlane'] * 1e3:12.1f} {t['sdpa'] * 1e3:9.1f} {t['math'] * 1e3:9.1f} | "
-                              f"{gf['torchlane']:8.1f} {gf['sdpa']:9.1f} | {row['ratio_sdpa']:7.2f} {row['frac_matmul']:9.2f}",
-                              flush=True)
+                        print(
+                            f"{dt:5} {S:5d} {D:4d} {str(causal):6} {'fwd+bwd' if backward else 'fwd':7} | "
+                            f"{t['torchlane'] * 1e3:12.1f} {t['sdpa'] * 1e3:9.1f} {t['math'] * 1e3:9.1f} | "
+                            f"{gf['torchlane']:8.1f} {gf['sdpa']:9.1f} | {row['ratio_sdpa']:7.2f} {row['frac_matmul']:9.2f}",
+                            flush=True,
+                        )
     memory = {}
     if a.memory_seq:
         S = a.memory_seq
-        print(f"\npeak extra memory (max RSS growth, MiB) of one call at B=4 H=8 S={S} D=64 fp32, non-causal:")
+        print(
+            f"\npeak extra memory (max RSS growth, MiB) of one call at B=4 H=8 S={S} D=64 fp32, non-causal:"
+        )
         for impl in ("torchlane", "sdpa"):
             for bwd in ("0", "1"):
-                cmd = [sys.executable, __file__, "--threads", str(a.threads), "--_peak", impl, str(S), "fp32", bwd]
-                mib = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(a.threads),
+                    "--_peak",
+                    impl,
+                    str(S),
+                    "fp32",
+                    bwd,
+                ]
+                mib = float(
+                    subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[
+                        -1
+                    ]
+                )
                 memory[f"{impl} {'fwd+bwd' if bwd == '1' else 'fwd'}"] = mib
                 print(f"  {impl:10} {'fwd+bwd' if bwd == '1' else 'fwd':8} {mib:8.0f} MiB")
-        print(f"  (math would need {4 * 8 * S * S * 4 / 2**30:.0f} GiB for the fp32 score matrix alone)")
+        print(
+            f"  (math would need {4 * 8 * S * S * 4 / 2**30:.0f} GiB for the fp32 score matrix alone)"
+        )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": a.threads, "matmul_gflops": mm,
-                   "rows": rows, "peak_extra_mib_S": a.memory_seq, "peak_extra_mib": memory}, f, indent=1)
+        json.dump(
+            {
+                "torch": torch.__version__,
+                "threads": a.threads,
+                "rows": rows,
+                "peak_extra_mib_S": a.memory_seq,
+                "peak_extra_mib": memory,
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

@@ -61,14 +61,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                    dout = flash_layout(grad_out);
   // delta = rowsum(dO * O) - dlse, see Note [Attention op contract].
   at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
-  if (grad_lse.has_value() && grad_lse->defined()) delta.sub_(grad_lse->to(at::kFloat));
+  if (grad_lse.has_value() && grad_lse->defined())
+    delta.sub_(grad_lse->to(at::kFloat));
   delta = delta.contiguous();
   at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const at::Tensor lse_c = lse.contiguous();
-  const auto p =
-      make_bwd_params(dout, q, k, v, out, lse_c, delta, dq_accum, dk, dv, causal, scale);
+  const auto p = make_bwd_params(dout, q, k, v, out, lse_c, delta, dq_accum, dk, dv, causal, scale);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), q.size(3), [&](auto e, auto d) {
     C10_CUDA_CHECK((kernels::run_flash_bwd<decltype(e), decltype(d)::value>(p, stream)));

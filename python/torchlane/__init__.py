@@ -17,5 +17,5 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
 __version__ = "0.1.0"
 
 # ---- attention (issue 3) ----
-from torchlane.attention import attention  # noqa: E402
 from torchlane import nn  # noqa: E402, F401
+from torchlane.attention import attention  # noqa: E402, F401
