@@ -6,7 +6,8 @@
 Prints, per configuration, the time in ms, GFLOP/s (forward 4*B*H*Sq*Sk*D, halved when causal;
 backward 2.5x forward) and the ratio of SDPA's time to torchlane's (> 1: torchlane is faster),
 and the forward GFLOP/s as a fraction of an fp32/bf16 matmul measured in the same run. Then the
-peak extra memory of one forward+backward at S=8192, each implementation in a fresh process.
+peak extra memory of one forward and one forward+backward at S=8192 (B=1, H=4, D=64), each
+implementation in a fresh process.
 Writes benchmarks/results/attention.json.
 """
 
@@ -14,9 +15,9 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -26,7 +27,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torchlane  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MATH_MAX_SCORE_BYTES = 2 << 30  # skip the math path when its score matrix alone exceeds this
+MATH_MAX_SCORE_BYTES = 256 << 20
+# (B, H, D) of the peak-memory measurement: B=1, H=4 keeps one S=8192 forward+backward under a
+# minute on 2 cores; the O(S^2) vs O(S) contrast does not depend on B or H.
+MEMORY_SHAPE = (1, 4, 64)  # skip the math path when its score matrix alone exceeds this
 
 
 def math_attention(q, k, v, causal):
@@ -77,7 +81,7 @@ def make_step(impl, q, k, v, do, causal, backward):
     return fwd_bwd
 
 
-def bench_config(impls, B, H, S, D, dtype, causal, backward, rounds=3):
+def bench_config(impls, B, H, S, D, dtype, causal, backward, rounds):
     """Best time of each implementation and of a 2048^3 matmul in `dtype`, interleaved round by
     round so that load from other processes on the machine hits all of them alike."""
     q, k, v = make_inputs(B, H, S, D, dtype, backward)
@@ -85,8 +89,9 @@ def bench_config(impls, B, H, S, D, dtype, causal, backward, rounds=3):
     steps = {i: make_step(i, q, k, v, do, causal, backward) for i in impls}
     x = torch.randn(2048, 2048).to(dtype)
     steps["matmul"] = lambda: x @ x
-    for step in steps.values():
-        step()  # warm-up
+    if S < 2048:  # longer calls are timed cold: a warm-up would double the run time
+        for step in steps.values():
+            step()
     best = dict.fromkeys(steps, math.inf)
     for _ in range(rounds):
         for i, step in steps.items():
@@ -94,17 +99,34 @@ def bench_config(impls, B, H, S, D, dtype, causal, backward, rounds=3):
     return best
 
 
+def _rss_kib():
+    with open("/proc/self/status") as f:  # Linux
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def peak_memory_child(impl, S, dtype_name, backward):
-    """Run in a fresh process: print the peak RSS growth (MiB) of one call."""
-    B, H, D = 4, 8, 64
+    """Run in a fresh process: print the peak resident set during one call minus the resident
+    set before it, in MiB (sampled every millisecond by a thread)."""
+    B, H, D = MEMORY_SHAPE
     q, k, v = make_inputs(B, H, S, D, DTYPES[dtype_name], backward)
     do = torch.randn(B, H, S, D).to(q.dtype)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _rss_kib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_kib())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     out = IMPLS[impl](q, k, v, False)
     if backward:
         torch.autograd.grad(out, (q, k, v), do)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - base) / 1024)
+    done.set()
+    sampler.join()
+    print((max(peak[0], _rss_kib()) - base) / 1024)
 
 
 def main():
@@ -116,6 +138,7 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration")
     p.add_argument("--memory-seq", type=int, default=8192, help="0 skips the memory measurement")
     p.add_argument("--no-math", action="store_true")
     p.add_argument(
@@ -149,7 +172,7 @@ def main():
                         )
                         big = B * H * S * S * 4 > MATH_MAX_SCORE_BYTES
                         impls = ["torchlane", "sdpa"] + ([] if a.no_math or big else ["math"])
-                        t = bench_config(impls, B, H, S, D, DTYPES[dt], causal, backward)
+                        t = bench_config(impls, B, H, S, D, DTYPES[dt], causal, backward, a.rounds)
                         mm_gf = 2 * 2048**3 / t.pop("matmul") / 1e9
                         t.setdefault("math", math.nan)
                         gf = {k: flops / v / 1e9 for k, v in t.items()}
@@ -176,7 +199,8 @@ def main():
     if a.memory_seq:
         S = a.memory_seq
         print(
-            f"\npeak extra memory (max RSS growth, MiB) of one call at B=4 H=8 S={S} D=64 fp32, non-causal:"
+            f"\npeak extra memory (max RSS growth, MiB) of one call at B, H, D = {MEMORY_SHAPE}, S={S}, "
+            "fp32, non-causal:"
         )
         for impl in ("torchlane", "sdpa"):
             for bwd in ("0", "1"):
@@ -199,7 +223,7 @@ def main():
                 memory[f"{impl} {'fwd+bwd' if bwd == '1' else 'fwd'}"] = mib
                 print(f"  {impl:10} {'fwd+bwd' if bwd == '1' else 'fwd':8} {mib:8.0f} MiB")
         print(
-            f"  (math would need {4 * 8 * S * S * 4 / 2**30:.0f} GiB for the fp32 score matrix alone)"
+            f"  (math would need {MEMORY_SHAPE[0] * MEMORY_SHAPE[1] * S * S * 4 / 2**30:.1f} GiB for the fp32 score matrix alone)"
         )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

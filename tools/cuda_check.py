@@ -137,6 +137,30 @@ def smem_table(outdir):
     return ok, "\n".join(report)
 
 
+def glue_flags(tmp):
+    """Flags to compile the torch glue (.cu under csrc/attention) against torch's headers, as
+    system headers so that -Werror applies to our code only. A CPU-only torch wheel lacks the
+    CMake-generated c10/cuda/impl/cuda_cmake_macros.h; a one-line stand-in is supplied then."""
+    import sysconfig
+
+    import torch.utils.cpp_extension as ext
+
+    flags = []
+    for d in ext.include_paths():
+        flags += ["-isystem", d]
+    if not any(
+        os.path.exists(os.path.join(d, "c10/cuda/impl/cuda_cmake_macros.h"))
+        for d in ext.include_paths()
+    ):
+        stub = os.path.join(tmp, "stub_include", "c10", "cuda", "impl")
+        os.makedirs(stub, exist_ok=True)
+        with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
+            f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        flags += ["-isystem", os.path.join(tmp, "stub_include")]
+    flags += ["-isystem", sysconfig.get_paths()["include"], "-DTORCH_EXTENSION_NAME=_C"]
+    return tuple(flags)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -154,22 +178,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(s, ()) for s in sources]
         if a.glue:
-            import torch.utils.cpp_extension as ext
-
-            inc = [f"-I{d}" for d in ext.include_paths()]
-            py = subprocess.run(
-                [sys.executable, "-c", "import sysconfig;print(sysconfig.get_paths()['include'])"],
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-            glue_flags = (
-                *inc,
-                f"-I{py}",
-                "-DTORCH_EXTENSION_NAME=_C",
-                "-D_GLIBCXX_USE_CXX11_ABI=1",
-            )
             jobs += [
-                (s, glue_flags)
+                (s, glue_flags(tmp))
                 for s in sorted(glob.glob(os.path.join(ROOT, "csrc", "attention", "*.cu")))
             ]
         with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
