@@ -1,11 +1,14 @@
 """torchlane.attention vs torch SDPA (PyTorch's CPU flash kernel) vs the math composition.
 
-    python benchmarks/attention.py                    # the README table (takes ~15 min on 2 cores)
+    python benchmarks/attention.py --rounds 1         # the README table (~13 min on 2 cores)
     python benchmarks/attention.py --seqs 1024 --dims 64 --dtypes bf16   # one configuration
+
+torchlane, SDPA and a 2048^3 matmul in the same dtype are run alternately, --rounds times per
+configuration (after one warm-up call each when S < 2048), and the best time of each is kept.
 
 Prints, per configuration, the time in ms, GFLOP/s (forward 4*B*H*Sq*Sk*D, halved when causal;
 backward 2.5x forward) and the ratio of SDPA's time to torchlane's (> 1: torchlane is faster),
-and the forward GFLOP/s as a fraction of an fp32/bf16 matmul measured in the same run. Then the
+and torchlane's GFLOP/s as a fraction of the matmul's (tl/matmul). Then the
 peak extra memory of one forward and one forward+backward at S=8192 (B=1, H=4, D=64), each
 implementation in a fresh process.
 Writes benchmarks/results/attention.json.
