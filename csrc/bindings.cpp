@@ -296,8 +296,9 @@ TORCH_LIBRARY(torchlane, m) {
       "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // The CUDA attention kernel's source run on the CPU; see Note [Tile primitives].
-  m.def("_attention_fwd_emulated(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> "
-        "(Tensor, Tensor)");
+  m.def(
+      "_attention_fwd_emulated(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> "
+      "(Tensor, Tensor)");
   m.def(
       "_attention_bwd_emulated(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");

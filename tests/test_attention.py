@@ -11,9 +11,8 @@ import math
 
 import pytest
 import torch
-from attention_reference import math_attention, math_attention_grads
-
 import torchlane
+from attention_reference import math_attention, math_attention_grads
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 HEADS = [(4, 4), (4, 1), (6, 2)]
@@ -69,7 +68,9 @@ def test_grid_against_float64(seqs, D, dtype):
 @pytest.mark.parametrize("D,dtype", LONG, ids=lambda x: str(x))
 def test_grid_long_sequences(D, dtype):
     # B=1 and B=2 alternate over the head layouts to halve the cost; both causal modes run.
-    for (B, (H, Hkv)), causal in itertools.product(zip([1, 2, 1], HEADS), [False, True]):
+    for (B, (H, Hkv)), causal in itertools.product(
+        zip([1, 2, 1], HEADS, strict=True), [False, True]
+    ):
         check_against_reference(B, H, Hkv, 1000, 1000, D, causal, dtype)
 
 
@@ -162,7 +163,17 @@ def test_opcheck(dtype):
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25)
     torch.library.opcheck(torch.ops.torchlane.attention_fwd.default, args)
     out, lse = torch.ops.torchlane.attention_fwd(*args)
-    bwd_args = (do, torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), True, 0.25)
+    bwd_args = (
+        do,
+        torch.randn_like(lse),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse.detach(),
+        True,
+        0.25,
+    )
     torch.library.opcheck(torch.ops.torchlane.attention_bwd.default, bwd_args)
     torch.library.opcheck(torch.ops.torchlane.attention_bwd.default, (do, None, *bwd_args[2:]))
 
@@ -182,3 +193,22 @@ def test_torch_compile_fullgraph():
     step(*ref_leaves).backward()
     for a, b in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_multihead_self_attention_matches_sdpa_backend(n_kv_head):
+    torch.manual_seed(0)
+    ours = torchlane.nn.MultiheadSelfAttention(64, 4, n_kv_head, causal=True)
+    ref = torchlane.nn.MultiheadSelfAttention(64, 4, n_kv_head, causal=True, backend="sdpa")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 37, 64)
+    y, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="n_head=4 must be a multiple of n_kv_head=3"):
+        torchlane.nn.MultiheadSelfAttention(64, 4, 3)
+    with pytest.raises(ValueError, match="backend"):
+        torchlane.nn.MultiheadSelfAttention(64, 4, backend="flash")

@@ -11,9 +11,8 @@ import math
 
 import pytest
 import torch
-from attention_reference import math_attention_grads
-
 import torchlane  # noqa: F401  (registers the ops)
+from attention_reference import math_attention_grads
 
 ATOL = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
 CASES = [
@@ -58,9 +57,13 @@ def test_emulated_kernel_strided_and_errors():
     x = torch.randn(1, 40, 6, 64).to(torch.bfloat16)
     q, k, v = x.transpose(1, 2).split([2, 2, 2], dim=1)  # row stride 6*64: no copy needed
     out, _ = torch.ops.torchlane._attention_fwd_emulated(q, k, v, True, 0.125)
-    ref, _ = torch.ops.torchlane._attention_fwd_emulated(q.contiguous(), k.contiguous(), v.contiguous(), True, 0.125)
+    ref, _ = torch.ops.torchlane._attention_fwd_emulated(
+        q.contiguous(), k.contiguous(), v.contiguous(), True, 0.125
+    )
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="head dim D"):
-        torch.ops.torchlane._attention_fwd_emulated(q[..., :32], k[..., :32], v[..., :32], False, 1.0)
+        torch.ops.torchlane._attention_fwd_emulated(
+            q[..., :32], k[..., :32], v[..., :32], False, 1.0
+        )
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         torch.ops.torchlane._attention_fwd_emulated(q.float(), k.float(), v.float(), False, 1.0)

@@ -44,14 +44,25 @@ int main() {
 
 
 def nvcc():
-    path = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ else None)
+    path = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ else None
+    )
     if not path or not os.path.exists(path):
         sys.exit("cuda_check: nvcc not found (put it on PATH or set CUDA_HOME)")
     return path
 
 
 def base_flags():
-    flags = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", f"-I{os.path.join(ROOT, 'csrc')}", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
+    flags = [
+        "-std=c++20",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        f"-I{os.path.join(ROOT, 'csrc')}",
+        "-Werror",
+        "all-warnings",
+        "-Xcompiler",
+        "-Wall,-Wextra,-Werror",
+    ]
     for a in ARCHS:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     return flags
@@ -71,7 +82,14 @@ def parse_ptxas(log):
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
         if m:
-            cur = {"kernel": m.group(1), "arch": m.group(2), "regs": 0, "spill_st": 0, "spill_ld": 0, "smem": 0}
+            cur = {
+                "kernel": m.group(1),
+                "arch": m.group(2),
+                "regs": 0,
+                "spill_st": 0,
+                "spill_ld": 0,
+                "smem": 0,
+            }
             out.append(cur)
             continue
         if cur is None:
@@ -99,7 +117,11 @@ def smem_table(outdir):
     with open(src, "w") as f:
         f.write(SMEM_PROBE)
     exe = os.path.join(outdir, "smem_probe")
-    r = subprocess.run([nvcc(), "-std=c++20", f"-I{os.path.join(ROOT, 'csrc')}", src, "-o", exe], capture_output=True, text=True)
+    r = subprocess.run(
+        [nvcc(), "-std=c++20", f"-I{os.path.join(ROOT, 'csrc')}", src, "-o", exe],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         return False, "smem probe failed to build:\n" + r.stdout + r.stderr
     lines = subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split("\n")
@@ -109,13 +131,43 @@ def smem_table(outdir):
         worst = max(int(fwd), int(bwd))
         bad = [a for a in ARCHS if worst > DYNAMIC_SMEM_LIMIT[a]]
         ok &= not bad
-        report.append(f"  {name} {d:>4} {fwd:>8} {bwd:>8}" + (f"  OVER the limit of sm_{bad}" if bad else ""))
+        report.append(
+            f"  {name} {d:>4} {fwd:>8} {bwd:>8}" + (f"  OVER the limit of sm_{bad}" if bad else "")
+        )
     return ok, "\n".join(report)
+
+
+def glue_flags(tmp):
+    """Flags to compile the torch glue (.cu under csrc/attention) against torch's headers, as
+    system headers so that -Werror applies to our code only. A CPU-only torch wheel lacks the
+    CMake-generated c10/cuda/impl/cuda_cmake_macros.h; a one-line stand-in is supplied then."""
+    import sysconfig
+
+    import torch.utils.cpp_extension as ext
+
+    flags = []
+    for d in ext.include_paths():
+        flags += ["-isystem", d]
+    if not any(
+        os.path.exists(os.path.join(d, "c10/cuda/impl/cuda_cmake_macros.h"))
+        for d in ext.include_paths()
+    ):
+        stub = os.path.join(tmp, "stub_include", "c10", "cuda", "impl")
+        os.makedirs(stub, exist_ok=True)
+        with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
+            f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        flags += ["-isystem", os.path.join(tmp, "stub_include")]
+    flags += ["-isystem", sysconfig.get_paths()["include"], "-DTORCH_EXTENSION_NAME=_C"]
+    return tuple(flags)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--glue", action="store_true", help="also compile csrc/attention/*.cu (needs torch's headers; slow)")
+    p.add_argument(
+        "--glue",
+        action="store_true",
+        help="also compile csrc/attention/*.cu (needs torch's headers; slow)",
+    )
     p.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
     a = p.parse_args()
     t0 = time.perf_counter()
@@ -126,12 +178,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(s, ()) for s in sources]
         if a.glue:
-            import torch.utils.cpp_extension as ext
-
-            inc = [f"-I{d}" for d in ext.include_paths()]
-            py = subprocess.run([sys.executable, "-c", "import sysconfig;print(sysconfig.get_paths()['include'])"], capture_output=True, text=True).stdout.strip()
-            glue_flags = (*inc, f"-I{py}", "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1")
-            jobs += [(s, glue_flags) for s in sorted(glob.glob(os.path.join(ROOT, "csrc", "attention", "*.cu")))]
+            jobs += [
+                (s, glue_flags(tmp))
+                for s in sorted(glob.glob(os.path.join(ROOT, "csrc", "attention", "*.cu")))
+            ]
         with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
             results = list(pool.map(lambda j: compile_one(j[0], tmp, j[1]), jobs))
         print(f"{'kernel':70} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>6}")
@@ -144,7 +194,9 @@ def main():
                 spills = k["spill_st"] + k["spill_ld"]
                 name = demangle(k["kernel"])
                 name = re.sub(r"torchlane::kernels::", "", name)
-                print(f"{name[:70]:70} {'sm_' + k['arch']:>5} {k['regs']:5d} {spills:6d} {k['smem']:6d}")
+                print(
+                    f"{name[:70]:70} {'sm_' + k['arch']:>5} {k['regs']:5d} {spills:6d} {k['smem']:6d}"
+                )
                 if spills:
                     failures.append(f"{rel}: {name} spills {spills} bytes on sm_{k['arch']}")
                 if k["smem"] > STATIC_SMEM_LIMIT:
@@ -154,7 +206,9 @@ def main():
         print(table)
         if not ok:
             failures.append("dynamic shared memory over the limit")
-    print(f"cuda_check: {len(sources)} kernel files{' + glue' if a.glue else ''}, sm_{'/sm_'.join(ARCHS)}, {time.perf_counter() - t0:.0f} s")
+    print(
+        f"cuda_check: {len(sources)} kernel files{' + glue' if a.glue else ''}, sm_{'/sm_'.join(ARCHS)}, {time.perf_counter() - t0:.0f} s"
+    )
     if failures:
         print("FAILED:\n" + "\n".join(failures))
         sys.exit(1)

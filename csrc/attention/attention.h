@@ -11,7 +11,8 @@
 //   at least key 0, so no row is empty).
 // attention_bwd(grad_out, grad_lse?, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
 //   recomputes the probabilities from lse; grad_lse (may be undefined) is the gradient flowing
-//   into the lse output: d lse_i / d s_ij = p_ij, so it folds into delta_i = rowsum(dO * O) - dlse_i.
+//   into the lse output: d lse_i / d s_ij = p_ij, so it folds into delta_i = rowsum(dO * O) -
+//   dlse_i.
 #include <ATen/ATen.h>
 
 #include <tuple>
@@ -22,8 +23,8 @@ namespace torchlane::attention {
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             double scale);
 void check_attention_backward_inputs(const at::Tensor& grad_out,
-                                     const c10::optional<at::Tensor>& grad_lse,
-                                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& out, const at::Tensor& lse, double scale);
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,

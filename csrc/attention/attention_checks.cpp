@@ -26,17 +26,19 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   check_rank4(k, "k", "(B, Hkv, Sk, D)");
   check_rank4(v, "v", "(B, Hkv, Sk, D)");
   check_float(q, "q");
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "torchlane.attention: k must have q's dtype ",
-                   q.scalar_type(), ", got ", k.scalar_type());
-  TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), "torchlane.attention: v must have q's dtype ",
-                   q.scalar_type(), ", got ", v.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(),
+                   "torchlane.attention: k must have q's dtype ", q.scalar_type(), ", got ",
+                   k.scalar_type());
+  TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(),
+                   "torchlane.attention: v must have q's dtype ", q.scalar_type(), ", got ",
+                   v.scalar_type());
   TORCH_CHECK_VALUE(k.device() == q.device(), "torchlane.attention: k must be on q's device ",
                     q.device(), ", got ", k.device());
   TORCH_CHECK_VALUE(v.device() == q.device(), "torchlane.attention: v must be on q's device ",
                     q.device(), ", got ", v.device());
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-                    "torchlane.attention: k and v must have q's batch size ", q.size(0),
-                    ", got k ", k.size(0), " and v ", v.size(0));
+                    "torchlane.attention: k and v must have q's batch size ", q.size(0), ", got k ",
+                    k.size(0), " and v ", v.size(0));
   TORCH_CHECK_VALUE(k.size(3) == q.size(3) && v.size(3) == q.size(3),
                     "torchlane.attention: k and v must have q's head dim D=", q.size(3), ", got k ",
                     k.size(3), " and v ", v.size(3));
@@ -51,16 +53,15 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                     "torchlane.attention: k and v must have at least one head and one key, got k "
                     "of shape ",
                     k.sizes());
-  TORCH_CHECK_VALUE(q.size(1) % k.size(1) == 0,
-                    "torchlane.attention: the number of query heads H=", q.size(1),
-                    " (q.size(1)) must be a multiple of the number of kv heads Hkv=", k.size(1),
-                    " (k.size(1))");
+  TORCH_CHECK_VALUE(
+      q.size(1) % k.size(1) == 0, "torchlane.attention: the number of query heads H=", q.size(1),
+      " (q.size(1)) must be a multiple of the number of kv heads Hkv=", k.size(1), " (k.size(1))");
   TORCH_CHECK_VALUE(std::isfinite(scale), "torchlane.attention: scale must be finite, got ", scale);
 }
 
 void check_attention_backward_inputs(const at::Tensor& grad_out,
-                                     const c10::optional<at::Tensor>& grad_lse,
-                                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& out, const at::Tensor& lse, double scale) {
   check_attention_inputs(q, k, v, scale);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),

@@ -21,8 +21,7 @@
 // the tiles wholly above the diagonal are never visited), computes S = scale * Q K^T for the
 // tile with one GEMM, keeps a running row max m and row sum l (online softmax), rescales its fp32
 // output accumulator when m grows and adds P V with a second GEMM. Only a kBlockM x kBlockN tile
-// of S exists at a time. Low-precision inputs are multiplied by fp32-accumulating GEMMs; P is
-// rounded to the input dtype for the P V GEMM, as on the GPU.
+// of S exists at a time.
 //
 // Backward recomputes P = exp(S - lse) tile by tile from the saved logsumexp, with
 // delta_i = rowsum(dO_i * O_i) (minus the lse gradient, see Note [Attention op contract]):
@@ -34,6 +33,13 @@
 //    task per (batch, query head, query tile). S and dP are computed in both passes (seven GEMMs
 //    per tile pair instead of five) but the work splits over as many tasks as there are tiles,
 //    so a single long sequence still uses every core.
+
+// Note [Low precision on the CPU]
+// bf16/fp16 inputs are converted to fp32 once (O(S D) memory, negligible time next to the
+// O(S^2 D) work) and run through the fp32 kernel; outputs are rounded back at the end. MKL's
+// bf16 x bf16 -> fp32 GEMM (cblas_gemm_bf16bf16f32) was tried first and was many times slower
+// than sgemm on the AMD EPYC (AVX-512) development machine, and the fp32 path is also the more
+// accurate one: P and dS are never rounded to bf16.
 
 namespace torchlane::attention {
 namespace {
@@ -101,10 +107,12 @@ acc_t row_max(const acc_t* x, int64_t n) {
   int64_t j = 0;
   if (n >= Vec::size()) {
     Vec vm(m);
-    for (; j + Vec::size() <= n; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+    for (; j + Vec::size() <= n; j += Vec::size())
+      vm = at::vec::maximum(vm, Vec::loadu(x + j));
     m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  for (; j < n; ++j)
+    m = std::max(m, x[j]);
   return m;
 }
 
@@ -136,22 +144,10 @@ void scale_row(acc_t* x, int64_t n, acc_t s) {
   at::vec::map([s](Vec a) { return a * Vec(s); }, x, x, n);
 }
 
-// A rows x cols fp32 tile (leading dimension ld) in the GEMM input dtype: the tile itself when
-// the types agree, else a rounded copy in buf.
-template <typename scalar_t, typename acc_t>
-const scalar_t* tile_as_input(const acc_t* tile, std::vector<scalar_t>& buf, int64_t rows,
-                              int64_t cols, int64_t ld) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return tile;
-  } else {
-    for (int64_t r = 0; r < rows; ++r) at::vec::convert(tile + r * ld, buf.data() + r * ld, cols);
-    return buf.data();
-  }
-}
-
 template <typename scalar_t, typename acc_t>
 void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t s) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j] * s);
+  for (int64_t j = 0; j < n; ++j)
+    dst[j] = static_cast<scalar_t>(src[j] * s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,8 +155,8 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t s) {
 // ---------------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
-                scalar_t* out, acc_type<scalar_t>* lse) {
+void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout& v, scalar_t* out,
+                acc_type<scalar_t>* lse) {
   using acc_t = acc_type<scalar_t>;
   const int64_t BM = blocks().fwd_m, BN = blocks().fwd_n;
   const int64_t D = p.D, n_mtiles = (p.Sq + BM - 1) / BM;
@@ -168,7 +164,6 @@ void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single_threaded_blas;
     std::vector<acc_t> s_buf(BM * BN), o_acc(BM * D), m_run(BM), l_run(BM);
-    std::vector<scalar_t> p_buf(std::is_same_v<scalar_t, acc_t> ? 0 : BM * BN);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, mt = t % n_mtiles;
       const int64_t hk = h / p.group(), m0 = mt * BM, rows = std::min(BM, p.Sq - m0);
@@ -180,8 +175,8 @@ void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         acc_t* S = s_buf.data();
-        tile_gemm(false, true, rows, cols, D, scale, q_tile, q.ss,
-                  row_ptr<scalar_t>(k, b, hk, n0), k.ss, acc_t(0), S, BN);
+        tile_gemm(false, true, rows, cols, D, scale, q_tile, q.ss, row_ptr<scalar_t>(k, b, hk, n0),
+                  k.ss, acc_t(0), S, BN);
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s_row = S + r * BN;
           const int64_t vis = p.visible(m0 + r, n0, cols);
@@ -194,11 +189,11 @@ void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout
             std::fill(s_row + vis, s_row + cols, acc_t(0));
             l_run[r] = l_run[r] * alpha + sum;
             m_run[r] = m_new;
-            if (alpha != acc_t(1)) scale_row(o_acc.data() + r * D, D, alpha);
+            if (alpha != acc_t(1))
+              scale_row(o_acc.data() + r * D, D, alpha);
           }
         }
-        const scalar_t* P = tile_as_input(S, p_buf, rows, cols, BN);
-        tile_gemm(false, false, rows, D, cols, acc_t(1), P, BN, row_ptr<scalar_t>(v, b, hk, n0),
+        tile_gemm(false, false, rows, D, cols, acc_t(1), S, BN, row_ptr<scalar_t>(v, b, hk, n0),
                   v.ss, acc_t(1), o_acc.data(), D);
       }
       scalar_t* out_tile = out + ((b * p.H + h) * p.Sq + m0) * D;
@@ -229,16 +224,11 @@ template <typename scalar_t>
 struct BwdScratch {
   using acc_t = acc_type<scalar_t>;
   std::vector<acc_t> P, dS;
-  std::vector<scalar_t> P_in, dS_in;
-  BwdScratch()
-      : P(blocks().bwd_m * blocks().bwd_n),
-        dS(blocks().bwd_m * blocks().bwd_n),
-        P_in(std::is_same_v<scalar_t, acc_t> ? 0 : blocks().bwd_m * blocks().bwd_n),
-        dS_in(std::is_same_v<scalar_t, acc_t> ? 0 : blocks().bwd_m * blocks().bwd_n) {}
+  BwdScratch() : P(blocks().bwd_m * blocks().bwd_n), dS(blocks().bwd_m * blocks().bwd_n) {}
 };
 
 // Recomputes P and dS for query rows [m0, m0 + rows) of head h against keys [n0, n0 + cols) of
-// kv head hk (tiles with leading dimension blocks().bwd_n); returns them in the GEMM input dtype.
+// kv head hk (tiles with leading dimension blocks().bwd_n).
 template <typename scalar_t>
 std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scalar_t>& a,
                                                               BwdScratch<scalar_t>& w, int64_t b,
@@ -252,8 +242,8 @@ std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scal
   tile_gemm(false, true, rows, cols, p.D, static_cast<acc_t>(p.scale),
             row_ptr<scalar_t>(a.q, b, h, m0), a.q.ss, row_ptr<scalar_t>(a.k, b, hk, n0), a.k.ss,
             acc_t(0), w.P.data(), BN);
-  tile_gemm(false, true, rows, cols, p.D, acc_t(1), row_ptr<scalar_t>(a.dout, b, h, m0),
-            a.dout.ss, row_ptr<scalar_t>(a.v, b, hk, n0), a.v.ss, acc_t(0), w.dS.data(), BN);
+  tile_gemm(false, true, rows, cols, p.D, acc_t(1), row_ptr<scalar_t>(a.dout, b, h, m0), a.dout.ss,
+            row_ptr<scalar_t>(a.v, b, hk, n0), a.v.ss, acc_t(0), w.dS.data(), BN);
   const acc_t* lse = a.lse + (b * p.H + h) * p.Sq + m0;
   const acc_t* delta = a.delta + (b * p.H + h) * p.Sq + m0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -265,8 +255,7 @@ std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scal
     const Vec d(delta[r]);
     at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row, p_row, ds_row, cols);
   }
-  return {tile_as_input(w.P.data(), w.P_in, rows, cols, BN),
-          tile_as_input(w.dS.data(), w.dS_in, rows, cols, BN)};
+  return {w.P.data(), w.dS.data()};
 }
 
 // delta_i = rowsum(dO_i * O_i) - dlse_i, see Note [Attention op contract].
@@ -276,13 +265,15 @@ at::Tensor compute_delta(const at::Tensor& dout, const at::Tensor& out,
   using acc_t = acc_type<scalar_t>;
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   at::Tensor d = (dout.to(acc) * out.to(acc)).sum(-1);
-  if (grad_lse.has_value() && grad_lse->defined()) d.sub_(grad_lse->to(acc));
+  if (grad_lse.has_value() && grad_lse->defined())
+    d.sub_(grad_lse->to(acc));
   return d.contiguous();
 }
 
 template <typename scalar_t>
 void store_tile(const acc_type<scalar_t>* src, scalar_t* dst, int64_t rows, int64_t D) {
-  for (int64_t r = 0; r < rows; ++r) store_row(src + r * D, dst + r * D, D, acc_type<scalar_t>(1));
+  for (int64_t r = 0; r < rows; ++r)
+    store_row(src + r * D, dst + r * D, D, acc_type<scalar_t>(1));
 }
 
 // Schedule "by kv head" of Note [CPU flash attention].
@@ -313,9 +304,8 @@ void bwd_by_kv_head(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scal
             tile_gemm(true, false, cols, D, rows, acc_t(1), P, BN,
                       row_ptr<scalar_t>(a.dout, b, h, m0), a.dout.ss, acc_t(1),
                       dv_acc.data() + n0 * D, D);
-            tile_gemm(false, false, rows, D, cols, scale, dS, BN,
-                      row_ptr<scalar_t>(a.k, b, hk, n0), a.k.ss, acc_t(1),
-                      dq_acc.data() + m0 * D, D);
+            tile_gemm(false, false, rows, D, cols, scale, dS, BN, row_ptr<scalar_t>(a.k, b, hk, n0),
+                      a.k.ss, acc_t(1), dq_acc.data() + m0 * D, D);
             tile_gemm(true, false, cols, D, rows, scale, dS, BN, q_tile, a.q.ss, acc_t(1),
                       dk_acc.data() + n0 * D, D);
           }
@@ -388,60 +378,61 @@ Problem problem_of(const at::Tensor& q, const at::Tensor& k, bool causal, double
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in,
-                                                     const at::Tensor& k_in,
+// Low-precision inputs run the fp32 kernel on fp32 copies; see Note [Low precision on the CPU].
+at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, bool causal,
                                                      double scale) {
   check_attention_inputs(q_in, k_in, v_in, scale);
-  const at::Tensor q = rows_unit_stride(q_in), k = rows_unit_stride(k_in),
-                   v = rows_unit_stride(v_in);
+  const auto ct = compute_type(q_in.scalar_type());
+  const at::Tensor q = rows_unit_stride(q_in.to(ct)), k = rows_unit_stride(k_in.to(ct)),
+                   v = rows_unit_stride(v_in.to(ct));
   const Problem p = problem_of(q, k, causal, scale);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
-  at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu",
-                                  [&] {
-                                    fwd_kernel<scalar_t>(p, layout_of(q), layout_of(k),
-                                                         layout_of(v), out.data_ptr<scalar_t>(),
-                                                         lse.data_ptr<acc_type<scalar_t>>());
-                                  });
-  return {out, lse};
+  at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "attention_fwd_cpu", [&] {
+    fwd_kernel<scalar_t>(p, layout_of(q), layout_of(k), layout_of(v), out.data_ptr<scalar_t>(),
+                         lse.data_ptr<scalar_t>());
+  });
+  return {out.to(q_in.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out,
-    const at::Tensor& lse_in, bool causal, double scale) {
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse_in,
+    bool causal, double scale) {
   check_attention_backward_inputs(grad_out, grad_lse, q_in, k_in, v_in, out, lse_in, scale);
-  const at::Tensor q = rows_unit_stride(q_in), k = rows_unit_stride(k_in),
-                   v = rows_unit_stride(v_in), dout = rows_unit_stride(grad_out);
+  const auto ct = compute_type(q_in.scalar_type());
+  const at::Tensor q = rows_unit_stride(q_in.to(ct)), k = rows_unit_stride(k_in.to(ct)),
+                   v = rows_unit_stride(v_in.to(ct)), dout = rows_unit_stride(grad_out.to(ct));
   const at::Tensor lse = lse_in.contiguous();
   const Problem p = problem_of(q, k, causal, scale);
   at::Tensor dq = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
   at::Tensor dk = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu",
-                                  [&] {
-                                    using acc_t = acc_type<scalar_t>;
-                                    const at::Tensor delta =
-                                        compute_delta<scalar_t>(grad_out, out, grad_lse);
-                                    const BwdArgs<scalar_t> a{p,
-                                                              layout_of(q),
-                                                              layout_of(k),
-                                                              layout_of(v),
-                                                              layout_of(dout),
-                                                              lse.data_ptr<acc_t>(),
-                                                              delta.data_ptr<acc_t>()};
-                                    auto* dq_p = dq.data_ptr<scalar_t>();
-                                    auto* dk_p = dk.data_ptr<scalar_t>();
-                                    auto* dv_p = dv.data_ptr<scalar_t>();
-                                    if (p.B * p.Hkv >= 2 * at::get_num_threads()) {
-                                      bwd_by_kv_head(a, dq_p, dk_p, dv_p);
-                                    } else {
-                                      bwd_by_tile(a, dq_p, dk_p, dv_p);
-                                    }
-                                  });
-  return {dq, dk, dv};
+  AT_DISPATCH_FLOATING_TYPES(ct, "attention_bwd_cpu", [&] {
+    const at::Tensor delta = compute_delta<scalar_t>(dout, out, grad_lse);
+    const BwdArgs<scalar_t> a{p,
+                              layout_of(q),
+                              layout_of(k),
+                              layout_of(v),
+                              layout_of(dout),
+                              lse.data_ptr<scalar_t>(),
+                              delta.data_ptr<scalar_t>()};
+    auto* dq_p = dq.data_ptr<scalar_t>();
+    auto* dk_p = dk.data_ptr<scalar_t>();
+    auto* dv_p = dv.data_ptr<scalar_t>();
+    if (p.B * p.Hkv >= 2 * at::get_num_threads()) {
+      bwd_by_kv_head(a, dq_p, dk_p, dv_p);
+    } else {
+      bwd_by_tile(a, dq_p, dk_p, dv_p);
+    }
+  });
+  const auto t = q_in.scalar_type();
+  return {dq.to(t), dk.to(t), dv.to(t)};
 }
 
 TORCH_LIBRARY_IMPL(torchlane, CPU, m) {

@@ -1,9 +1,11 @@
 // CUDA implementation of torchlane::attention_fwd / attention_bwd: thin torch glue around the
 // flash kernels of csrc/kernels (fp16/bf16, head dim 64 or 128, sm80+). Compiled only when torch
 // has CUDA (setup.py); never executed in this repository's CI, see the README.
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers), so that
+// tools/cuda_check.py --glue can compile this file with a bare CUDA toolkit.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
@@ -16,9 +18,11 @@ namespace torchlane::attention {
 namespace {
 
 void check_device(const at::Tensor& q) {
-  const auto* props = at::cuda::getDeviceProperties(q.get_device());
-  TORCH_CHECK(props->major >= 8, "torchlane.attention on CUDA needs compute capability 8.0+ ",
-              "(tensor-core mma for fp16/bf16), got ", props->major, ".", props->minor);
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(major >= 8, "torchlane.attention on CUDA needs compute capability 8.0+ ",
+              "(tensor-core mma for fp16/bf16), got ", major, ".", minor);
 }
 
 template <typename F>
@@ -43,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in,
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const auto p = make_fwd_params(q, k, v, out, lse, causal, scale);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), q.size(3), [&](auto e, auto d) {
     C10_CUDA_CHECK((kernels::run_flash_fwd<decltype(e), decltype(d)::value>(p, stream)));
   });
@@ -57,19 +61,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_flash_inputs(q_in, k_in, v_in, scale, "torchlane.attention backward (CUDA)");
   check_attention_backward_inputs(grad_out, grad_lse, q_in, k_in, v_in, out, lse, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  check_device(q_in);
   const at::Tensor q = flash_layout(q_in), k = flash_layout(k_in), v = flash_layout(v_in),
                    dout = flash_layout(grad_out);
   // delta = rowsum(dO * O) - dlse, see Note [Attention op contract].
   at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
-  if (grad_lse.has_value() && grad_lse->defined()) delta.sub_(grad_lse->to(at::kFloat));
+  if (grad_lse.has_value() && grad_lse->defined())
+    delta.sub_(grad_lse->to(at::kFloat));
   delta = delta.contiguous();
   at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const at::Tensor lse_c = lse.contiguous();
-  const auto p =
-      make_bwd_params(dout, q, k, v, out, lse_c, delta, dq_accum, dk, dv, causal, scale);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto p = make_bwd_params(dout, q, k, v, out, lse_c, delta, dq_accum, dk, dv, causal, scale);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), q.size(3), [&](auto e, auto d) {
     C10_CUDA_CHECK((kernels::run_flash_bwd<decltype(e), decltype(d)::value>(p, stream)));
   });

@@ -66,16 +66,14 @@ void dispatch(at::ScalarType t, int64_t d, F&& f) {
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_emulated(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                const at::Tensor& v_in, bool causal,
-                                                double scale) {
+                                                const at::Tensor& v_in, bool causal, double scale) {
   check_flash_inputs(q_in, k_in, v_in, scale, "torchlane._attention_fwd_emulated");
   const at::Tensor q = flash_layout(q_in), k = flash_layout(k_in), v = flash_layout(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const auto p = make_fwd_params(q, k, v, out, lse, causal, scale);
-  dispatch(q.scalar_type(), q.size(3), [&](auto e, auto d) {
-    run_fwd<decltype(e), decltype(d)::value>(p);
-  });
+  dispatch(q.scalar_type(), q.size(3),
+           [&](auto e, auto d) { run_fwd<decltype(e), decltype(d)::value>(p); });
   return {out, lse};
 }
 
@@ -92,11 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_emulated(
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const at::Tensor lse_c = lse.contiguous();
-  const auto p =
-      make_bwd_params(dout, q, k, v, out, lse_c, delta, dq_accum, dk, dv, causal, scale);
-  dispatch(q.scalar_type(), q.size(3), [&](auto e, auto d) {
-    run_bwd<decltype(e), decltype(d)::value>(p);
-  });
+  const auto p = make_bwd_params(dout, q, k, v, out, lse_c, delta, dq_accum, dk, dv, causal, scale);
+  dispatch(q.scalar_type(), q.size(3),
+           [&](auto e, auto d) { run_bwd<decltype(e), decltype(d)::value>(p); });
   return {dq_accum.to(q.scalar_type()), dk, dv};
 }
 

@@ -4,9 +4,9 @@
 // The CPU attention kernel multiplies tiles of Q, K, V that stay in cache (e.g. 64 x 256 x D).
 // at::mm on such tiles costs a dispatcher round trip and a tensor allocation per call, and
 // at::native::cpublas::gemm's fast overloads are not exported from libtorch_cpu. x86 builds of
-// torch link MKL statically and export its BLAS entry points (sgemm_, dgemm_,
-// cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32), so we declare them weak: when present we call
-// them directly (MKL runs single-threaded inside at::parallel_for's OpenMP region); when a torch
+// torch link MKL statically and export its BLAS entry points (sgemm_, dgemm_), so we declare
+// them weak: when present we call them directly (single-threaded, see SingleThreadedBlas); when a
+// torch
 // build lacks them the weak symbols are null and we fall back to at::mm on tensor views of the
 // tiles, which is slower but exact to the same fp32 accumulation.
 
@@ -17,13 +17,6 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
-// MKL's CBLAS_LAYOUT / CBLAS_TRANSPOSE are plain enums with these values.
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
-                            float* c, int ldc) __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
-                          float* c, int ldc) __attribute__((weak));
 // The C entry point; the lower-case symbol is the Fortran one (arguments by pointer).
 int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
@@ -31,14 +24,9 @@ int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 namespace torchlane::attention {
 namespace {
 
-constexpr int kCblasRowMajor = 101;
-constexpr int kCblasNoTrans = 111;
-constexpr int kCblasTrans = 112;
-
 // Strided view of a row-major matrix that is rows x cols with leading dimension ld.
 at::Tensor view_of(const void* p, int64_t rows, int64_t cols, int64_t ld, at::ScalarType t) {
-  return at::from_blob(const_cast<void*>(p), {rows, cols}, {ld, 1},
-                       at::TensorOptions().dtype(t));
+  return at::from_blob(const_cast<void*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(t));
 }
 
 template <typename in_t, typename out_t>
@@ -68,30 +56,21 @@ void fortran_gemm(Fn fn, bool ta, bool tb, int64_t M, int64_t N, int64_t K, T al
   fn(&tra, &trb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
 }
 
-template <typename Fn>
-void cblas_mixed(Fn fn, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
-                 const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
-                 int64_t ldc) {
-  fn(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans,
-     static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha,
-     static_cast<const uint16_t*>(A), static_cast<int>(lda), static_cast<const uint16_t*>(B),
-     static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
-}
-
 }  // namespace
 
 SingleThreadedBlas::SingleThreadedBlas() {
-  if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+  if (MKL_Set_Num_Threads_Local != nullptr)
+    previous_ = MKL_Set_Num_Threads_Local(1);
 }
 
 SingleThreadedBlas::~SingleThreadedBlas() {
   // 0 restores the global setting, which is what a thread starts with.
-  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  if (MKL_Set_Num_Threads_Local != nullptr)
+    MKL_Set_Num_Threads_Local(previous_);
 }
 
 bool tile_gemm_uses_blas() {
-  return sgemm_ != nullptr && dgemm_ != nullptr && cblas_gemm_bf16bf16f32 != nullptr &&
-         cblas_gemm_f16f16f32 != nullptr;
+  return sgemm_ != nullptr && dgemm_ != nullptr;
 }
 
 void tile_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
@@ -107,25 +86,6 @@ void tile_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, 
                int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   if (dgemm_ != nullptr) {
     fortran_gemm<double>(dgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  } else {
-    gemm_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  }
-}
-
-void tile_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
-               const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float beta,
-               float* C, int64_t ldc) {
-  if (cblas_gemm_bf16bf16f32 != nullptr) {
-    cblas_mixed(cblas_gemm_bf16bf16f32, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  } else {
-    gemm_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  }
-}
-
-void tile_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const at::Half* A,
-               int64_t lda, const at::Half* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (cblas_gemm_f16f16f32 != nullptr) {
-    cblas_mixed(cblas_gemm_f16f16f32, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   } else {
     gemm_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }

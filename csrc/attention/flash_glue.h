@@ -29,8 +29,7 @@ inline void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const a
 
 inline kernels::FlashFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v, const at::Tensor& out,
-                                               const at::Tensor& lse, bool causal,
-                                               double scale) {
+                                               const at::Tensor& lse, bool causal, double scale) {
   kernels::FlashFwdParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -57,9 +56,9 @@ inline kernels::FlashFwdParams make_fwd_params(const at::Tensor& q, const at::Te
 inline kernels::FlashBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q,
                                                const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& out, const at::Tensor& lse,
-                                               const at::Tensor& delta,
-                                               const at::Tensor& dq_accum, const at::Tensor& dk,
-                                               const at::Tensor& dv, bool causal, double scale) {
+                                               const at::Tensor& delta, const at::Tensor& dq_accum,
+                                               const at::Tensor& dk, const at::Tensor& dv,
+                                               bool causal, double scale) {
   kernels::FlashBwdParams p{};
   static_cast<kernels::FlashFwdParams&>(p) = make_fwd_params(q, k, v, out, lse, causal, scale);
   p.dout = dout.data_ptr();

@@ -22,7 +22,8 @@ TL_DEVICE void flash_bwd_block(const FlashBwdParams& p, int n_block, int bhk, ch
 
   const int b = bhk / p.h_kv, hk = bhk % p.h_kv, group = p.h / p.h_kv;
   const int n0 = n_block * N;
-  if (n0 >= p.seqlen_k) return;
+  if (n0 >= p.seqlen_k)
+    return;
   const int n_valid = p.seqlen_k - n0 < N ? p.seqlen_k - n0 : N;
   E* sK = reinterpret_cast<E*>(smem);
   E* sV = sK + N * LD;
@@ -47,8 +48,7 @@ TL_DEVICE void flash_bwd_block(const FlashBwdParams& p, int n_block, int bhk, ch
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t row0 = (int64_t(b) * p.h + h) * p.seqlen_q;
     const E* q = static_cast<const E*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-    const E* dout =
-        static_cast<const E*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
+    const E* dout = static_cast<const E*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
     for (int m0 = m_begin; m0 < p.seqlen_q; m0 += M) {
       const int m_valid = p.seqlen_q - m0 < M ? p.seqlen_q - m0 : M;
       Tile::barrier();  // every warp is done with the previous sQ, sdO, sdS

@@ -17,10 +17,11 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
 
   const int b = bh / p.h, h = bh % p.h, hk = h / (p.h / p.h_kv);
   const int m0 = m_block * M;
-  if (m0 >= p.seqlen_q) return;
+  if (m0 >= p.seqlen_q)
+    return;
   const int m_valid = p.seqlen_q - m0 < M ? p.seqlen_q - m0 : M;
-  const E* q = static_cast<const E*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-               m0 * p.q_row_stride;
+  const E* q =
+      static_cast<const E*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
   const E* k = static_cast<const E*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const E* v = static_cast<const E*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   E* sQ = reinterpret_cast<E*>(smem);
@@ -72,8 +73,8 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
     inv_l[sl] = 1.f / l_run[sl];
     lse[sl] = m_run[sl] + Tile::log(l_run[sl]);
   });
-  E* o_ptr = static_cast<E*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
-             m0 * p.o_row_stride;
+  E* o_ptr =
+      static_cast<E*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
   Tile::template store_acc<E>(o_ptr, p.o_row_stride, m_valid, o, inv_l);
   Tile::store_rows(p.lse + (int64_t(b) * p.h + h) * p.seqlen_q + m0, m_valid, lse);
 }

@@ -32,7 +32,8 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(flash_fwd_kernel<Kt>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess)
+      return e;
   }
   const dim3 grid((p.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM, p.b * p.h);
   flash_fwd_kernel<Kt><<<grid, Kt::kNThreads, smem, stream>>>(p);
@@ -46,7 +47,8 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(flash_bwd_kernel<Kt>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess)
+      return e;
   }
   const dim3 grid((p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN, p.b * p.h_kv);
   flash_bwd_kernel<Kt><<<grid, Kt::kNThreads, smem, stream>>>(p);
@@ -57,17 +59,17 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
 
 // One explicit instantiation per .cu file, see DESIGN.md "Compile-time variants, one per file".
 #define TORCHLANE_FLASH_FWD_INSTANTIATION(Element, kHeadDim)                                   \
-  namespace torchlane::kernels {                                                             \
-  template <>                                                                                \
+  namespace torchlane::kernels {                                                               \
+  template <>                                                                                  \
   cudaError_t run_flash_fwd<Element, kHeadDim>(const FlashFwdParams& p, cudaStream_t stream) { \
-    return launch_flash_fwd<FwdTraits<kHeadDim, Element>>(p, stream);                        \
-  }                                                                                          \
+    return launch_flash_fwd<FwdTraits<kHeadDim, Element>>(p, stream);                          \
+  }                                                                                            \
   }
 
 #define TORCHLANE_FLASH_BWD_INSTANTIATION(Element, kHeadDim)                                   \
-  namespace torchlane::kernels {                                                             \
-  template <>                                                                                \
+  namespace torchlane::kernels {                                                               \
+  template <>                                                                                  \
   cudaError_t run_flash_bwd<Element, kHeadDim>(const FlashBwdParams& p, cudaStream_t stream) { \
-    return launch_flash_bwd<BwdTraits<kHeadDim, Element>>(p, stream);                        \
-  }                                                                                          \
+    return launch_flash_bwd<BwdTraits<kHeadDim, Element>>(p, stream);                          \
+  }                                                                                            \
   }

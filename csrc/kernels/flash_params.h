@@ -21,11 +21,11 @@ struct FlashFwdParams {
 };
 
 struct FlashBwdParams : FlashFwdParams {
-  const void* dout;     // like o
-  const float* delta;   // (b, h, seqlen_q): rowsum(dout * o) - dlse, contiguous
-  float* dq_accum;      // (b, h, seqlen_q, d) fp32, contiguous, zero-initialised
-  void* dk;             // (b, h_kv, seqlen_k, d), contiguous
-  void* dv;             // (b, h_kv, seqlen_k, d), contiguous
+  const void* dout;    // like o
+  const float* delta;  // (b, h, seqlen_q): rowsum(dout * o) - dlse, contiguous
+  float* dq_accum;     // (b, h, seqlen_q, d) fp32, contiguous, zero-initialised
+  void* dk;            // (b, h_kv, seqlen_k, d), contiguous
+  void* dv;            // (b, h_kv, seqlen_k, d), contiguous
   int64_t do_batch_stride, do_head_stride, do_row_stride;
 };
 

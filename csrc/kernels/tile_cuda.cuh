@@ -4,9 +4,9 @@
 //
 // Note [mma fragment layout]
 // For mma.m16n8k16 with lane = 4 g + t (g in 0..7, t in 0..3):
-//   A (16 x 16, row-major) a0: (g, 2t..2t+1)  a1: (g+8, 2t..2t+1)  a2: (g, 2t+8..+9)  a3: (g+8, 2t+8..+9)
-//   B (16 x 8, k x n)      b0: (2t..2t+1, g)  b1: (2t+8..2t+9, g)
-//   C (16 x 8, fp32)       c0, c1: (g, 2t), (g, 2t+1)   c2, c3: (g+8, 2t), (g+8, 2t+1)
+//   A (16 x 16, row-major) a0: (g, 2t..2t+1)  a1: (g+8, 2t..2t+1)  a2: (g, 2t+8..+9)  a3: (g+8,
+//   2t+8..+9) B (16 x 8, k x n)      b0: (2t..2t+1, g)  b1: (2t+8..2t+9, g) C (16 x 8, fp32) c0,
+//   c1: (g, 2t), (g, 2t+1)   c2, c3: (g+8, 2t), (g+8, 2t+1)
 // A warp owns a 16-row slab of every accumulator tile: Acc<M, N> holds, per lane, N/8 such C
 // fragments, so a lane holds two rows (g and g+8, RowVec slots 0 and 1) and a row is spread over
 // the four lanes of a quad (row reductions: two xor-shuffles). The C fragments of two adjacent
@@ -118,14 +118,16 @@ struct CudaTile {
     for (int i = threadIdx.x; i < ROWS * kVecsPerRow; i += kThreads) {
       const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * kPerVec;
       uint4 x = make_uint4(0, 0, 0, 0);
-      if (r < valid_rows) x = *reinterpret_cast<const uint4*>(g + r * stride + c);
+      if (r < valid_rows)
+        x = *reinterpret_cast<const uint4*>(g + r * stride + c);
       *reinterpret_cast<uint4*>(s + r * ld + c) = x;
     }
   }
 
   template <int ROWS>
   static TL_DEVICE void load_rows(float* s, const float* g, int valid_rows) {
-    for (int i = threadIdx.x; i < ROWS; i += kThreads) s[i] = i < valid_rows ? g[i] : 0.f;
+    for (int i = threadIdx.x; i < ROWS; i += kThreads)
+      s[i] = i < valid_rows ? g[i] : 0.f;
   }
 
   template <int M, int N>
@@ -133,7 +135,8 @@ struct CudaTile {
 #pragma unroll
     for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) a.v[j][e] = 0.f;
+      for (int e = 0; e < 4; ++e)
+        a.v[j][e] = 0.f;
     }
   }
 
@@ -208,7 +211,8 @@ struct CudaTile {
 #pragma unroll
     for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) f(a.v[j][e], e >> 1, r0 + (e >> 1) * 8, 8 * j + 2 * t + (e & 1));
+      for (int e = 0; e < 4; ++e)
+        f(a.v[j][e], e >> 1, r0 + (e >> 1) * 8, 8 * j + 2 * t + (e & 1));
     }
   }
 
@@ -225,7 +229,8 @@ struct CudaTile {
     for (int sl = 0; sl < 2; ++sl) {
       float m = kNegInf;
 #pragma unroll
-      for (int j = 0; j < N / 8; ++j) m = fmaxf(m, fmaxf(a.v[j][2 * sl], a.v[j][2 * sl + 1]));
+      for (int j = 0; j < N / 8; ++j)
+        m = fmaxf(m, fmaxf(a.v[j][2 * sl], a.v[j][2 * sl + 1]));
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
       out.v[sl] = m;
@@ -238,7 +243,8 @@ struct CudaTile {
     for (int sl = 0; sl < 2; ++sl) {
       float s = 0.f;
 #pragma unroll
-      for (int j = 0; j < N / 8; ++j) s += a.v[j][2 * sl] + a.v[j][2 * sl + 1];
+      for (int j = 0; j < N / 8; ++j)
+        s += a.v[j][2 * sl] + a.v[j][2 * sl + 1];
       s += __shfl_xor_sync(0xffffffffu, s, 1);
       s += __shfl_xor_sync(0xffffffffu, s, 2);
       out.v[sl] = s;
@@ -250,7 +256,8 @@ struct CudaTile {
 #pragma unroll
     for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) a.v[j][e] *= b.v[j][e];
+      for (int e = 0; e < 4; ++e)
+        a.v[j][e] *= b.v[j][e];
     }
   }
 
@@ -259,7 +266,8 @@ struct CudaTile {
 #pragma unroll
     for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) a.v[j][e] *= s.v[e >> 1];
+      for (int e = 0; e < 4; ++e)
+        a.v[j][e] *= s.v[e >> 1];
     }
   }
 
@@ -270,7 +278,8 @@ struct CudaTile {
 #pragma unroll
     for (int sl = 0; sl < 2; ++sl) {
       const int r = r0 + 8 * sl;
-      if (r >= valid_rows) continue;
+      if (r >= valid_rows)
+        continue;
 #pragma unroll
       for (int j = 0; j < N / 8; ++j) {
         E* dst = g + r * stride + 8 * j + c0;
@@ -303,17 +312,21 @@ struct CudaTile {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = r0 + (e >> 1) * 8, c = 8 * j + c0 + (e & 1);
-        if (c < valid_cols) atomicAdd(g + c * stride + r, a.v[j][e] * scale);
+        if (c < valid_cols)
+          atomicAdd(g + c * stride + r, a.v[j][e] * scale);
       }
     }
   }
 
   template <int M>
   static TL_DEVICE void store_rows(float* g, int valid_rows, const RowVec<M>& r) {
-    if ((lane() & 3) != 0) return;
+    if ((lane() & 3) != 0)
+      return;
     const int r0 = warp() * 16 + (lane() >> 2);
-    if (r0 < valid_rows) g[r0] = r.v[0];
-    if (r0 + 8 < valid_rows) g[r0 + 8] = r.v[1];
+    if (r0 < valid_rows)
+      g[r0] = r.v[0];
+    if (r0 + 8 < valid_rows)
+      g[r0 + 8] = r.v[1];
   }
 
   static TL_DEVICE float exp(float x) {

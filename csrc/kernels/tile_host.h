@@ -34,7 +34,8 @@ template <>
 inline HostBf16 from_float<HostBf16>(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  if (std::isnan(f)) return HostBf16{uint16_t(0x7fc0)};
+  if (std::isnan(f))
+    return HostBf16{uint16_t(0x7fc0)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return HostBf16{uint16_t(u >> 16)};
 }
@@ -66,13 +67,15 @@ struct HostTile {
   template <typename E, int ROWS, int COLS>
   static void load_tile(E* s, int ld, const E* g, int64_t stride, int valid_rows) {
     for (int r = 0; r < ROWS; ++r) {
-      for (int c = 0; c < COLS; ++c) s[r * ld + c] = r < valid_rows ? g[r * stride + c] : E{};
+      for (int c = 0; c < COLS; ++c)
+        s[r * ld + c] = r < valid_rows ? g[r * stride + c] : E{};
     }
   }
 
   template <int ROWS>
   static void load_rows(float* s, const float* g, int valid_rows) {
-    for (int r = 0; r < ROWS; ++r) s[r] = r < valid_rows ? g[r] : 0.f;
+    for (int r = 0; r < ROWS; ++r)
+      s[r] = r < valid_rows ? g[r] : 0.f;
   }
 
   template <int M, int N>
@@ -82,7 +85,8 @@ struct HostTile {
 
   template <int M>
   static void fill(RowVec<M>& r, float x) {
-    for (int i = 0; i < M; ++i) r[i] = x;
+    for (int i = 0; i < M; ++i)
+      r[i] = x;
   }
 
   // c += A B^T, A: M x K at sA (leading dimension lda), B: N x K at sB.
@@ -91,7 +95,8 @@ struct HostTile {
     for (int i = 0; i < M; ++i) {
       for (int j = 0; j < N; ++j) {
         float s = 0.f;
-        for (int k = 0; k < K; ++k) s += to_float(sA[i * lda + k]) * to_float(sB[j * ldb + k]);
+        for (int k = 0; k < K; ++k)
+          s += to_float(sA[i * lda + k]) * to_float(sB[j * ldb + k]);
         c.v[i][j] += s;
       }
     }
@@ -102,10 +107,12 @@ struct HostTile {
   static void gemm_pv(Acc<M, N>& c, const Acc<M, K>& p, const E* sB, int ldb) {
     for (int i = 0; i < M; ++i) {
       float pr[K];
-      for (int k = 0; k < K; ++k) pr[k] = to_float(from_float<E>(p.v[i][k]));
+      for (int k = 0; k < K; ++k)
+        pr[k] = to_float(from_float<E>(p.v[i][k]));
       for (int j = 0; j < N; ++j) {
         float s = 0.f;
-        for (int k = 0; k < K; ++k) s += pr[k] * to_float(sB[k * ldb + j]);
+        for (int k = 0; k < K; ++k)
+          s += pr[k] * to_float(sB[k * ldb + j]);
         c.v[i][j] += s;
       }
     }
@@ -117,7 +124,8 @@ struct HostTile {
     for (int i = 0; i < M; ++i) {
       for (int j = 0; j < N; ++j) {
         float s = 0.f;
-        for (int k = 0; k < K; ++k) s += to_float(sA[k * lda + i]) * to_float(sB[k * ldb + j]);
+        for (int k = 0; k < K; ++k)
+          s += to_float(sA[k * lda + i]) * to_float(sB[k * ldb + j]);
         c.v[i][j] += s;
       }
     }
@@ -127,21 +135,24 @@ struct HostTile {
   template <int M, int N, typename F>
   static void for_each(Acc<M, N>& a, F&& f) {
     for (int i = 0; i < M; ++i) {
-      for (int j = 0; j < N; ++j) f(a.v[i][j], i, i, j);
+      for (int j = 0; j < N; ++j)
+        f(a.v[i][j], i, i, j);
     }
   }
 
   // f(int slot, int row) for every row of an M-row tile.
   template <int M, typename F>
   static void for_each_row(F&& f) {
-    for (int i = 0; i < M; ++i) f(i, i);
+    for (int i = 0; i < M; ++i)
+      f(i, i);
   }
 
   template <int M, int N>
   static void row_max(const Acc<M, N>& a, RowVec<M>& out) {
     for (int i = 0; i < M; ++i) {
       float m = kNegInf;
-      for (int j = 0; j < N; ++j) m = std::fmax(m, a.v[i][j]);
+      for (int j = 0; j < N; ++j)
+        m = std::fmax(m, a.v[i][j]);
       out[i] = m;
     }
   }
@@ -150,7 +161,8 @@ struct HostTile {
   static void row_sum(const Acc<M, N>& a, RowVec<M>& out) {
     for (int i = 0; i < M; ++i) {
       float s = 0.f;
-      for (int j = 0; j < N; ++j) s += a.v[i][j];
+      for (int j = 0; j < N; ++j)
+        s += a.v[i][j];
       out[i] = s;
     }
   }
@@ -159,14 +171,16 @@ struct HostTile {
   template <int M, int N>
   static void mul(Acc<M, N>& a, const Acc<M, N>& b) {
     for (int i = 0; i < M; ++i) {
-      for (int j = 0; j < N; ++j) a.v[i][j] *= b.v[i][j];
+      for (int j = 0; j < N; ++j)
+        a.v[i][j] *= b.v[i][j];
     }
   }
 
   template <int M, int N>
   static void scale_rows(Acc<M, N>& a, const RowVec<M>& s) {
     for (int i = 0; i < M; ++i) {
-      for (int j = 0; j < N; ++j) a.v[i][j] *= s[i];
+      for (int j = 0; j < N; ++j)
+        a.v[i][j] *= s[i];
     }
   }
 
@@ -175,7 +189,8 @@ struct HostTile {
   static void store_acc(E* g, int64_t stride, int valid_rows, const Acc<M, N>& a,
                         const RowVec<M>& row_scale) {
     for (int i = 0; i < M && i < valid_rows; ++i) {
-      for (int j = 0; j < N; ++j) g[i * stride + j] = from_float<E>(a.v[i][j] * row_scale[i]);
+      for (int j = 0; j < N; ++j)
+        g[i * stride + j] = from_float<E>(a.v[i][j] * row_scale[i]);
     }
   }
 
@@ -183,7 +198,8 @@ struct HostTile {
   template <typename E, int M, int N>
   static void store_acc_shared(E* s, int ld, const Acc<M, N>& a) {
     for (int i = 0; i < M; ++i) {
-      for (int j = 0; j < N; ++j) s[i * ld + j] = from_float<E>(a.v[i][j]);
+      for (int j = 0; j < N; ++j)
+        s[i * ld + j] = from_float<E>(a.v[i][j]);
     }
   }
 
@@ -192,13 +208,15 @@ struct HostTile {
   static void atomic_add_acc_transposed(float* g, int64_t stride, int valid_cols,
                                         const Acc<M, N>& a, float scale) {
     for (int i = 0; i < M; ++i) {
-      for (int j = 0; j < N && j < valid_cols; ++j) g[j * stride + i] += a.v[i][j] * scale;
+      for (int j = 0; j < N && j < valid_cols; ++j)
+        g[j * stride + i] += a.v[i][j] * scale;
     }
   }
 
   template <int M>
   static void store_rows(float* g, int valid_rows, const RowVec<M>& r) {
-    for (int i = 0; i < M && i < valid_rows; ++i) g[i] = r[i];
+    for (int i = 0; i < M && i < valid_rows; ++i)
+      g[i] = r[i];
   }
 
   static float exp(float x) {

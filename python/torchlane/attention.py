@@ -43,7 +43,9 @@ def attention(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"torchlane.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(
+                f"torchlane.attention: {name} must be a torch.Tensor, got {type(t).__name__}"
+            )
     if not isinstance(causal, bool):
         raise TypeError(f"torchlane.attention: causal must be a bool, got {type(causal).__name__}")
     if scale is None:
@@ -51,7 +53,9 @@ def attention(
             _check_inputs(q, k, v, 1.0)  # raises the rank error
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"torchlane.attention: scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(
+            f"torchlane.attention: scale must be a float or None, got {type(scale).__name__}"
+        )
     out, lse = torch.ops.torchlane.attention_fwd(q, k, v, causal, float(scale))
     return (out, lse) if return_lse else out
 
@@ -62,7 +66,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_inputs(q, k, v, scale):
     """The C++ checks of csrc/attention/attention_checks.cpp, for fake tensors."""
-    for name, t, layout in (("q", q, "(B, H, Sq, D)"), ("k", k, "(B, Hkv, Sk, D)"), ("v", v, "(B, Hkv, Sk, D)")):
+    for name, t, layout in (
+        ("q", q, "(B, H, Sq, D)"),
+        ("k", k, "(B, Hkv, Sk, D)"),
+        ("v", v, "(B, Hkv, Sk, D)"),
+    ):
         if t.dim() != 4:
             raise ValueError(
                 f"torchlane.attention: {name} must be a 4-D tensor {layout}, got a {t.dim()}-D "
@@ -75,20 +83,34 @@ def _check_inputs(q, k, v, scale):
         )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"torchlane.attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+            raise TypeError(
+                f"torchlane.attention: {name} must have q's dtype {q.dtype}, got {t.dtype}"
+            )
         if t.device != q.device:
-            raise ValueError(f"torchlane.attention: {name} must be on q's device {q.device}, got {t.device}")
+            raise ValueError(
+                f"torchlane.attention: {name} must be on q's device {q.device}, got {t.device}"
+            )
     B, H, _, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"torchlane.attention: k and v must have q's batch size {B}, got k {k.shape[0]} and v {v.shape[0]}")
+        raise ValueError(
+            f"torchlane.attention: k and v must have q's batch size {B}, got k {k.shape[0]} and v {v.shape[0]}"
+        )
     if k.shape[3] != D or v.shape[3] != D:
-        raise ValueError(f"torchlane.attention: k and v must have q's head dim D={D}, got k {k.shape[3]} and v {v.shape[3]}")
+        raise ValueError(
+            f"torchlane.attention: k and v must have q's head dim D={D}, got k {k.shape[3]} and v {v.shape[3]}"
+        )
     if v.shape[1] != k.shape[1]:
-        raise ValueError(f"torchlane.attention: v must have k's number of heads {k.shape[1]}, got {v.shape[1]}")
+        raise ValueError(
+            f"torchlane.attention: v must have k's number of heads {k.shape[1]}, got {v.shape[1]}"
+        )
     if v.shape[2] != k.shape[2]:
-        raise ValueError(f"torchlane.attention: v must have k's sequence length Sk={k.shape[2]}, got {v.shape[2]}")
+        raise ValueError(
+            f"torchlane.attention: v must have k's sequence length Sk={k.shape[2]}, got {v.shape[2]}"
+        )
     if min(q.shape) == 0 or k.shape[1] == 0 or k.shape[2] == 0:
-        raise ValueError(f"torchlane.attention: q, k and v must have no empty dimension, got q {list(q.shape)}, k {list(k.shape)}")
+        raise ValueError(
+            f"torchlane.attention: q, k and v must have no empty dimension, got q {list(q.shape)}, k {list(k.shape)}"
+        )
     if H % k.shape[1] != 0:
         raise ValueError(
             f"torchlane.attention: the number of query heads H={H} (q.size(1)) must be a multiple "

@@ -41,11 +41,17 @@ class MultiheadSelfAttention(nn.Module):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if n_head <= 0 or embed_dim % n_head != 0:
-            raise ValueError(f"MultiheadSelfAttention: embed_dim={embed_dim} must be a positive multiple of n_head={n_head}")
+            raise ValueError(
+                f"MultiheadSelfAttention: embed_dim={embed_dim} must be a positive multiple of n_head={n_head}"
+            )
         if n_kv_head <= 0 or n_head % n_kv_head != 0:
-            raise ValueError(f"MultiheadSelfAttention: n_head={n_head} must be a multiple of n_kv_head={n_kv_head}")
+            raise ValueError(
+                f"MultiheadSelfAttention: n_head={n_head} must be a multiple of n_kv_head={n_kv_head}"
+            )
         if backend not in _BACKENDS:
-            raise ValueError(f"MultiheadSelfAttention: backend must be one of {_BACKENDS}, got {backend!r}")
+            raise ValueError(
+                f"MultiheadSelfAttention: backend must be one of {_BACKENDS}, got {backend!r}"
+            )
         self.embed_dim, self.n_head, self.n_kv_head = embed_dim, n_head, n_kv_head
         self.head_dim = embed_dim // n_head
         self.causal = causal
