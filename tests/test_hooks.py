@@ -371,3 +371,15 @@ def _bucket_job(rank, world):
 def test_hooks_on_buckets_match_float64_references():
     results = dist.run(_bucket_job, world_size=WORLD)
     print("worst relative errors per rank:", results)
+
+
+def test_topk_compress_sends_nan_and_inf_first():
+    grad = torch.tensor([1.0, float("nan"), -2.0, float("-inf"), 0.5])
+    res = torch.zeros(5)
+    values, indices = torch.ops.torchlane.topk_compress_(res, grad, 3)
+    assert indices.tolist() == [1, 2, 3]
+    assert values[0].isnan() and values[1] == -2.0 and values[2] == float("-inf")
+    assert res.tolist() == [1.0, 0.0, 0.0, 0.0, 0.5]
+    nan = torch.full((4,), float("nan"))
+    values, indices = torch.ops.torchlane.topk_compress_(torch.zeros(4), nan, 2)
+    assert indices.tolist() == [0, 1]
