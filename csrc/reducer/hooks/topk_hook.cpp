@@ -1,5 +1,7 @@
 #include "reducer/hooks/topk_hook.hpp"
 
+#include "reducer/hooks/allreduce_mean.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -186,7 +188,12 @@ at::Tensor TopKHook::residual(int64_t bucket_index) const {
 
 c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& bucket) {
   at::Tensor buffer = bucket.getBufferRef();
-  check_floating(buffer, "topk hook", "the bucket buffer");
+  if (!is_float_or_double(buffer)) {
+    TORCH_WARN_ONCE("torchlane topk hook: buckets of dtype ", buffer.scalar_type(),
+                    " are all-reduced uncompressed; top-k compresses float32/float64 buckets");
+    count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
+    return allreduce_mean(process_group_, buffer);
+  }
   const auto index = static_cast<int64_t>(bucket.getIndex());
   const int64_t n = buffer.numel();
   const int64_t k = topk_count(n, ratio_);
