@@ -121,6 +121,7 @@ TORCH_CASES = [
     ("unused", {"find_unused_parameters": True}, "unused_output:dataclass"),
     ("mlp", {}, "hook_fp16"),
     ("mixed", {}, "plain"),
+    ("reordered", {"verify_layout": True}, "plain"),
 ]
 
 
@@ -218,3 +219,22 @@ def test_first_bucket_launched_before_backward_ends():
         assert events[0]["launch_ms"] < events[-1]["ready_ms"] <= stats["backward_end_ms"]
         assert all(e["launch_ms"] <= e["done_ms"] <= stats["comm_end_ms"] + 1e-6 for e in events)
         assert profiled, "no torchlane::allreduce_bucket range in the profiler trace"
+
+
+# ---- non-finite gradients ----
+
+
+@pytest.mark.parametrize("as_view", [False, True])
+def test_check_finite_skips_the_same_step_on_every_rank(as_view):
+    for flags, diff in dist.run(ddp_cases.nonfinite, 2, args=(as_view,)):
+        assert flags == [True, True, False, True]
+        assert diff == 0.0
+
+
+def test_verify_layout_names_missing_parameters_on_every_rank():
+    for kind, text in dist.run(ddp_cases.layout_mismatch, 2, pg_timeout=30):
+        assert kind == "RuntimeError"
+        assert "rank 1 got no gradient for: b.weight, b.bias" in text or (
+            "rank 1 got no gradient for: b.bias, b.weight" in text
+        )
+        assert "rank 0 got no gradient" not in text
