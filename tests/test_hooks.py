@@ -330,8 +330,16 @@ def _check_errors(rank, world, pg):
         _C._run_comm_hook(hook, torch.zeros(10), 0, 1, [torch.empty(3)])
     with pytest.raises(RuntimeError, match="index must be in"):
         _C._run_comm_hook(hook, torch.zeros(3), 1, 1, [torch.empty(3)])
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        _C._run_comm_hook(hook, torch.zeros(3).half(), 0, 1, [torch.empty(3)])
+    # Buckets of a dtype the hook does not compress are all-reduced uncompressed (mean).
+    psgd = _C.PowerSGDHook(pg, 1, 0, 0.0, False, False, 0.0, 0)
+    for h in (hook, psgd):
+        local = torch.arange(12.0).view(3, 4).add(rank).bfloat16()
+        got = _C._run_comm_hook(h, local.reshape(-1).clone(), 0, 1, [torch.empty(3, 4)])
+        expected = torch.arange(12.0) + (world - 1) / 2  # mean over ranks of arange + rank
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=0)
+        assert h.take_bytes_sent() == 12 * 2
+    assert psgd.iter == 1
     with pytest.raises(ValueError, match="ratio"):
         _C.TopKHook(pg, 0.0)
     with pytest.raises(ValueError, match="wire_dtype"):
@@ -371,3 +379,15 @@ def _bucket_job(rank, world):
 def test_hooks_on_buckets_match_float64_references():
     results = dist.run(_bucket_job, world_size=WORLD)
     print("worst relative errors per rank:", results)
+
+
+def test_topk_compress_sends_nan_and_inf_first():
+    grad = torch.tensor([1.0, float("nan"), -2.0, float("-inf"), 0.5])
+    res = torch.zeros(5)
+    values, indices = torch.ops.torchlane.topk_compress_(res, grad, 3)
+    assert indices.tolist() == [1, 2, 3]
+    assert values[0].isnan() and values[1] == -2.0 and values[2] == float("-inf")
+    assert res.tolist() == [1.0, 0.0, 0.0, 0.0, 0.5]
+    nan = torch.full((4,), float("nan"))
+    values, indices = torch.ops.torchlane.topk_compress_(torch.zeros(4), nan, 2)
+    assert indices.tolist() == [0, 1]

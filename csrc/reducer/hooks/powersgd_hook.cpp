@@ -1,5 +1,7 @@
 #include "reducer/hooks/powersgd_hook.hpp"
 
+#include "reducer/hooks/allreduce_mean.hpp"
+
 #include <cmath>
 #include <map>
 #include <utility>
@@ -214,15 +216,8 @@ void PowerSGDHook::maybe_increase_iter(const c10d::GradBucket& bucket) {
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::allreduce_mean(at::Tensor buffer) {
-  buffer.div_(process_group_->getSize());
   count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
-  std::vector<at::Tensor> tensors{buffer};
-  return process_group_->allreduce(tensors)->getFuture()->then(
-      [buffer](c10::ivalue::Future& done) {
-        done.value();  // rethrows a communication error
-        return c10::IValue(buffer);
-      },
-      c10::TensorType::get());
+  return hooks::allreduce_mean(process_group_, std::move(buffer));
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::runHook(c10d::GradBucket& bucket) {
@@ -232,9 +227,12 @@ c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::runHook(c10d::GradBucket& 
     maybe_increase_iter(bucket);
     return allreduce_mean(buffer);
   }
-  TORCH_CHECK(buffer.scalar_type() == at::kFloat || buffer.scalar_type() == at::kDouble,
-              "powersgd hook: the bucket buffer must be float32 or float64, got ",
-              buffer.scalar_type());
+  if (!is_float_or_double(buffer)) {
+    TORCH_WARN_ONCE("torchlane powersgd hook: buckets of dtype ", buffer.scalar_type(),
+                    " are all-reduced uncompressed; PowerSGD compresses float32/float64 buckets");
+    maybe_increase_iter(bucket);
+    return allreduce_mean(buffer);
+  }
   const auto index = static_cast<int64_t>(bucket.getIndex());
   const int64_t world = process_group_->getSize();
   const int64_t n = buffer.numel();

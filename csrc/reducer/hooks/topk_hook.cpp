@@ -1,8 +1,11 @@
 #include "reducer/hooks/topk_hook.hpp"
 
+#include "reducer/hooks/allreduce_mean.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include <torch/library.h>
@@ -28,13 +31,20 @@ namespace torchlane::hooks {
 
 namespace {
 
+// A NaN ranks above every number (as in torch.topk), so it is sent and shows up in the result
+// as it would after a plain all-reduce, instead of corrupting the selection.
+template <typename T>
+T magnitude_of(T v) {
+  return std::isnan(v) ? std::numeric_limits<T>::infinity() : std::abs(v);
+}
+
 template <typename T>
 void topk_compress_cpu(const T* grad, T* residual, int64_t n, int64_t k, int32_t* idx_out,
                        T* val_out) {
   std::vector<T> magnitude(n);
   for (int64_t i = 0; i < n; ++i) {
     residual[i] += grad[i];
-    magnitude[i] = std::abs(residual[i]);
+    magnitude[i] = magnitude_of(residual[i]);
   }
   // Threshold = the k-th largest magnitude; take everything above it, then entries equal to it in
   // index order until k are taken, so the choice is deterministic and indices come out sorted.
@@ -48,7 +58,7 @@ void topk_compress_cpu(const T* grad, T* residual, int64_t n, int64_t k, int32_t
   int64_t ties_left = k - above;
   int64_t taken = 0;
   for (int64_t i = 0; i < n && taken < k; ++i) {
-    const T m = std::abs(residual[i]);
+    const T m = magnitude_of(residual[i]);
     const bool take = m > threshold || (m == threshold && ties_left > 0);
     if (take) {
       ties_left -= !(m > threshold);
@@ -178,7 +188,12 @@ at::Tensor TopKHook::residual(int64_t bucket_index) const {
 
 c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& bucket) {
   at::Tensor buffer = bucket.getBufferRef();
-  check_floating(buffer, "topk hook", "the bucket buffer");
+  if (!is_float_or_double(buffer)) {
+    TORCH_WARN_ONCE("torchlane topk hook: buckets of dtype ", buffer.scalar_type(),
+                    " are all-reduced uncompressed; top-k compresses float32/float64 buckets");
+    count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
+    return allreduce_mean(process_group_, buffer);
+  }
   const auto index = static_cast<int64_t>(bucket.getIndex());
   const int64_t n = buffer.numel();
   const int64_t k = topk_count(n, ratio_);
