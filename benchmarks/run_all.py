@@ -128,8 +128,6 @@ def commands(quick, hooks=HOOKS):
                 *rh,
                 "--json",
                 f"benchmarks/results/ddp_link{LINK_MBIT}_n4.json",
-                "--base",
-                "benchmarks/results/ddp_size_50M.json",
             ],
         )
     )
