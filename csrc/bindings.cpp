@@ -92,7 +92,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,
                        c10::intrusive_ptr<c10d::ProcessGroup> pg, int64_t bucket_cap_bytes,
                        int64_t first_bucket_cap_bytes, bool find_unused,
-                       bool gradient_as_bucket_view, bool static_graph, bool check_finite) {
+                       bool gradient_as_bucket_view, bool static_graph, bool check_finite,
+                       bool verify_layout) {
              torchlane::ReducerOptions options;
              options.bucket_cap_bytes = bucket_cap_bytes;
              options.first_bucket_cap_bytes = first_bucket_cap_bytes;
@@ -100,13 +101,15 @@ PYBIND11_MODULE(_C, m) {
              options.gradient_as_bucket_view = gradient_as_bucket_view;
              options.static_graph = static_graph;
              options.check_finite = check_finite;
+             options.verify_layout = verify_layout;
              return std::make_unique<Reducer>(std::move(params), std::move(names), std::move(pg),
                                               options);
            }),
            py::arg("params"), py::arg("param_names"), py::arg("process_group"),
            py::arg("bucket_cap_bytes"), py::arg("first_bucket_cap_bytes"),
            py::arg("find_unused_parameters"), py::arg("gradient_as_bucket_view"),
-           py::arg("static_graph"), py::arg("check_finite") = false)
+           py::arg("static_graph"), py::arg("check_finite") = false,
+           py::arg("verify_layout") = false)
       .def("prepare_for_forward", &Reducer::prepare_for_forward)
       .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"))
       .def("rebuild_buckets", &Reducer::rebuild_buckets,
@@ -121,6 +124,8 @@ PYBIND11_MODULE(_C, m) {
                  std::make_shared<c10d::PythonCommHook>(std::move(state), std::move(hook)));
            })
       .def_property_readonly("grads_finite", &Reducer::grads_finite)
+      .def("run_zero_allreduces", &Reducer::run_zero_allreduces,
+           py::call_guard<py::gil_scoped_release>())
       .def("buckets", &buckets_to_list)
       .def("stats", &stats_to_dict)
       .def_property_readonly("world_size", &Reducer::world_size);

@@ -26,6 +26,7 @@ struct ReducerOptions {
   bool gradient_as_bucket_view = false;
   bool static_graph = false;
   bool check_finite = false;
+  bool verify_layout = false;  // Note [Layout verification]
 };
 
 // One flat buffer holding the gradients of several parameters of one dtype and device.
@@ -82,6 +83,8 @@ class Reducer {
   // Rebuilds buckets from the first iteration's gradient-ready order; returns true if it did.
   bool rebuild_buckets();
   void register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook);
+  // Shadows one synchronised backward of the other ranks after this one joined (Note [Join]).
+  void run_zero_allreduces();
   // Queues finalize_backward on the running graph task, once per backward.
   void queue_finalize();
   // The end-of-backward work: waits for every bucket and writes `.grad`.
@@ -111,6 +114,7 @@ class Reducer {
   void publish_stats();
   void find_unused_parameters(const std::vector<at::Tensor>& outputs);
   bool tracks_usage() const;
+  void verify_layout_across_ranks();
   std::vector<std::string> unready_parameter_names_locked() const;
   void initialize_buckets(const std::vector<std::vector<int64_t>>& assignment);
   void reset_iteration_state();
@@ -141,6 +145,7 @@ class Reducer {
   bool expect_hooks_ = false;      // a synchronised backward is expected
   bool backward_started_ = false;  // the first hook of this backward has run
   bool finalize_queued_ = false;   // finalize_backward is queued on a graph task
+  bool layout_verified_ = false;   // Note [Layout verification] done for this iteration
   bool require_finalize_ = false;  // reduction started but not finished
   size_t next_bucket_ = 0;
   std::vector<char> ready_;

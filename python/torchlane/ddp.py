@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.nn import Module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -86,7 +88,35 @@ _DTYPES = (
 )
 
 
-class DistributedDataParallel(Module):
+class _JoinHook(JoinHook):
+    """Lets a rank that ran out of data shadow the collectives of the others (Note [Join])."""
+
+    def __init__(self, ddp, divide_by_initial_world_size):
+        if not divide_by_initial_world_size:
+            raise ValueError(
+                "torchlane.DistributedDataParallel supports Join only with "
+                "divide_by_initial_world_size=True (gradients averaged over the initial world size)"
+            )
+        self.ddp = ddp
+
+    def main_hook(self):
+        ddp = self.ddp
+        ddp._reducer.rebuild_buckets()
+        if ddp._will_sync_buffers():
+            ddp._sync_buffers_from_common_rank(active=False)
+        sync = ddp._global_grad_sync_flag(active=False)
+        ddp.require_forward_param_sync = sync
+        if sync:
+            ddp._reducer.run_zero_allreduces()
+
+    def post_hook(self, is_last_joiner: bool):
+        ddp = self.ddp
+        src = ddp._common_rank(is_last_joiner)
+        tensors = [p.detach() for _, p in ddp.module.named_parameters()] + ddp._module_buffers()
+        ddp._broadcast(tensors, src=src)
+
+
+class DistributedDataParallel(Module, Joinable):
     """Data parallelism at the module level, with torch DDP's arguments and behaviour.
 
     Gradients are packed into size-capped buckets (``bucket_cap_mb``, the first bucket capped at
@@ -94,8 +124,11 @@ class DistributedDataParallel(Module):
     gradient is ready, so communication overlaps the rest of the backward pass. See the README
     for the differences from ``torch.nn.parallel.DistributedDataParallel``.
 
-    torchlane-only keyword: ``check_finite=True`` checks the reduced gradients for NaN/Inf while
-    writing them back (see ``grads_finite``).
+    torchlane-only keywords: ``check_finite=True`` checks the reduced gradients for NaN/Inf while
+    writing them back (see ``grads_finite``); ``verify_layout=True`` (default: on when
+    ``TORCH_DISTRIBUTED_DEBUG=DETAIL``) checks at every step, before reducing, that all ranks have
+    gradients for the same parameters and the same bucket layout, and otherwise raises on every
+    rank naming what each rank is missing (it gives up overlapping communication with backward).
     """
 
     def __init__(
@@ -119,8 +152,10 @@ class DistributedDataParallel(Module):
         skip_all_reduce_unused_params: bool = False,
         *,
         check_finite: bool = False,
+        verify_layout: bool | None = None,
     ):
         super().__init__()
+        Joinable.__init__(self)
         if not isinstance(module, Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         for name, value in (
@@ -181,6 +216,8 @@ class DistributedDataParallel(Module):
                 "DistributedDataParallel is not needed when a module doesn't have any parameter "
                 "that requires a gradient."
             )
+        if verify_layout is None:
+            verify_layout = os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() == "DETAIL"
         self._param_names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self._set_devices(device_ids, output_device)
@@ -199,8 +236,10 @@ class DistributedDataParallel(Module):
             gradient_as_bucket_view,
             static_graph,
             check_finite,
+            verify_layout,
         )
         self.check_finite = check_finite
+        self.verify_layout = verify_layout
         self._comm_hook = None
 
     # ---- construction helpers ----
@@ -253,11 +292,11 @@ class DistributedDataParallel(Module):
     def _comm_device(self):
         return self._params[0].device
 
-    def _broadcast(self, tensors):
+    def _broadcast(self, tensors, src=0):
         tensors = [t for t in tensors if t.numel() > 0]
         if tensors:
             with torch.no_grad():
-                _C.broadcast_coalesced(self.process_group, tensors, self.broadcast_bucket_size, 0)
+                _C.broadcast_coalesced(self.process_group, tensors, self.broadcast_bucket_size, src)
 
     def _verify_params_across_ranks(self):
         """Every rank must hold the same parameters (names' order, shapes, dtypes). Raises on every
@@ -306,13 +345,22 @@ class DistributedDataParallel(Module):
     def forward(self, *inputs, **kwargs):
         with torch.autograd.profiler.record_function("torchlane.DistributedDataParallel.forward"):
             grad_sync = torch.is_grad_enabled() and self.require_backward_grad_sync
+            join_enabled = self._join_config.enable
             if torch.is_grad_enabled():
                 # Raises if the previous reduction never finished; with no_sync() too, so the
                 # hooks of a non-synchronised backward are never taken for a synchronised one.
                 self._reducer.prepare_for_forward()
+            if join_enabled:
+                Join.notify_join_context(self)
+            if torch.is_grad_enabled():
                 self._reducer.rebuild_buckets()
             if self._will_sync_buffers():
-                self._broadcast(self._module_buffers())
+                if join_enabled:
+                    self._sync_buffers_from_common_rank(active=True)
+                else:
+                    self._broadcast(self._module_buffers())
+            if join_enabled:
+                self._global_grad_sync_flag(active=True)
             if self.device_ids:
                 device = torch.device(self._params[0].device.type, self.device_ids[0])
                 inputs, kwargs = _move_to(inputs, device), _move_to(kwargs, device)
@@ -326,6 +374,47 @@ class DistributedDataParallel(Module):
             else:
                 self.require_forward_param_sync = False
             return output
+
+    # ---- uneven inputs (torch.distributed.algorithms.join) ----
+
+    def join(self, divide_by_initial_world_size=True, enable=True, throw_on_early_termination=False):
+        """Context manager for ranks with different numbers of batches, as torch DDP's."""
+        return Join(
+            [self],
+            enable,
+            throw_on_early_termination,
+            divide_by_initial_world_size=divide_by_initial_world_size,
+        )
+
+    def join_hook(self, **kwargs):
+        return _JoinHook(self, kwargs.get("divide_by_initial_world_size", True))
+
+    @property
+    def join_device(self):
+        return self._comm_device()
+
+    @property
+    def join_process_group(self):
+        return self.process_group
+
+    def _common_rank(self, candidate: bool) -> int:
+        """The highest rank for which `candidate` holds (all ranks call this together)."""
+        me = dist.get_rank(self.process_group)
+        t = torch.tensor([me if candidate else -1], device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return int(t.item())
+
+    def _sync_buffers_from_common_rank(self, active: bool):
+        # Rank 0 may have joined already and hold stale buffers: take them from an active rank.
+        src = self._common_rank(active)
+        self._broadcast(self._module_buffers(), src=src)
+
+    def _global_grad_sync_flag(self, active: bool) -> bool:
+        """Whether any active rank synchronises gradients in this iteration."""
+        flag = int(active and self.require_backward_grad_sync)
+        t = torch.tensor([flag], device=self._comm_device())
+        dist.all_reduce(t, group=self.process_group)
+        return bool(t.item())
 
     @contextmanager
     def no_sync(self):

@@ -1,0 +1,87 @@
+"""Uneven inputs: ranks with fewer batches join early and shadow the others' collectives
+(torch's Join context manager), so training finishes without a hang and with the same result
+as torch DDP's Join and as a single-process computation of the same updates.
+"""
+
+import pickle
+
+import dist
+import pytest
+import torch
+import torchlane
+from torch.distributed.algorithms.join import Join
+
+BATCHES = (5, 2)  # per rank: rank 1 runs out of data after 2 steps
+WORLD = len(BATCHES)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _batch(rank, i):
+    g = torch.Generator().manual_seed(1000 * rank + i)
+    return torch.randn(4, 6, generator=g)
+
+
+def _train_with_join(cls, rank):
+    model = cls(_net(), bucket_cap_mb=0.0005)  # several buckets
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with Join([model]):
+        for i in range(BATCHES[rank]):
+            opt.zero_grad()
+            model(_batch(rank, i)).square().sum().backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def _uneven(rank, world, impls):
+    out = {}
+    for impl in impls:
+        cls = (
+            torch.nn.parallel.DistributedDataParallel
+            if impl == "torch"
+            else torchlane.DistributedDataParallel
+        )
+        out[impl] = _train_with_join(cls, rank)
+    return pickle.dumps(out)
+
+
+def _single_process_reference():
+    """Step i: the gradient summed over the ranks that still have batch i, divided by the
+    initial world size (torch DDP's Join default, divide_by_initial_world_size=True); the
+    joined ranks end with the final model of the rank that ran longest."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for i in range(max(BATCHES)):
+        opt.zero_grad()
+        for rank in range(WORLD):
+            if i < BATCHES[rank]:
+                (model(_batch(rank, i)).square().sum() / WORLD).backward()
+        opt.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("impl", ["torch", "torchlane"])
+def test_join_with_uneven_inputs(impl):
+    impls = ["torch"]
+    if impl == "torchlane":
+        if not hasattr(torchlane, "DistributedDataParallel"):
+            pytest.skip("torchlane.DistributedDataParallel is not built into this tree")
+        impls.append("torchlane")
+    results = [
+        pickle.loads(r) for r in dist.run(_uneven, world_size=WORLD, args=(impls,), pg_timeout=30)
+    ]
+    reference = _single_process_reference()
+    for rank, res in enumerate(results):
+        for name, value in reference.items():
+            got = res[impl][name]
+            assert torch.allclose(got, value, rtol=1e-5, atol=1e-6), (
+                impl,
+                rank,
+                name,
+                (got - value).abs().max(),
+            )
+            # torchlane against torch DDP's Join in the same processes
+            assert torch.allclose(got, res["torch"][name], rtol=1e-6, atol=1e-7), (rank, name)
