@@ -369,12 +369,12 @@ def report(log, quick):
                     h["hook"],
                     fmt(h["bare_ms"]),
                     fmt(nohook),
-                    fmt(h["torch_ms"] if h["hook"] not in ("none", "topk") else None),
+                    fmt(h["torch_ms"] if h["hook"] != "topk" else None),
                     fmt(h["torchlane_ms"]),
                     fmt(
                         nohook / h["torchlane_ms"] if nohook and h["torchlane_ms"] else None, ".2f"
                     ),
-                    fmt(h["ratio"] if h["hook"] not in ("none", "topk") else None, ".3f"),
+                    fmt(h["ratio"] if h["hook"] != "topk" else None, ".3f"),
                     cmd_of(f"ddp_link{LINK_MBIT}_n2_hook-{h['hook']}.json"),
                 ]
             )
