@@ -232,7 +232,7 @@ def plot_scale_model(result, path):
             color = COLORS.get(v["variant"], "k")
             ax2.scatter(v["measured_ms"], v["predicted_ms"], marker=marker, color=color)
             ax2.annotate(
-                f"N={v['world_size']} {v['hook']}",
+                f"N={v['world_size']} {v['hook']} {v['bucket_cap_mb']:g}MB",
                 (v["measured_ms"], v["predicted_ms"]),
                 fontsize=7,
             )
