@@ -59,6 +59,7 @@ def plot_attention(result, path):
                 ax.plot(seqs, ys, "o-", color=color, label=label)
         ax.set(xscale="log", xlabel="sequence length", ylabel="GFLOP/s (median)")
         ax.set_xticks(seqs, [str(s) for s in seqs])
+        ax.minorticks_off()
         ax.set_title(
             f"{title}: {result['device']} {result['dtype']}, B={result['batch']} H={result['heads']} "
             f"D={result['head_dim']}{' causal' if result['causal'] else ''}, {result['threads']} thread(s)",
