@@ -236,6 +236,13 @@ def report(log, quick):
         "",
     ]
 
+    codes = {}
+    for name, entry in log.items():
+        if entry.get("code"):
+            codes.setdefault(entry["code"], []).append(name)
+    for code, names in codes.items():
+        md += [f"Measured with {code}: {', '.join(sorted(names))}.", ""]
+
     d = load("ddp_loopback_n2.json")
     if d:
         md += [
@@ -450,12 +457,22 @@ def report(log, quick):
         if s["validation"]:
             md += [
                 md_table(
-                    ["N", "link", "hook", "variant", "measured ms", "predicted ms", "error"],
+                    [
+                        "N",
+                        "link",
+                        "hook",
+                        "bucket MB",
+                        "variant",
+                        "measured ms",
+                        "predicted ms",
+                        "error",
+                    ],
                     [
                         [
                             v["world_size"],
                             f"{v['link_mbit']:g} Mbit/s",
                             v["hook"],
+                            fmt(v["bucket_cap_mb"], "g"),
                             v["variant"],
                             fmt(v["measured_ms"]),
                             fmt(v["predicted_ms"]),
