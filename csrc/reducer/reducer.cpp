@@ -409,6 +409,28 @@ void Reducer::launch_bucket(size_t b) {
   bucket.future->addCallback([done](c10::ivalue::Future&) { done->store(now_ns()); });
 }
 
+// Future::wait() returns normally when the future completed with an error (a peer died, the
+// process group timed out): the error has to be fetched and raised here, or a failed all-reduce
+// would pass for a finished one. The iteration is abandoned so the next forward does not also
+// report unreduced parameters.
+void Reducer::wait_or_throw(c10::ivalue::Future& future, const std::string& what) {
+  std::string error;
+  try {
+    future.wait();
+    if (future.hasError()) {
+      error = future.tryRetrieveErrorMessage();
+    }
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  if (!error.empty()) {
+    require_finalize_ = false;
+    expect_hooks_ = false;
+    TORCH_CHECK(false, "torchlane DDP: the all-reduce of ", what,
+                " failed while waiting for the other ranks: ", error);
+  }
+}
+
 std::string Reducer::describe_bucket(size_t b) const {
   const auto& bucket = buckets_[b];
   std::ostringstream out;
@@ -450,17 +472,12 @@ void Reducer::finalize_backward() {
   }
   expect_hooks_ = false;
   for (size_t b = 0; b < buckets_.size(); ++b) {
-    try {
-      buckets_[b].future->wait();
-      buckets_[b].wait_ns = now_ns();
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "torchlane DDP: the all-reduce of ", describe_bucket(b),
-                  " failed while waiting for the other ranks: ", e.what());
-    }
+    wait_or_throw(*buckets_[b].future, describe_bucket(b));
+    buckets_[b].wait_ns = now_ns();
   }
   comm_end_ns_ = now_ns();
   if (local_used_future_) {
-    local_used_future_->wait();
+    wait_or_throw(*local_used_future_, "the unused-parameter flags");
     auto used = local_used_result_.to(at::kCPU);
     const auto* flags = used.data_ptr<int32_t>();
     for (size_t i = 0; i < params_.size(); ++i) {
@@ -713,8 +730,9 @@ void Reducer::run_zero_allreduces() {
                                               params_.front().options().dtype(at::kInt))};
     futures.push_back(process_group_->allreduce(tensors)->getFuture());
   }
-  for (auto& future : futures) {
-    future->wait();
+  for (size_t i = 0; i < futures.size(); ++i) {
+    wait_or_throw(*futures[i], i < buckets_.size() ? describe_bucket(i) + " (joined rank)"
+                                                   : std::string("the unused-parameter flags"));
   }
 }
 

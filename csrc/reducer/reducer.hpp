@@ -119,6 +119,7 @@ class Reducer {
   void initialize_buckets(const std::vector<std::vector<int64_t>>& assignment);
   void reset_iteration_state();
   std::string describe_bucket(size_t b) const;
+  void wait_or_throw(c10::ivalue::Future& future, const std::string& what);
 
   std::vector<at::Tensor> params_;
   std::vector<std::string> param_names_;

@@ -4,6 +4,8 @@
     out = torchlane.attention(q, k, v, causal=True)       # fused flash-style attention
 """
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from torchlane import _C  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without a build
@@ -16,4 +18,7 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
 
 __version__ = "0.1.0"
 
-from torchlane.ddp import DistributedDataParallel  # noqa: E402
+# One line per concept, each module owning its part of the API.
+from torchlane import checkpoint, hooks, nn  # noqa: E402, F401
+from torchlane.attention import attention  # noqa: E402, F401
+from torchlane.ddp import DistributedDataParallel  # noqa: E402, F401

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from contextlib import contextmanager
 from typing import Any
@@ -190,8 +191,8 @@ class DistributedDataParallel(Module, Joinable):
             bucket_cap_mb = _DEFAULT_BUCKET_CAP_MB
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
             raise TypeError(f"bucket_cap_mb must be a number, got {bucket_cap_mb!r}")
-        if not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        if not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
+            raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb}")
 
         self.module = module
         self.process_group = process_group

@@ -1,0 +1,590 @@
+"""Crash-safe checkpoints for data-parallel training.
+
+    from torchlane import checkpoint
+
+    info = checkpoint.load("ckpt/", model, optimizer, scheduler=scheduler)   # None on a fresh start
+    start = info.step + 1 if info else 0
+    for step in range(start, num_steps):
+        ...
+        if step % 100 == 0:
+            checkpoint.save("ckpt/", model, optimizer, step, data_position=i, scheduler=scheduler)
+
+Every rank calls `save` and `load` (they are collectives when a process group is initialised).
+
+Note [Checkpoint file]
+A checkpoint is one ordinary `torch.save` file, `<dir>/ckpt-<step>.pt`, readable with
+`torch.load(f, weights_only=True)`. Its "model" entry is the state_dict of the *unwrapped*
+model (no `module.` prefix), so it loads into a bare model. Rank 0 writes it to a temporary file
+in the same directory, fsyncs it, renames it into place and fsyncs the directory: the newest
+`ckpt-*.pt` is always complete, whatever moment the job dies at. Only the last `keep_last`
+checkpoints are kept. The file carries a SHA-256 digest of its own content ("checksum"), which
+`load` recomputes: a truncated or bit-flipped file is detected instead of loaded.
+
+Note [Checkpoint RNG state]
+Each rank has its own random streams (dropout, data augmentation), so `save` gathers every
+rank's torch (and CUDA), numpy and Python RNG states to rank 0, packed into one uint8 tensor
+per rank (tensors on the wire, never pickles), and `load` gives each rank its own back. That
+and the optimizer state are what make "train 20 steps" and "train 10, save, restart, load,
+train 10" bitwise identical on the CPU. RNG streams the library cannot see (a DataLoader's own
+torch.Generator, for instance) belong in `**extra`.
+
+Note [Checkpoint agreement]
+`save` first checks that all ranks hold the same model state (a digest compared across ranks):
+replicas that diverged are an error, not something to checkpoint silently. `load` lets rank 0
+choose the file, every rank reads it, and the ranks compare the digests of what they read; all
+ranks load the same bytes or all of them raise.
+"""
+
+import dataclasses
+import hashlib
+import os
+import random
+import re
+import tempfile
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is a dependency, but its RNG is optional
+    np = None
+
+__all__ = ["Checkpoint", "CheckpointError", "save", "load", "read", "list_checkpoints"]
+
+FORMAT = "torchlane.checkpoint/1"
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, read or verified."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What `load` restored besides the model, optimizer and stateful extras."""
+
+    path: str
+    step: int
+    data_position: Any
+    extra: dict
+
+
+def checkpoint_path(directory, step):
+    return os.path.join(os.fspath(directory), f"ckpt-{step:010d}.pt")
+
+
+def list_checkpoints(directory):
+    """(step, path) of every checkpoint in `directory`, oldest first ([] if it does not exist)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = _NAME.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def save(
+    path,
+    model,
+    optimizer,
+    step,
+    *,
+    data_position=None,
+    keep_last=3,
+    process_group=None,
+    verify_replicas=True,
+    **extra,
+):
+    """Write a checkpoint of `model`, `optimizer`, `step` and every rank's RNG state.
+
+    path: checkpoint directory (created if needed); the file is `<path>/ckpt-<step>.pt`.
+    model: the module, bare or wrapped in (torchlane or torch) DistributedDataParallel.
+    optimizer: a torch.optim.Optimizer or None.
+    data_position: anything describing where the data stream is (epoch, batch index, ...).
+    keep_last: keep only this many newest checkpoints in `path` (None keeps all).
+    extra: more state to save under its keyword: objects with a `state_dict()` method (an LR
+        scheduler, a GradScaler) are saved through it and restored by passing the same keyword
+        to `load`; anything else (tensors, numbers, strings, lists, dicts of those) is saved
+        as-is and returned in `Checkpoint.extra`.
+    Returns the path of the written file on every rank.
+    """
+    _check_step(step)
+    if keep_last is not None and (
+        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
+    ):
+        raise ValueError(
+            f"checkpoint.save: keep_last must be None or an int >= 1, got {keep_last!r}"
+        )
+    module = _unwrap(model, "checkpoint.save")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"checkpoint.save: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    pg, rank, world = _group(process_group)
+
+    model_state = _cpu(module.state_dict())
+    if verify_replicas and world > 1:
+        _check_replicas_agree(model_state, pg, rank, world)
+    rngs = _gather_rng_states(pg, rank, world)  # collective: before any rank-0-only work
+    target = checkpoint_path(path, step)
+
+    error = None
+    if rank == 0:
+        try:
+            state = {
+                "format": FORMAT,
+                "step": int(step),
+                "world_size": world,
+                "torch_version": str(torch.__version__),
+                "model": model_state,
+                "optimizer": _cpu(optimizer.state_dict()) if optimizer is not None else None,
+                "data_position": data_position,
+                "extra": {k: _extra_state(k, v) for k, v in extra.items()},
+                "rng": rngs,
+            }
+            # Also rejects values that torch.load(weights_only=True) would refuse to load back.
+            state["checksum"] = _digest(state, where="checkpoint")
+            _write_atomically(os.fspath(path), target, state)
+            if keep_last is not None:
+                for _, old in list_checkpoints(path)[:-keep_last]:
+                    os.remove(old)
+        except BaseException as e:  # noqa: B036 - the other ranks must learn about any failure
+            error = e
+    if world > 1:
+        flag = torch.tensor([1 if error is not None else 0], dtype=torch.int64)
+        dist.broadcast(flag, src=_global_rank(pg, 0), group=pg)
+        if rank != 0 and flag.item():
+            raise CheckpointError(
+                f"rank 0 failed to write checkpoint {target} (see rank 0's error)"
+            )
+    if error is not None:
+        raise error
+    return target
+
+
+def _write_atomically(directory, target, state):
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):  # leftovers of a writer that died mid-write
+        if name.startswith(".ckpt-") and name.endswith(".tmp"):
+            os.remove(os.path.join(directory, name))
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _extra_state(name, value):
+    state_dict = getattr(value, "state_dict", None)
+    return state_dict() if callable(state_dict) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def read(path):
+    """Read and verify one checkpoint file; returns its dict. Raises CheckpointError if corrupt."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint file {path} cannot be loaded (corrupt, truncated or not a weights-only "
+            "checkpoint): "
+            f"{type(e).__name__}: {_first_line(e)}"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint file {path} is not a torchlane checkpoint ({FORMAT})")
+    expected = state.pop("checksum", None)
+    actual = _digest(state)
+    if expected != actual:
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt: its content checksum is {actual}, "
+            f"the checksum stored in it is {expected}"
+        )
+    state["checksum"] = actual
+    return state
+
+
+def load(
+    path,
+    model,
+    optimizer=None,
+    *,
+    fallback=False,
+    strict=True,
+    restore_rng=True,
+    process_group=None,
+    **stateful,
+):
+    """Load the newest checkpoint in directory `path` (or the file `path`) on every rank.
+
+    Restores the model (bare or DDP-wrapped), the optimizer, this rank's RNG states and every
+    keyword object in `stateful` (by `load_state_dict`, matching the keyword given to `save`).
+    fallback: if the newest checkpoint is corrupt or truncated, warn and try the previous one
+        instead of raising.
+    Returns a Checkpoint (step, data_position, extra), or None when `path` is a directory
+    holding no checkpoint (a fresh start).
+    """
+    module = _unwrap(model, "checkpoint.load")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"checkpoint.load: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    for name, obj in stateful.items():
+        if not callable(getattr(obj, "load_state_dict", None)):
+            raise TypeError(
+                f"checkpoint.load: keyword argument {name!r} must have a load_state_dict() method, "
+                f"got {type(obj).__name__}"
+            )
+    pg, rank, world = _group(process_group)
+    path = os.fspath(path)
+    is_dir = not os.path.isfile(path) and (os.path.isdir(path) or not path.endswith(".pt"))
+    if not is_dir:
+        directory = os.path.dirname(path) or "."
+    else:
+        directory = path
+
+    # Rank 0 picks the candidates (newest first) and the others follow it. See Note [Checkpoint agreement].
+    candidates = []
+    if rank == 0:
+        if is_dir:
+            candidates = [p for _, p in reversed(list_checkpoints(directory))]
+        elif os.path.isfile(path):
+            candidates = [path]
+            m = _NAME.match(os.path.basename(path))
+            if fallback and m:
+                candidates += [
+                    p for s, p in reversed(list_checkpoints(directory)) if s < int(m.group(1))
+                ]
+    failures = []
+    for i in range(len(candidates) + 1 if rank == 0 else 2**62):
+        file = _choose(
+            candidates[i] if i < len(candidates) else None, pg, rank, world, path, directory
+        )
+        if file is None:
+            break
+        state, local_error = None, None
+        try:
+            state = read(file)
+        except (CheckpointError, FileNotFoundError) as e:
+            local_error = e
+        bad_ranks, digests = _compare(state, pg, world)
+        if not bad_ranks and len(set(digests)) == 1:
+            return _apply(
+                state, file, module, optimizer, stateful, strict, restore_rng, rank, world
+            )
+        if not bad_ranks:
+            raise CheckpointError(
+                f"ranks read different contents for checkpoint {file} (content checksums by rank: "
+                f"{digests}); every rank must see the same file"
+            )
+        why = f"checkpoint file {file} could not be read on ranks {bad_ranks}"
+        if local_error is not None:
+            why = f"{local_error} (failed on ranks {bad_ranks})"
+        failures.append(why)
+        if not fallback:
+            raise CheckpointError(
+                f"{why}; pass fallback=True to load the previous checkpoint instead"
+            ) from local_error
+        warnings.warn(
+            f"checkpoint.load: {why}; falling back to the previous checkpoint", stacklevel=2
+        )
+    if failures:
+        raise CheckpointError("no readable checkpoint in " + directory + ": " + "; ".join(failures))
+    if not is_dir:
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    return None
+
+
+def _choose(candidate, pg, rank, world, given, directory):
+    """Rank 0's next candidate file (None: no more), agreed by every rank."""
+    if world == 1:
+        return candidate
+    # A candidate is sent as its step number, so that no path (or pickle) crosses the wire.
+    code = torch.tensor([-1], dtype=torch.int64)
+    if rank == 0 and candidate is not None:
+        m = _NAME.match(os.path.basename(candidate))
+        code[0] = int(m.group(1)) if m else -2
+    dist.broadcast(code, src=_global_rank(pg, 0), group=pg)
+    c = int(code.item())
+    if rank == 0:
+        return candidate
+    return None if c == -1 else given if c == -2 else checkpoint_path(directory, c)
+
+
+def _compare(state, pg, world):
+    """All-gather (readable, content digest) across ranks: (ranks that failed, digests by rank)."""
+    local = torch.zeros(1 + 32, dtype=torch.uint8)
+    if state is not None:
+        local[0] = 1
+        local[1:] = torch.frombuffer(bytearray(bytes.fromhex(state["checksum"])), dtype=torch.uint8)
+    if world == 1:
+        rows = [local]
+    else:
+        rows = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(rows, local, group=pg)
+    bad = [r for r, row in enumerate(rows) if row[0] == 0]
+    return bad, [bytes(row[1:].tolist()).hex()[:16] for row in rows]
+
+
+def _apply(state, file, module, optimizer, stateful, strict, restore_rng, rank, world):
+    model_state = state["model"]
+    consume_prefix_in_state_dict_if_present(model_state, "module.")
+    module.load_state_dict(model_state, strict=strict)
+    if optimizer is not None:
+        if state["optimizer"] is None:
+            raise CheckpointError(
+                f"checkpoint {file} holds no optimizer state, but an optimizer was passed"
+            )
+        optimizer.load_state_dict(state["optimizer"])
+    for name, obj in stateful.items():
+        if name not in state["extra"]:
+            raise CheckpointError(
+                f"checkpoint {file} holds no state for {name!r}; it holds {sorted(state['extra'])}"
+            )
+        obj.load_state_dict(state["extra"][name])
+    if restore_rng:
+        if state["world_size"] == world:
+            _set_rng_state(state["rng"][rank])
+        else:
+            warnings.warn(
+                f"checkpoint {file} was written by {state['world_size']} ranks and is loaded by {world}: "
+                "RNG states are not restored",
+                stacklevel=3,
+            )
+    extra = {k: v for k, v in state["extra"].items() if k not in stateful}
+    return Checkpoint(
+        path=file, step=state["step"], data_position=state["data_position"], extra=extra
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states. See Note [Checkpoint RNG state].
+
+
+def _get_rng_state():
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        assert kind == "MT19937"
+        rng["numpy"] = {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "meta": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
+        }
+    version, internal, gauss_next = random.getstate()
+    rng["python"] = {
+        "version": version,
+        "state": torch.tensor(internal, dtype=torch.int64),
+        "gauss": torch.tensor([gauss_next is not None, gauss_next or 0.0], dtype=torch.float64),
+    }
+    return rng
+
+
+def _set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng and np is not None:
+        pos, has_gauss, cached = rng["numpy"]["meta"].tolist()
+        keys = rng["numpy"]["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), cached))
+    py = rng["python"]
+    has, gauss = py["gauss"].tolist()
+    random.setstate((py["version"], tuple(py["state"].tolist()), gauss if has else None))
+
+
+def _tensors(obj):
+    """The tensors of a nested RNG-state structure, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x)]
+    return []
+
+
+def _rebuild(obj, flat, offset):
+    """`obj` with its tensors replaced by the bytes in `flat` starting at offset[0]."""
+    if isinstance(obj, torch.Tensor):
+        n = obj.numel() * obj.element_size()
+        out = flat[offset[0] : offset[0] + n].clone().view(obj.dtype).reshape(obj.shape)
+        offset[0] += n
+        return out
+    if isinstance(obj, dict):
+        return {k: _rebuild(obj[k], flat, offset) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rebuild(x, flat, offset) for x in obj)
+    return obj
+
+
+def _gather_rng_states(pg, rank, world):
+    local = _get_rng_state()
+    if world == 1:
+        return [local]
+    flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in _tensors(local)])
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([flat.numel()], dtype=torch.int64), group=pg)
+    if len({int(s) for s in sizes}) != 1:
+        raise CheckpointError(
+            f"checkpoint.save: ranks have RNG states of different sizes {[int(s) for s in sizes]} "
+            "(different CUDA device counts or library versions?)"
+        )
+    rows = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(rows, flat, group=pg)
+    # Every rank has the same structure (same libraries), so rank 0 unpacks the others' bytes
+    # with its own layout.
+    return [_rebuild(local, row, [0]) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_step(step):
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint.save: step must be an int >= 0, got {step!r}")
+
+
+def _unwrap(model, where):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "DistributedDataParallel" and isinstance(
+            getattr(model, "module", None), torch.nn.Module
+        ):
+            model = model.module  # torchlane.DistributedDataParallel
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def _group(process_group):
+    if not dist.is_available() or not dist.is_initialized():
+        if process_group is not None:
+            raise ValueError(
+                "checkpoint: process_group was given but torch.distributed is not initialized"
+            )
+        return None, 0, 1
+    pg = process_group if process_group is not None else dist.group.WORLD
+    return pg, dist.get_rank(pg), dist.get_world_size(pg)
+
+
+def _global_rank(pg, group_rank):
+    return (
+        dist.get_global_rank(pg, group_rank)
+        if pg is not None and pg is not dist.group.WORLD
+        else group_rank
+    )
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj.detach()
+    if isinstance(obj, OrderedDict):
+        out = OrderedDict((k, _cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # module versions, read by _load_from_state_dict
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(_cpu(v) for v in obj)
+    return obj
+
+
+def _check_replicas_agree(model_state, pg, rank, world):
+    local = torch.frombuffer(bytearray(bytes.fromhex(_digest(model_state))), dtype=torch.uint8)
+    rows = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(rows, local, group=pg)
+    differ = [r for r, row in enumerate(rows) if not torch.equal(row, rows[0])]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint.save: the model replicas differ between ranks (ranks {differ} differ from "
+            "rank 0); nothing was written"
+        )
+
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _digest(obj, where=None):
+    """SHA-256 of a nested structure of tensors and plain values, independent of memory layout.
+
+    With `where`, raises TypeError naming the first value that is not such a structure (those
+    are exactly the values `torch.load(weights_only=True)` would refuse to load back).
+    """
+    h = hashlib.sha256()
+    _feed(h, obj, where or "value")
+    return h.hexdigest()
+
+
+def _feed(h, obj, where):
+    if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided or obj.is_quantized:
+            raise TypeError(
+                f"checkpoint: {where} is a {obj.layout} tensor; only dense tensors are supported"
+            )
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif type(obj) in (dict, OrderedDict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _feed(h, k, f"{where} key {k!r}")
+            _feed(h, v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple, torch.Size):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for i, v in enumerate(obj):
+            _feed(h, v, f"{where}[{i}]")
+    elif type(obj) in _SCALARS:  # exact types: subclasses are pickled as their own class
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(
+            f"checkpoint: {where} has type {type(obj).__name__}, which a weights_only checkpoint cannot "
+            "hold; save tensors, numbers, strings, lists, tuples and dicts of those (or an object "
+            "with a state_dict() method)"
+        )
+
+
+def _first_line(e):
+    lines = [line.strip() for line in str(e).strip().splitlines()]
+    for line in lines:
+        if "WeightsUnpickler error" in line:
+            return line
+    return lines[0] if lines and lines[0] else repr(e)
