@@ -59,6 +59,7 @@ def plot_attention(result, path):
                 ax.plot(seqs, ys, "o-", color=color, label=label)
         ax.set(xscale="log", xlabel="sequence length", ylabel="GFLOP/s (median)")
         ax.set_xticks(seqs, [str(s) for s in seqs])
+        ax.minorticks_off()
         ax.set_title(
             f"{title}: {result['device']} {result['dtype']}, B={result['batch']} H={result['heads']} "
             f"D={result['head_dim']}{' causal' if result['causal'] else ''}, {result['threads']} thread(s)",
@@ -232,7 +233,7 @@ def plot_scale_model(result, path):
             color = COLORS.get(v["variant"], "k")
             ax2.scatter(v["measured_ms"], v["predicted_ms"], marker=marker, color=color)
             ax2.annotate(
-                f"N={v['world_size']} {v['hook']}",
+                f"N={v['world_size']} {v['hook']} {v['bucket_cap_mb']:g}MB",
                 (v["measured_ms"], v["predicted_ms"]),
                 fontsize=7,
             )

@@ -70,7 +70,11 @@ def parse_args(argv=None):
     a("--eval-batches", type=int, default=8)
     a("--ckpt-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     a("--out-dir", default="runs/train_gpt")
-    a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    a(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in <out-dir>/checkpoints",
+    )
     a(
         "--stop-at",
         type=int,
@@ -238,30 +242,61 @@ def evaluate(raw_model, val_tokens, args, device, world):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path, raw_model, optimizer, step, batches, args, best_val):
-    state = {
-        "model": raw_model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "data": batches.state(),
-        "config": raw_model.cfg.to_dict(),
-        "args": vars(args),
-        "best_val": best_val,
-        "torch_rng": torch.get_rng_state(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint behind
+def _checkpoint_module():
+    try:
+        from torchlane import checkpoint
+    except ImportError:
+        return None
+    return checkpoint
 
 
-def load_checkpoint(path, raw_model, optimizer, batches):
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    raw_model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    batches.load_state(state["data"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"], state.get("best_val")
+def save_checkpoint(ckpt_dir, raw_model, optimizer, step, batches, best_val, rank):
+    """Every rank calls this. torchlane.checkpoint when available (crash-safe file per step,
+    every rank's RNG state, replicas checked to agree); otherwise rank 0 writes a plain
+    torch.save file, renamed into place so a crash never leaves a truncated checkpoint."""
+    best = float("nan") if best_val is None else float(best_val)
+    ck = _checkpoint_module()
+    if ck is not None:
+        return ck.save(
+            ckpt_dir, raw_model, optimizer, step, data_position=batches.state(), best_val=best
+        )
+    path = Path(ckpt_dir) / "last.pt"
+    if rank == 0:
+        state = {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "data_position": batches.state(),
+            "best_val": best,
+            "torch_rng": torch.get_rng_state(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def load_checkpoint(ckpt_dir, raw_model, optimizer, batches):
+    """(step, best_val) of the newest checkpoint in ckpt_dir, restored into the model, optimizer
+    and data position; None when there is none."""
+    ck = _checkpoint_module()
+    if ck is not None:
+        info = ck.load(ckpt_dir, raw_model, optimizer)
+        if info is None:
+            return None
+        step, position, best = info.step, info.data_position, info.extra.get("best_val")
+    else:
+        path = Path(ckpt_dir) / "last.pt"
+        if not path.exists():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step, position, best = state["step"], state["data_position"], state["best_val"]
+    batches.load_state(position)
+    return step, (None if best is None or math.isnan(best) else best)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -343,12 +378,13 @@ def main(argv=None):
     raw_model = GPT(cfg).to(device)
     optimizer = make_optimizer(raw_model, args)
     out_dir = Path(args.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
+    ckpt_dir = out_dir / "checkpoints"
     step, best_val = 0, None
     if args.resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        step, best_val = load_checkpoint(ckpt_path, raw_model, optimizer, batches)
+        loaded = load_checkpoint(ckpt_dir, raw_model, optimizer, batches)
+        if loaded is None:
+            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        step, best_val = loaded
     model = wrap_ddp(raw_model, args, device) if world > 1 else raw_model
 
     log = JsonLog(out_dir / "log.jsonl", rank, append=args.resume)
@@ -381,6 +417,7 @@ def main(argv=None):
         log(type="val", step=step, val_loss=val)
     t_run = time.perf_counter()
     stop = min(args.max_steps, args.stop_at or args.max_steps)
+    ckpt_file = None
     while step < stop:
         t0 = time.perf_counter()
         lr = lr_at(step, args)
@@ -417,8 +454,10 @@ def main(argv=None):
             best_val = val if best_val is None else min(best_val, val)
             progress.write(f"step {step:5d}  val loss {val:.4f}")
             log(type="val", step=step, val_loss=val)
-        if rank == 0 and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop):
-            save_checkpoint(ckpt_path, raw_model, optimizer, step, batches, args, best_val)
+        if (args.ckpt_every and step % args.ckpt_every == 0) or step == stop:
+            ckpt_file = save_checkpoint(
+                ckpt_dir, raw_model, optimizer, step, batches, best_val, rank
+            )
     progress.close()
     elapsed = time.perf_counter() - t_run
 
@@ -431,7 +470,7 @@ def main(argv=None):
         log(type="sample", step=step, text=text)
         log(type="summary", step=step, best_val_loss=best_val, train_seconds=elapsed)
         print(
-            f"done: {step} steps, best val loss {best_val:.4f}, log {out_dir / 'log.jsonl'}, checkpoint {ckpt_path}"
+            f"done: {step} steps, best val loss {best_val:.4f}, log {out_dir / 'log.jsonl'}, checkpoint {ckpt_file}"
         )
     log.close()
     if world > 1:
