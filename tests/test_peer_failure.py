@@ -6,6 +6,7 @@ after the process group's timeout for a hung one, with torchlane naming the buck
 """
 
 import os
+import pickle
 import re
 import signal
 import time
@@ -97,7 +98,7 @@ def _run_rank0(impl, how):
         rank, ok, value = queue.get(timeout=120)
         assert ok, value
         assert rank == 0
-        return value, procs[1]
+        return pickle.loads(value), procs[1]  # dist._worker sends its result pickled
     finally:
         for p in procs:
             p.join(timeout=1 if p is procs[0] else 0)
