@@ -4,10 +4,16 @@
 #include <torch/csrc/distributed/c10d/python_comm_hook.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include "reducer/bucket_plan.hpp"
 #include "reducer/comm_hook.hpp"
 #include "reducer/reducer.hpp"
+// ---- gradient compression hooks (issue 4) ----
+#include "reducer/hooks/cast_hook.hpp"
+#include "reducer/hooks/powersgd_hook.hpp"
+#include "reducer/hooks/topk_hook.hpp"
+// ---- end gradient compression hooks ----
 
 namespace py = pybind11;
 
@@ -55,6 +61,141 @@ py::list buckets_to_list(const Reducer& reducer) {
 
 }  // namespace
 
+// ---- gradient compression hooks (issue 4) ----
+namespace {
+
+py::object tensor_or_none(const at::Tensor& t) {
+  return t.defined() ? py::cast(t.clone()) : py::none();
+}
+
+// Runs `hook` on a bucket built from `buffer` (the parameters' gradients laid out back to back)
+// and waits for its result: lets tests and Python-side callers use a C++ hook without a reducer.
+at::Tensor run_comm_hook(const std::shared_ptr<torchlane::CommHook>& hook, at::Tensor buffer,
+                         int64_t index, int64_t bucket_count, std::vector<at::Tensor> params) {
+  TORCH_CHECK(hook, "_run_comm_hook: hook must not be None");
+  TORCH_CHECK(buffer.dim() == 1 && buffer.is_contiguous(),
+              "_run_comm_hook: buffer must be a contiguous 1-D tensor, got shape ", buffer.sizes());
+  TORCH_CHECK(bucket_count >= 1 && index >= 0 && index < bucket_count,
+              "_run_comm_hook: index must be in [0, bucket_count), got index ", index,
+              " and bucket_count ", bucket_count);
+  std::vector<size_t> offsets, lengths;
+  std::vector<c10::IntArrayRef> sizes;
+  size_t offset = 0;
+  for (const auto& p : params) {
+    offsets.push_back(offset);
+    lengths.push_back(p.numel());
+    sizes.push_back(p.sizes());
+    offset += p.numel();
+  }
+  TORCH_CHECK(static_cast<int64_t>(offset) == buffer.numel(), "_run_comm_hook: params hold ",
+              offset, " elements but buffer has ", buffer.numel());
+  c10d::GradBucket bucket(index, bucket_count, buffer, offsets, lengths, sizes, params,
+                          std::nullopt);
+  c10::intrusive_ptr<c10::ivalue::Future> fut;
+  {
+    py::gil_scoped_release no_gil;
+    fut = hook->runHook(bucket);
+    fut->wait();
+  }
+  at::Tensor result = hook->parseHookResult(fut->value());
+  TORCH_CHECK(result.numel() == buffer.numel(), "comm hook ", hook->name(), " returned ",
+              result.numel(), " elements for a bucket of ", buffer.numel());
+  return result;
+}
+
+at::ScalarType wire_dtype_from_name(const std::string& name) {
+  if (name == "float16" || name == "fp16") {
+    return at::kHalf;
+  }
+  TORCH_CHECK_VALUE(name == "bfloat16" || name == "bf16",
+              "CastCompressHook: wire_dtype must be 'float16' or 'bfloat16', got '", name, "'");
+  return at::kBFloat16;
+}
+
+void bind_compression_hooks(py::module_& m) {
+  using torchlane::CommHook;
+  namespace h = torchlane::hooks;
+  py::class_<h::CastCompressHook, CommHook, std::shared_ptr<h::CastCompressHook>>(
+      m, "CastCompressHook")
+      .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> pg, const std::string& wire) {
+             return std::make_shared<h::CastCompressHook>(std::move(pg),
+                                                          wire_dtype_from_name(wire));
+           }),
+           py::arg("process_group"), py::arg("wire_dtype"));
+
+  py::class_<h::PowerSGDHook, CommHook, std::shared_ptr<h::PowerSGDHook>>(m, "PowerSGDHook")
+      .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> pg, int64_t rank,
+                       int64_t start_powerSGD_iter, double min_compression_rate,
+                       bool use_error_feedback, bool warm_start, double orthogonalization_epsilon,
+                       uint64_t random_seed) {
+             h::PowerSGDOptions o;
+             o.rank = rank;
+             o.start_iter = start_powerSGD_iter;
+             o.min_compression_rate = min_compression_rate;
+             o.use_error_feedback = use_error_feedback;
+             o.warm_start = warm_start;
+             o.epsilon = orthogonalization_epsilon;
+             o.seed = random_seed;
+             return std::make_shared<h::PowerSGDHook>(std::move(pg), o);
+           }),
+           py::arg("process_group"), py::arg("rank"), py::arg("start_powerSGD_iter"),
+           py::arg("min_compression_rate"), py::arg("use_error_feedback"), py::arg("warm_start"),
+           py::arg("orthogonalization_epsilon"), py::arg("random_seed"))
+      .def_property_readonly("iter", &h::PowerSGDHook::iter)
+      .def("compression_stats", &h::PowerSGDHook::compression_stats)
+      .def("_memory", [](const h::PowerSGDHook& hook, int64_t bucket_index) {
+        auto [p, q, e] = hook.memory(bucket_index);
+        return py::make_tuple(tensor_or_none(p), tensor_or_none(q), tensor_or_none(e));
+      });
+
+  py::class_<h::TopKHook, CommHook, std::shared_ptr<h::TopKHook>>(m, "TopKHook")
+      .def(py::init<c10::intrusive_ptr<c10d::ProcessGroup>, double>(), py::arg("process_group"),
+           py::arg("ratio"))
+      .def_property_readonly("ratio", &h::TopKHook::ratio)
+      .def("_residual", [](const h::TopKHook& hook, int64_t bucket_index) {
+        return tensor_or_none(hook.residual(bucket_index));
+      });
+
+  m.def("_run_comm_hook", &run_comm_hook, py::arg("hook"), py::arg("buffer"), py::arg("index"),
+        py::arg("bucket_count"), py::arg("params"));
+  m.def("_topk_count", &h::topk_count, py::arg("numel"), py::arg("ratio"));
+  m.def(
+      "_powersgd_seeds",
+      [](uint64_t seed, int64_t count) {
+        h::PowerSGDSeeds seeds(seed);
+        std::vector<uint32_t> out;
+        for (int64_t i = 0; i < count; ++i) {
+          out.push_back(seeds.next());
+        }
+        return out;
+      },
+      py::arg("seed"), py::arg("count"));
+  m.def(
+      "_powersgd_plan",
+      [](const std::vector<std::vector<int64_t>>& shapes, int64_t rank, double min_rate) {
+        const auto plan = h::powersgd_plan(shapes, rank, min_rate);
+        py::list compressed;
+        for (const auto& c : plan.compressed) {
+          compressed.append(
+              py::make_tuple(c.tensor, c.rows, c.cols, c.rank, c.p_offset, c.q_offset));
+        }
+        return py::make_tuple(compressed, plan.uncompressed);
+      },
+      py::arg("shapes"), py::arg("rank"), py::arg("min_compression_rate"));
+}
+
+}  // namespace
+
+// Compression ops; implementations next to each hook (TORCH_LIBRARY_IMPL per dispatch key).
+TORCH_LIBRARY_FRAGMENT(torchlane, m) {
+  m.def("cast_compress(Tensor src, ScalarType wire_dtype, int world_size) -> Tensor");
+  m.def("cast_decompress(Tensor wire, ScalarType dtype) -> Tensor");
+  m.def("topk_compress_(Tensor(a!) residual, Tensor grad, int k) -> (Tensor, Tensor)");
+  m.def("topk_scatter_add_(Tensor(a!) out, Tensor values, Tensor indices, float scale) -> ()");
+  m.def("orthogonalize_(Tensor(a!) matrix, float epsilon) -> ()");
+}
+// ---- end gradient compression hooks ----
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torchlane C++ core";
 
@@ -62,6 +203,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<torchlane::CommHook, std::shared_ptr<torchlane::CommHook>>(m, "CommHook")
       .def_property_readonly("name", &torchlane::CommHook::name)
       .def("take_bytes_sent", &torchlane::CommHook::take_bytes_sent);
+
+  bind_compression_hooks(m);  // gradient compression hooks (issue 4)
 
   // ---- reducer ----
   m.def(
@@ -92,7 +235,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,
                        c10::intrusive_ptr<c10d::ProcessGroup> pg, int64_t bucket_cap_bytes,
                        int64_t first_bucket_cap_bytes, bool find_unused,
-                       bool gradient_as_bucket_view, bool static_graph, bool check_finite) {
+                       bool gradient_as_bucket_view, bool static_graph, bool check_finite,
+                       bool verify_layout) {
              torchlane::ReducerOptions options;
              options.bucket_cap_bytes = bucket_cap_bytes;
              options.first_bucket_cap_bytes = first_bucket_cap_bytes;
@@ -100,13 +244,15 @@ PYBIND11_MODULE(_C, m) {
              options.gradient_as_bucket_view = gradient_as_bucket_view;
              options.static_graph = static_graph;
              options.check_finite = check_finite;
+             options.verify_layout = verify_layout;
              return std::make_unique<Reducer>(std::move(params), std::move(names), std::move(pg),
                                               options);
            }),
            py::arg("params"), py::arg("param_names"), py::arg("process_group"),
            py::arg("bucket_cap_bytes"), py::arg("first_bucket_cap_bytes"),
            py::arg("find_unused_parameters"), py::arg("gradient_as_bucket_view"),
-           py::arg("static_graph"), py::arg("check_finite") = false)
+           py::arg("static_graph"), py::arg("check_finite") = false,
+           py::arg("verify_layout") = false)
       .def("prepare_for_forward", &Reducer::prepare_for_forward)
       .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"))
       .def("rebuild_buckets", &Reducer::rebuild_buckets,
@@ -126,4 +272,22 @@ PYBIND11_MODULE(_C, m) {
       .def("buckets", &buckets_to_list)
       .def("stats", &stats_to_dict)
       .def_property_readonly("world_size", &Reducer::world_size);
+}
+
+// ---- torchlane ops (schemas only; each op's TORCH_LIBRARY_IMPL lives next to its kernels) ----
+TORCH_LIBRARY(torchlane, m) {
+  // attention: see Note [Attention op contract] in attention/attention.h
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // The CUDA attention kernel's source run on the CPU; see Note [Tile primitives].
+  m.def("_attention_fwd_emulated(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> "
+        "(Tensor, Tensor)");
+  m.def(
+      "_attention_bwd_emulated(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // ---- end attention ----
 }

@@ -113,6 +113,9 @@ def _build(name, scenario):
     return make_model(name)
 
 
+TORCHLANE_ONLY = {"check_finite", "verify_layout"}
+
+
 def compare_with_torch(rank, world, cases, steps=5):
     """Each case is (model name, kwargs for both DDPs, scenario). Returns, per case, the largest
     parameter difference after each step, whether `.grad is None` agreed, and torchlane's
@@ -122,7 +125,8 @@ def compare_with_torch(rank, world, cases, steps=5):
     results = []
     for name, kwargs, scenario in cases:
         ours = torchlane.DistributedDataParallel(_build(name, scenario), **kwargs)
-        theirs = nn.parallel.DistributedDataParallel(_build(name, scenario), **kwargs)
+        torch_kwargs = {k: v for k, v in kwargs.items() if k not in TORCHLANE_ONLY}
+        theirs = nn.parallel.DistributedDataParallel(_build(name, scenario), **torch_kwargs)
         if scenario == "hook_fp16":
             ours.register_comm_hook(None, default_hooks.fp16_compress_hook)
             theirs.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -271,3 +275,24 @@ def nonfinite(rank, world, gradient_as_bucket_view):
             opt_theirs.step()
     diff = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters()))
     return flags, diff
+
+
+# ---- layout verification ----
+
+
+def layout_mismatch(rank, world):
+    """Rank 1 skips a layer: with verify_layout every rank raises, naming what rank 1 lacks."""
+
+    class Conditional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(12, 12)
+            self.b = nn.Linear(12, 12)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) if rank == 0 else h
+
+    torch.manual_seed(0)
+    model = torchlane.DistributedDataParallel(Conditional(), verify_layout=True)
+    return _message(lambda: model(torch.randn(4, 12)).sum().backward())

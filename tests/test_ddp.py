@@ -121,6 +121,7 @@ TORCH_CASES = [
     ("unused", {"find_unused_parameters": True}, "unused_output:dataclass"),
     ("mlp", {}, "hook_fp16"),
     ("mixed", {}, "plain"),
+    ("reordered", {"verify_layout": True}, "plain"),
 ]
 
 
@@ -228,3 +229,12 @@ def test_check_finite_skips_the_same_step_on_every_rank(as_view):
     for flags, diff in dist.run(ddp_cases.nonfinite, 2, args=(as_view,)):
         assert flags == [True, True, False, True]
         assert diff == 0.0
+
+
+def test_verify_layout_names_missing_parameters_on_every_rank():
+    for kind, text in dist.run(ddp_cases.layout_mismatch, 2, pg_timeout=30):
+        assert kind == "RuntimeError"
+        assert "rank 1 got no gradient for: b.weight, b.bias" in text or (
+            "rank 1 got no gradient for: b.bias, b.weight" in text
+        )
+        assert "rank 0 got no gradient" not in text

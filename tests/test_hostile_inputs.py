@@ -456,12 +456,6 @@ def _ddp_worker(rank, world, impl):
     return failures, seen
 
 
-NEEDS_FINITE_BUCKET_CAP = pytest.mark.xfail(
-    strict=True,
-    reason="torchlane DDP(bucket_cap_mb=inf) raises OverflowError instead of a ValueError naming it",
-)
-
-
 # torch's own DDP checks the test itself (its cases must split the same way); skipped by
 # default to keep the suite short: TORCHLANE_TEST_AGAINST_TORCH=1 runs it.
 AGAINST_TORCH = pytest.mark.skipif(
@@ -474,7 +468,7 @@ AGAINST_TORCH = pytest.mark.skipif(
     "impl",
     [
         pytest.param("torch", marks=AGAINST_TORCH),
-        pytest.param("torchlane", marks=NEEDS_FINITE_BUCKET_CAP),
+        "torchlane",
     ],
 )
 def test_ddp_constructor_random_arguments(impl):

@@ -20,13 +20,6 @@ import torchlane
 PG_TIMEOUT = 4  # seconds
 
 
-# Reducer::finalize_backward waits with Future::wait(), which does not rethrow the future's
-# error: a failed all-reduce is silently taken as done. Fixed by waitAndThrow(); remove this
-# marker then (strict: the test reports when it starts passing).
-NEEDS_WAIT_AND_THROW = pytest.mark.xfail(
-    strict=True,
-    reason="torchlane reducer swallows all-reduce errors (Future::wait, not waitAndThrow)",
-)
 # torch's DDP runs the same checks (minus the bucket name) as a check of the test itself; it is
 # skipped by default to keep the suite short: TORCHLANE_TEST_AGAINST_TORCH=1 runs it.
 AGAINST_TORCH = pytest.mark.skipif(
@@ -35,7 +28,7 @@ AGAINST_TORCH = pytest.mark.skipif(
 )
 IMPLS = [
     pytest.param("torch", marks=AGAINST_TORCH),
-    pytest.param("torchlane", marks=NEEDS_WAIT_AND_THROW),
+    "torchlane",
 ]
 
 
@@ -98,7 +91,7 @@ def _run_rank0(impl, how):
         rank, ok, value = queue.get(timeout=120)
         assert ok, value
         assert rank == 0
-        return pickle.loads(value), procs[1]  # dist._worker sends its result pickled
+        return pickle.loads(value), procs[1]
     finally:
         for p in procs:
             p.join(timeout=1 if p is procs[0] else 0)

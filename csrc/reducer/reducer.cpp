@@ -161,6 +161,7 @@ void Reducer::initialize_buckets(const std::vector<std::vector<int64_t>>& assign
 
 void Reducer::reset_iteration_state() {
   backward_started_ = false;
+  layout_verified_ = false;
   finalize_queued_ = false;
   next_bucket_ = 0;
   std::fill(ready_.begin(), ready_.end(), 0);
@@ -359,6 +360,9 @@ void Reducer::copy_grad_to_bucket(int64_t index) {
 }
 
 void Reducer::launch_ready_buckets() {
+  if (options_.verify_layout && !layout_verified_) {
+    return;  // See Note [Layout verification]: launched by finalize_backward after the check.
+  }
   while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].pending == 0) {
     launch_bucket(next_bucket_++);
   }
@@ -405,6 +409,28 @@ void Reducer::launch_bucket(size_t b) {
   bucket.future->addCallback([done](c10::ivalue::Future&) { done->store(now_ns()); });
 }
 
+// Future::wait() returns normally when the future completed with an error (a peer died, the
+// process group timed out): the error has to be fetched and raised here, or a failed all-reduce
+// would pass for a finished one. The iteration is abandoned so the next forward does not also
+// report unreduced parameters.
+void Reducer::wait_or_throw(c10::ivalue::Future& future, const std::string& what) {
+  std::string error;
+  try {
+    future.wait();
+    if (future.hasError()) {
+      error = future.tryRetrieveErrorMessage();
+    }
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  if (!error.empty()) {
+    require_finalize_ = false;
+    expect_hooks_ = false;
+    TORCH_CHECK(false, "torchlane DDP: the all-reduce of ", what,
+                " failed while waiting for the other ranks: ", error);
+  }
+}
+
 std::string Reducer::describe_bucket(size_t b) const {
   const auto& bucket = buckets_[b];
   std::ostringstream out;
@@ -433,6 +459,11 @@ void Reducer::finalize_backward() {
       mark_ready(static_cast<int64_t>(i));
     }
   }
+  if (options_.verify_layout && !layout_verified_) {
+    verify_layout_across_ranks();
+    layout_verified_ = true;
+    launch_ready_buckets();
+  }
   if (next_bucket_ < buckets_.size()) {
     // Some parameters have no gradient yet. Either a nested backward ended (more hooks will come
     // and queue this again) or they are unused: then require_finalize_ stays set and the next
@@ -441,17 +472,12 @@ void Reducer::finalize_backward() {
   }
   expect_hooks_ = false;
   for (size_t b = 0; b < buckets_.size(); ++b) {
-    try {
-      buckets_[b].future->wait();
-      buckets_[b].wait_ns = now_ns();
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "torchlane DDP: the all-reduce of ", describe_bucket(b),
-                  " failed while waiting for the other ranks: ", e.what());
-    }
+    wait_or_throw(*buckets_[b].future, describe_bucket(b));
+    buckets_[b].wait_ns = now_ns();
   }
   comm_end_ns_ = now_ns();
   if (local_used_future_) {
-    local_used_future_->wait();
+    wait_or_throw(*local_used_future_, "the unused-parameter flags");
     auto used = local_used_result_.to(at::kCPU);
     const auto* flags = used.data_ptr<int32_t>();
     for (size_t i = 0; i < params_.size(); ++i) {
@@ -608,6 +634,73 @@ void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) 
   comm_hook_ = std::move(hook);
 }
 
+// Note [Layout verification]
+// With verify_layout (TORCH_DISTRIBUTED_DEBUG=DETAIL), buckets are not launched from the hooks:
+// at the end of backward every rank all-gathers which parameters it has a gradient for and a
+// fingerprint of its bucket layout, and only if all agree are the buckets launched. A rank that
+// is missing gradients, or reduces a different layout, makes every rank raise the same error
+// naming what each rank is missing, instead of mismatched collectives or a hang. It costs the
+// overlap of communication with backward, so it is a debugging mode.
+void Reducer::verify_layout_across_ranks() {
+  const auto n = static_cast<int64_t>(params_.size());
+  uint64_t fingerprint = 1469598103934665603ull;  // FNV-1a over the bucket layout
+  auto mix = [&](uint64_t v) {
+    fingerprint = (fingerprint ^ v) * 1099511628211ull;
+  };
+  for (const auto& bucket : buckets_) {
+    mix(bucket.params.size());
+    for (size_t slot = 0; slot < bucket.params.size(); ++slot) {
+      mix(static_cast<uint64_t>(bucket.params[slot]));
+      mix(bucket.lengths[slot]);
+    }
+  }
+  auto mine = at::empty({n + 2}, at::kLong);
+  auto* data = mine.data_ptr<int64_t>();
+  data[0] = n;
+  data[1] = static_cast<int64_t>(fingerprint);
+  for (int64_t i = 0; i < n; ++i) {
+    data[i + 2] = ready_[i];
+  }
+  const auto device = params_.front().device();
+  std::vector<at::Tensor> input{mine.to(device)};
+  std::vector<std::vector<at::Tensor>> output(1);
+  for (int64_t r = 0; r < world_size_; ++r) {
+    output[0].push_back(at::empty_like(input[0]));
+  }
+  process_group_->allgather(output, input)->wait();
+  std::ostringstream problems;
+  for (int64_t r = 0; r < world_size_; ++r) {
+    auto theirs = output[0][r].to(at::kCPU);
+    const auto* t = theirs.data_ptr<int64_t>();
+    if (t[0] != n) {  // checked before reading t[2..]: a peer's data must not index past its end
+      problems << " rank " << r << " has " << t[0] << " parameters, this rank " << n << ";";
+      continue;
+    }
+    if (t[1] != data[1]) {
+      problems << " rank " << r << " reduces a different bucket layout;";
+    }
+    std::vector<std::string> missing;
+    for (int64_t i = 0; i < n; ++i) {
+      if (t[i + 2] == 0) {
+        missing.push_back(param_names_[i]);
+      }
+    }
+    if (!missing.empty()) {
+      problems << " rank " << r << " got no gradient for: " << join_names(missing) << ";";
+    }
+  }
+  const auto report = problems.str();
+  if (!report.empty()) {
+    expect_hooks_ = false;
+    require_finalize_ = false;
+    reset_iteration_state();
+    TORCH_CHECK(false, "torchlane DDP layout check (verify_layout / TORCH_DISTRIBUTED_DEBUG=DETAIL) "
+                "failed before reducing gradients:", report,
+                " Parameters without a gradient need find_unused_parameters=True; all ranks must "
+                "run the same model.");
+  }
+}
+
 // Note [Join]: a rank that ran out of data shadows the collectives of one synchronised backward
 // of the others: an all-reduce of zeros per bucket, in bucket order, through the comm hook if one
 // is registered, then the usage flags where the others send them.
@@ -637,8 +730,9 @@ void Reducer::run_zero_allreduces() {
                                               params_.front().options().dtype(at::kInt))};
     futures.push_back(process_group_->allreduce(tensors)->getFuture());
   }
-  for (auto& future : futures) {
-    future->wait();
+  for (size_t i = 0; i < futures.size(); ++i) {
+    wait_or_throw(*futures[i], i < buckets_.size() ? describe_bucket(i) + " (joined rank)"
+                                                   : std::string("the unused-parameter flags"));
   }
 }
 

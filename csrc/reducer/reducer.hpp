@@ -26,6 +26,7 @@ struct ReducerOptions {
   bool gradient_as_bucket_view = false;
   bool static_graph = false;
   bool check_finite = false;
+  bool verify_layout = false;  // Note [Layout verification]
 };
 
 // One flat buffer holding the gradients of several parameters of one dtype and device.
@@ -113,10 +114,12 @@ class Reducer {
   void publish_stats();
   void find_unused_parameters(const std::vector<at::Tensor>& outputs);
   bool tracks_usage() const;
+  void verify_layout_across_ranks();
   std::vector<std::string> unready_parameter_names_locked() const;
   void initialize_buckets(const std::vector<std::vector<int64_t>>& assignment);
   void reset_iteration_state();
   std::string describe_bucket(size_t b) const;
+  void wait_or_throw(c10::ivalue::Future& future, const std::string& what);
 
   std::vector<at::Tensor> params_;
   std::vector<std::string> param_names_;
@@ -143,6 +146,7 @@ class Reducer {
   bool expect_hooks_ = false;      // a synchronised backward is expected
   bool backward_started_ = false;  // the first hook of this backward has run
   bool finalize_queued_ = false;   // finalize_backward is queued on a graph task
+  bool layout_verified_ = false;   // Note [Layout verification] done for this iteration
   bool require_finalize_ = false;  // reduction started but not finished
   size_t next_bucket_ = 0;
   std::vector<char> ready_;

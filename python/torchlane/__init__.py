@@ -1,10 +1,10 @@
 """torchlane: data-parallel training for PyTorch.
 
-model = torchlane.DistributedDataParallel(model)     # drop-in for torch DDP
-out = torchlane.attention(q, k, v, causal=True)       # fused flash-style attention
+    model = torchlane.DistributedDataParallel(model)     # drop-in for torch DDP
+    out = torchlane.attention(q, k, v, causal=True)       # fused flash-style attention
 """
 
-import torch  # noqa: F401,I001  (loads libc10/libtorch, which _C links against without an rpath)
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 try:
     from torchlane import _C  # noqa: F401
@@ -18,8 +18,7 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
 
 __version__ = "0.1.0"
 
-# ---- checkpoints (issue 6: fault tolerance) ----
-from torchlane import checkpoint  # noqa: E402, F401
-
-# ----
-from torchlane.ddp import DistributedDataParallel  # noqa: E402
+# One line per concept, each module owning its part of the API.
+from torchlane import checkpoint, hooks, nn  # noqa: E402, F401
+from torchlane.attention import attention  # noqa: E402, F401
+from torchlane.ddp import DistributedDataParallel  # noqa: E402, F401

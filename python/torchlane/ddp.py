@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import os
 from contextlib import contextmanager
 from typing import Any
 
@@ -123,8 +125,11 @@ class DistributedDataParallel(Module, Joinable):
     gradient is ready, so communication overlaps the rest of the backward pass. See the README
     for the differences from ``torch.nn.parallel.DistributedDataParallel``.
 
-    torchlane-only keyword: ``check_finite=True`` checks the reduced gradients for NaN/Inf while
-    writing them back (see ``grads_finite``).
+    torchlane-only keywords: ``check_finite=True`` checks the reduced gradients for NaN/Inf while
+    writing them back (see ``grads_finite``); ``verify_layout=True`` (default: on when
+    ``TORCH_DISTRIBUTED_DEBUG=DETAIL``) checks at every step, before reducing, that all ranks have
+    gradients for the same parameters and the same bucket layout, and otherwise raises on every
+    rank naming what each rank is missing (it gives up overlapping communication with backward).
     """
 
     def __init__(
@@ -148,6 +153,7 @@ class DistributedDataParallel(Module, Joinable):
         skip_all_reduce_unused_params: bool = False,
         *,
         check_finite: bool = False,
+        verify_layout: bool | None = None,
     ):
         super().__init__()
         Joinable.__init__(self)
@@ -185,8 +191,8 @@ class DistributedDataParallel(Module, Joinable):
             bucket_cap_mb = _DEFAULT_BUCKET_CAP_MB
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
             raise TypeError(f"bucket_cap_mb must be a number, got {bucket_cap_mb!r}")
-        if not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        if not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
+            raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb}")
 
         self.module = module
         self.process_group = process_group
@@ -211,6 +217,8 @@ class DistributedDataParallel(Module, Joinable):
                 "DistributedDataParallel is not needed when a module doesn't have any parameter "
                 "that requires a gradient."
             )
+        if verify_layout is None:
+            verify_layout = os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() == "DETAIL"
         self._param_names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self._set_devices(device_ids, output_device)
@@ -229,8 +237,10 @@ class DistributedDataParallel(Module, Joinable):
             gradient_as_bucket_view,
             static_graph,
             check_finite,
+            verify_layout,
         )
         self.check_finite = check_finite
+        self.verify_layout = verify_layout
         self._comm_hook = None
 
     # ---- construction helpers ----

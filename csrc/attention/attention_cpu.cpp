@@ -1,0 +1,452 @@
+// CPU implementation of torchlane::attention_fwd / attention_bwd. See Note [CPU flash attention].
+#include "attention/cpu_vec.h"  // first: selects the vector ISA, see its Note
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+#include "attention/attention.h"
+#include "attention/cpu_gemm.h"
+
+// Note [CPU flash attention]
+// Forward: one task per (batch, query head, query tile of kBlockM rows), run by at::parallel_for.
+// A task walks the key/value tiles of kBlockN rows that its queries may see (with causal masking
+// the tiles wholly above the diagonal are never visited), computes S = scale * Q K^T for the
+// tile with one GEMM, keeps a running row max m and row sum l (online softmax), rescales its fp32
+// output accumulator when m grows and adds P V with a second GEMM. Only a kBlockM x kBlockN tile
+// of S exists at a time. Low-precision inputs are multiplied by fp32-accumulating GEMMs; P is
+// rounded to the input dtype for the P V GEMM, as on the GPU.
+//
+// Backward recomputes P = exp(S - lse) tile by tile from the saved logsumexp, with
+// delta_i = rowsum(dO_i * O_i) (minus the lse gradient, see Note [Attention op contract]):
+//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
+// It is deterministic (a fixed summation order, no atomics) and has two schedules:
+//  - by kv head: one task per (batch, kv head) owns dK, dV of that head and dQ of its query heads.
+//    Five GEMMs per tile pair; used when there are enough (batch, kv head) pairs for all threads.
+//  - by tile: a dK/dV pass with one task per (batch, kv head, key tile) and a dQ pass with one
+//    task per (batch, query head, query tile). S and dP are computed in both passes (seven GEMMs
+//    per tile pair instead of five) but the work splits over as many tasks as there are tiles,
+//    so a single long sequence still uses every core.
+
+namespace torchlane::attention {
+namespace {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Tile sizes: a kBlockM x kBlockN fp32 score tile plus the Q, K, V tiles stay within L2.
+// TORCHLANE_ATTN_CPU_BLOCKS="fwdM,fwdN,bwdM,bwdN" overrides them (for tuning only).
+struct Blocks {
+  int64_t fwd_m = 128, fwd_n = 256, bwd_m = 64, bwd_n = 128;
+};
+
+const Blocks& blocks() {
+  static const Blocks b = [] {
+    Blocks r;
+    if (const char* env = std::getenv("TORCHLANE_ATTN_CPU_BLOCKS")) {
+      long v[4];
+      if (std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4 && v[0] > 0 &&
+          v[1] > 0 && v[2] > 0 && v[3] > 0) {
+        r = {v[0], v[1], v[2], v[3]};
+      }
+    }
+    return r;
+  }();
+  return b;
+}
+
+// Strides of a (B, H, S, D) tensor with a unit-stride last dimension.
+struct Layout {
+  const void* base;
+  int64_t sb, sh, ss;
+};
+
+Layout layout_of(const at::Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.stride(1), std::max(t.stride(2), t.size(3))};
+}
+
+template <typename T>
+const T* row_ptr(const Layout& l, int64_t b, int64_t h, int64_t s) {
+  return static_cast<const T*>(l.base) + b * l.sb + h * l.sh + s * l.ss;
+}
+
+struct Problem {
+  int64_t B, H, Hkv, Sq, Sk, D;
+  bool causal;
+  double scale;
+  int64_t group() const {
+    return H / Hkv;
+  }
+  // Number of keys query row i may see within [n0, n0 + n): top-left aligned causal mask.
+  int64_t visible(int64_t i, int64_t n0, int64_t n) const {
+    return causal ? std::clamp<int64_t>(i - n0 + 1, 0, n) : n;
+  }
+  // One past the last key any of the query rows [m0, m0 + m) may see.
+  int64_t key_end(int64_t m0, int64_t m) const {
+    return causal ? std::min(Sk, m0 + m) : Sk;
+  }
+};
+
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+  if (n >= Vec::size()) {
+    Vec vm(m);
+    for (; j + Vec::size() <= n; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+    m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - sub) for j < n, returns the sum.
+template <typename acc_t>
+acc_t exp_sub_sum(acc_t* x, int64_t n, acc_t sub) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t j = 0;
+  acc_t sum = 0;
+  if (n >= Vec::size()) {
+    Vec vs(sub), acc(0);
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      Vec e = (Vec::loadu(x + j) - vs).exp();
+      e.store(x + j);
+      acc = acc + e;
+    }
+    sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  }
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    sum += x[j];
+  }
+  return sum;
+}
+
+template <typename acc_t>
+void scale_row(acc_t* x, int64_t n, acc_t s) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  at::vec::map([s](Vec a) { return a * Vec(s); }, x, x, n);
+}
+
+// A rows x cols fp32 tile (leading dimension ld) in the GEMM input dtype: the tile itself when
+// the types agree, else a rounded copy in buf.
+template <typename scalar_t, typename acc_t>
+const scalar_t* tile_as_input(const acc_t* tile, std::vector<scalar_t>& buf, int64_t rows,
+                              int64_t cols, int64_t ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return tile;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) at::vec::convert(tile + r * ld, buf.data() + r * ld, cols);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t s) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j] * s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
+                scalar_t* out, acc_type<scalar_t>* lse) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t BM = blocks().fwd_m, BN = blocks().fwd_n;
+  const int64_t D = p.D, n_mtiles = (p.Sq + BM - 1) / BM;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
+    std::vector<acc_t> s_buf(BM * BN), o_acc(BM * D), m_run(BM), l_run(BM);
+    std::vector<scalar_t> p_buf(std::is_same_v<scalar_t, acc_t> ? 0 : BM * BN);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, mt = t % n_mtiles;
+      const int64_t hk = h / p.group(), m0 = mt * BM, rows = std::min(BM, p.Sq - m0);
+      const scalar_t* q_tile = row_ptr<scalar_t>(q, b, h, m0);
+      std::fill(o_acc.begin(), o_acc.begin() + rows * D, acc_t(0));
+      std::fill(m_run.begin(), m_run.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l_run.begin(), l_run.end(), acc_t(0));
+      const int64_t n_end = p.key_end(m0, rows);
+      for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
+        const int64_t cols = std::min(BN, n_end - n0);
+        acc_t* S = s_buf.data();
+        tile_gemm(false, true, rows, cols, D, scale, q_tile, q.ss,
+                  row_ptr<scalar_t>(k, b, hk, n0), k.ss, acc_t(0), S, BN);
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s_row = S + r * BN;
+          const int64_t vis = p.visible(m0 + r, n0, cols);
+          if (vis == 0) {  // only when causal: the whole row is masked in this tile
+            std::fill(s_row, s_row + cols, acc_t(0));
+          } else {
+            const acc_t m_new = std::max(m_run[r], row_max(s_row, vis));
+            const acc_t alpha = std::exp(m_run[r] - m_new);  // exp(-inf) = 0 on the first tile
+            const acc_t sum = exp_sub_sum(s_row, vis, m_new);
+            std::fill(s_row + vis, s_row + cols, acc_t(0));
+            l_run[r] = l_run[r] * alpha + sum;
+            m_run[r] = m_new;
+            if (alpha != acc_t(1)) scale_row(o_acc.data() + r * D, D, alpha);
+          }
+        }
+        const scalar_t* P = tile_as_input(S, p_buf, rows, cols, BN);
+        tile_gemm(false, false, rows, D, cols, acc_t(1), P, BN, row_ptr<scalar_t>(v, b, hk, n0),
+                  v.ss, acc_t(1), o_acc.data(), D);
+      }
+      scalar_t* out_tile = out + ((b * p.H + h) * p.Sq + m0) * D;
+      acc_t* lse_tile = lse + (b * p.H + h) * p.Sq + m0;
+      for (int64_t r = 0; r < rows; ++r) {
+        store_row(o_acc.data() + r * D, out_tile + r * D, D, acc_t(1) / l_run[r]);
+        lse_tile[r] = m_run[r] + std::log(l_run[r]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct BwdArgs {
+  using acc_t = acc_type<scalar_t>;
+  Problem p;
+  Layout q, k, v, dout;
+  const acc_t* lse;    // (B, H, Sq)
+  const acc_t* delta;  // (B, H, Sq)
+};
+
+// Per-thread tiles for one (query tile, key tile) pair.
+template <typename scalar_t>
+struct BwdScratch {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t> P, dS;
+  std::vector<scalar_t> P_in, dS_in;
+  BwdScratch()
+      : P(blocks().bwd_m * blocks().bwd_n),
+        dS(blocks().bwd_m * blocks().bwd_n),
+        P_in(std::is_same_v<scalar_t, acc_t> ? 0 : blocks().bwd_m * blocks().bwd_n),
+        dS_in(std::is_same_v<scalar_t, acc_t> ? 0 : blocks().bwd_m * blocks().bwd_n) {}
+};
+
+// Recomputes P and dS for query rows [m0, m0 + rows) of head h against keys [n0, n0 + cols) of
+// kv head hk (tiles with leading dimension blocks().bwd_n); returns them in the GEMM input dtype.
+template <typename scalar_t>
+std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scalar_t>& a,
+                                                              BwdScratch<scalar_t>& w, int64_t b,
+                                                              int64_t h, int64_t hk, int64_t m0,
+                                                              int64_t rows, int64_t n0,
+                                                              int64_t cols) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t BN = blocks().bwd_n;
+  const Problem& p = a.p;
+  tile_gemm(false, true, rows, cols, p.D, static_cast<acc_t>(p.scale),
+            row_ptr<scalar_t>(a.q, b, h, m0), a.q.ss, row_ptr<scalar_t>(a.k, b, hk, n0), a.k.ss,
+            acc_t(0), w.P.data(), BN);
+  tile_gemm(false, true, rows, cols, p.D, acc_t(1), row_ptr<scalar_t>(a.dout, b, h, m0),
+            a.dout.ss, row_ptr<scalar_t>(a.v, b, hk, n0), a.v.ss, acc_t(0), w.dS.data(), BN);
+  const acc_t* lse = a.lse + (b * p.H + h) * p.Sq + m0;
+  const acc_t* delta = a.delta + (b * p.H + h) * p.Sq + m0;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* p_row = w.P.data() + r * BN;
+    acc_t* ds_row = w.dS.data() + r * BN;
+    const int64_t vis = p.visible(m0 + r, n0, cols);
+    exp_sub_sum(p_row, vis, lse[r]);
+    std::fill(p_row + vis, p_row + cols, acc_t(0));
+    const Vec d(delta[r]);
+    at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row, p_row, ds_row, cols);
+  }
+  return {tile_as_input(w.P.data(), w.P_in, rows, cols, BN),
+          tile_as_input(w.dS.data(), w.dS_in, rows, cols, BN)};
+}
+
+// delta_i = rowsum(dO_i * O_i) - dlse_i, see Note [Attention op contract].
+template <typename scalar_t>
+at::Tensor compute_delta(const at::Tensor& dout, const at::Tensor& out,
+                         const c10::optional<at::Tensor>& grad_lse) {
+  using acc_t = acc_type<scalar_t>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor d = (dout.to(acc) * out.to(acc)).sum(-1);
+  if (grad_lse.has_value() && grad_lse->defined()) d.sub_(grad_lse->to(acc));
+  return d.contiguous();
+}
+
+template <typename scalar_t>
+void store_tile(const acc_type<scalar_t>* src, scalar_t* dst, int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) store_row(src + r * D, dst + r * D, D, acc_type<scalar_t>(1));
+}
+
+// Schedule "by kv head" of Note [CPU flash attention].
+template <typename scalar_t>
+void bwd_by_kv_head(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t BM = blocks().bwd_m, BN = blocks().bwd_n;
+  const Problem& p = a.p;
+  const int64_t D = p.D;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
+    BwdScratch<scalar_t> w;
+    std::vector<acc_t> dq_acc(p.Sq * D), dk_acc(p.Sk * D), dv_acc(p.Sk * D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+      std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+      std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+        std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+        for (int64_t n0 = 0; n0 < p.Sk; n0 += BN) {
+          const int64_t cols = std::min(BN, p.Sk - n0);
+          const int64_t m_begin = p.causal ? (n0 / BM) * BM : 0;  // earlier rows see no key here
+          for (int64_t m0 = m_begin; m0 < p.Sq; m0 += BM) {
+            const int64_t rows = std::min(BM, p.Sq - m0);
+            auto [P, dS] = probs_and_dscores(a, w, b, h, hk, m0, rows, n0, cols);
+            const scalar_t* q_tile = row_ptr<scalar_t>(a.q, b, h, m0);
+            tile_gemm(true, false, cols, D, rows, acc_t(1), P, BN,
+                      row_ptr<scalar_t>(a.dout, b, h, m0), a.dout.ss, acc_t(1),
+                      dv_acc.data() + n0 * D, D);
+            tile_gemm(false, false, rows, D, cols, scale, dS, BN,
+                      row_ptr<scalar_t>(a.k, b, hk, n0), a.k.ss, acc_t(1),
+                      dq_acc.data() + m0 * D, D);
+            tile_gemm(true, false, cols, D, rows, scale, dS, BN, q_tile, a.q.ss, acc_t(1),
+                      dk_acc.data() + n0 * D, D);
+          }
+        }
+        store_tile<scalar_t>(dq_acc.data(), dq + (b * p.H + h) * p.Sq * D, p.Sq, D);
+      }
+      store_tile<scalar_t>(dk_acc.data(), dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+      store_tile<scalar_t>(dv_acc.data(), dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+    }
+  });
+}
+
+// Schedule "by tile" of Note [CPU flash attention].
+template <typename scalar_t>
+void bwd_by_tile(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t BM = blocks().bwd_m, BN = blocks().bwd_n;
+  const Problem& p = a.p;
+  const int64_t D = p.D, n_ntiles = (p.Sk + BN - 1) / BN, n_mtiles = (p.Sq + BM - 1) / BM;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  // dK, dV: one task per (batch, kv head, key tile).
+  at::parallel_for(0, p.B * p.Hkv * n_ntiles, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
+    BwdScratch<scalar_t> w;
+    std::vector<acc_t> dk_acc(BN * D), dv_acc(BN * D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (p.Hkv * n_ntiles), hk = (t / n_ntiles) % p.Hkv;
+      const int64_t n0 = (t % n_ntiles) * BN, cols = std::min(BN, p.Sk - n0);
+      std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+      std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+        for (int64_t m0 = p.causal ? (n0 / BM) * BM : 0; m0 < p.Sq; m0 += BM) {
+          const int64_t rows = std::min(BM, p.Sq - m0);
+          auto [P, dS] = probs_and_dscores(a, w, b, h, hk, m0, rows, n0, cols);
+          tile_gemm(true, false, cols, D, rows, acc_t(1), P, BN,
+                    row_ptr<scalar_t>(a.dout, b, h, m0), a.dout.ss, acc_t(1), dv_acc.data(), D);
+          tile_gemm(true, false, cols, D, rows, scale, dS, BN, row_ptr<scalar_t>(a.q, b, h, m0),
+                    a.q.ss, acc_t(1), dk_acc.data(), D);
+        }
+      }
+      store_tile<scalar_t>(dk_acc.data(), dk + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
+      store_tile<scalar_t>(dv_acc.data(), dv + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
+    }
+  });
+  // dQ: one task per (batch, query head, query tile).
+  at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
+    BwdScratch<scalar_t> w;
+    std::vector<acc_t> dq_acc(BM * D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, hk = h / p.group();
+      const int64_t m0 = (t % n_mtiles) * BM, rows = std::min(BM, p.Sq - m0);
+      std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+      const int64_t n_end = p.key_end(m0, rows);
+      for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
+        const int64_t cols = std::min(BN, p.Sk - n0);
+        auto [P, dS] = probs_and_dscores(a, w, b, h, hk, m0, rows, n0, cols);
+        (void)P;
+        tile_gemm(false, false, rows, D, cols, scale, dS, BN, row_ptr<scalar_t>(a.k, b, hk, n0),
+                  a.k.ss, acc_t(1), dq_acc.data(), D);
+      }
+      store_tile<scalar_t>(dq_acc.data(), dq + ((b * p.H + h) * p.Sq + m0) * D, rows, D);
+    }
+  });
+}
+
+Problem problem_of(const at::Tensor& q, const at::Tensor& k, bool causal, double scale) {
+  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, scale};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in,
+                                                     const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, bool causal,
+                                                     double scale) {
+  check_attention_inputs(q_in, k_in, v_in, scale);
+  const at::Tensor q = rows_unit_stride(q_in), k = rows_unit_stride(k_in),
+                   v = rows_unit_stride(v_in);
+  const Problem p = problem_of(q, k, causal, scale);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
+  at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu",
+                                  [&] {
+                                    fwd_kernel<scalar_t>(p, layout_of(q), layout_of(k),
+                                                         layout_of(v), out.data_ptr<scalar_t>(),
+                                                         lse.data_ptr<acc_type<scalar_t>>());
+                                  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out,
+    const at::Tensor& lse_in, bool causal, double scale) {
+  check_attention_backward_inputs(grad_out, grad_lse, q_in, k_in, v_in, out, lse_in, scale);
+  const at::Tensor q = rows_unit_stride(q_in), k = rows_unit_stride(k_in),
+                   v = rows_unit_stride(v_in), dout = rows_unit_stride(grad_out);
+  const at::Tensor lse = lse_in.contiguous();
+  const Problem p = problem_of(q, k, causal, scale);
+  at::Tensor dq = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
+  at::Tensor dk = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
+  at::Tensor dv = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu",
+                                  [&] {
+                                    using acc_t = acc_type<scalar_t>;
+                                    const at::Tensor delta =
+                                        compute_delta<scalar_t>(grad_out, out, grad_lse);
+                                    const BwdArgs<scalar_t> a{p,
+                                                              layout_of(q),
+                                                              layout_of(k),
+                                                              layout_of(v),
+                                                              layout_of(dout),
+                                                              lse.data_ptr<acc_t>(),
+                                                              delta.data_ptr<acc_t>()};
+                                    auto* dq_p = dq.data_ptr<scalar_t>();
+                                    auto* dk_p = dk.data_ptr<scalar_t>();
+                                    auto* dv_p = dv.data_ptr<scalar_t>();
+                                    if (p.B * p.Hkv >= 2 * at::get_num_threads()) {
+                                      bwd_by_kv_head(a, dq_p, dk_p, dv_p);
+                                    } else {
+                                      bwd_by_tile(a, dq_p, dk_p, dv_p);
+                                    }
+                                  });
+  return {dq, dk, dv};
+}
+
+TORCH_LIBRARY_IMPL(torchlane, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace torchlane::attention

@@ -1,0 +1,4 @@
+// fwd kernel, head dim 64, fp16. See flash_launch.cuh.
+#include "kernels/flash_launch.cuh"
+
+TORCHLANE_FLASH_FWD_INSTANTIATION(__half, 64)

@@ -1,0 +1,98 @@
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <random>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "reducer/comm_hook.hpp"
+
+namespace torchlane::hooks {
+
+struct PowerSGDOptions {
+  int64_t rank = 1;  // matrix approximation rank r
+  int64_t start_iter = 1000;
+  double min_compression_rate = 2.0;
+  bool use_error_feedback = true;
+  bool warm_start = true;
+  double epsilon = 0.0;  // orthogonalization epsilon
+  uint64_t seed = 0;
+};
+
+// ---- pure math, testable alone (see Note [PowerSGD]) ----
+
+// One gradient tensor compressed as a rows x cols matrix M ~ P Q^T with P: rows x rank and
+// Q: cols x rank, stored at the given offsets of the bucket's flat P and Q memories.
+struct PowerSGDMatrix {
+  int64_t tensor;  // index into the bucket's gradients
+  int64_t rows, cols, rank;
+  int64_t p_offset, q_offset;
+};
+
+struct PowerSGDPlan {
+  std::vector<PowerSGDMatrix> compressed;  // grouped by (rows, cols), first appearance first
+  std::vector<int64_t> uncompressed;       // gradient indices all-reduced as they are
+  int64_t p_numel = 0, q_numel = 0, uncompressed_numel = 0;
+  int64_t numel_before = 0, numel_after = 0;  // compression statistics, in elements
+};
+
+// Worth compressing when (rows + cols) * rank * min_compression_rate < rows * cols.
+bool powersgd_should_compress(int64_t rows, int64_t cols, int64_t rank,
+                              double min_compression_rate);
+PowerSGDPlan powersgd_plan(const std::vector<std::vector<int64_t>>& shapes, int64_t rank,
+                           double min_compression_rate);
+// Orthonormalises the columns of a 2-D (rows x cols) tensor in place by modified Gram-Schmidt:
+// column i is divided by (its norm + epsilon), then projected out of columns i+1... A zero column
+// with epsilon == 0 becomes zero instead of NaN.
+void orthogonalize_(at::Tensor& matrix, double epsilon);
+
+// The sequence of seeds drawn for re-randomising Q, identical to
+// numpy.random.RandomState(seed).randint(1_000_000_000) called repeatedly (as torch's hook does).
+class PowerSGDSeeds {
+ public:
+  explicit PowerSGDSeeds(uint64_t seed) : engine_(static_cast<uint32_t>(seed)) {}
+  uint32_t next();
+
+ private:
+  std::mt19937 engine_;
+};
+
+// PowerSGD (Vogels et al. 2019) with torch's powerSGD_hook semantics. See Note [PowerSGD].
+class PowerSGDHook : public CommHook {
+ public:
+  PowerSGDHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group, PowerSGDOptions options);
+
+  c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
+  std::string name() const override {
+    return "powersgd";
+  }
+
+  const PowerSGDOptions& options() const {
+    return options_;
+  }
+  int64_t iter() const;
+  // (compression rate, elements before, elements after) over all compressed steps so far.
+  std::tuple<double, int64_t, int64_t> compression_stats() const;
+  // (P memory, Q memory, error-feedback memory) of a bucket; undefined tensors where absent.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> memory(int64_t bucket_index) const;
+
+ private:
+  struct BucketMemory {
+    at::Tensor p, q, error;
+  };
+
+  c10::intrusive_ptr<c10::ivalue::Future> allreduce_mean(at::Tensor buffer);
+  void maybe_increase_iter(const c10d::GradBucket& bucket);
+
+  PowerSGDOptions options_;
+  mutable std::mutex mutex_;
+  PowerSGDSeeds seeds_;
+  int64_t iter_ = 0;
+  int64_t numel_before_ = 0, numel_after_ = 0;
+  std::unordered_map<int64_t, BucketMemory> memory_;
+};
+
+}  // namespace torchlane::hooks

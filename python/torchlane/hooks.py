@@ -1,0 +1,284 @@
+"""Gradient compression communication hooks that run in C++.
+
+    model = torchlane.DistributedDataParallel(model)
+    model.register_comm_hook(None, torchlane.hooks.bf16_compress)
+    model.register_comm_hook(torchlane.hooks.PowerSGDState(rank=4), torchlane.hooks.powersgd)
+    model.register_comm_hook(torchlane.hooks.TopKState(ratio=0.01), torchlane.hooks.topk)
+
+Registered on torchlane.DistributedDataParallel, each hook becomes a C++ object (a subclass of
+``torchlane._C.CommHook``) that the reducer calls once per bucket without entering Python: the
+reducer asks the hook for it through the hook's ``_torchlane_make_cpp_hook(state,
+process_group)`` attribute.
+
+The same names are also ordinary ``(state, bucket) -> torch.futures.Future`` hooks, so they can be
+registered on torch's own DistributedDataParallel; there they run the same C++ code, but the bucket
+is reduced synchronously inside the call (torch DDP calls Python hooks one bucket at a time).
+
+Semantics follow torch's ``ddp_comm_hooks`` (``bf16_compress_hook``, ``fp16_compress_hook``,
+``powerSGD_hook``); see Note [Cast compression rounding], Note [PowerSGD] and
+Note [Top-k with error feedback] in csrc/reducer/hooks/.
+"""
+
+import math
+import numbers
+
+import torch
+import torch.distributed as dist
+
+from torchlane import _C
+
+__all__ = [
+    "PowerSGDState",
+    "TopKState",
+    "bf16_compress",
+    "fp16_compress",
+    "powersgd",
+    "topk",
+]
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_real(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return float(value)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _default_group(process_group):
+    if process_group is not None:
+        return process_group
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "torchlane.hooks: torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group() before using a communication hook"
+        )
+    return dist.distributed_c10d._get_default_group()
+
+
+def _run_on_bucket(cpp_hook, bucket):
+    """Runs a C++ hook on a torch DDP GradBucket and returns a completed Future."""
+    index = bucket.index()
+    # Only "is this the last bucket" matters to the hooks (PowerSGD's step counter).
+    bucket_count = index + 1 if bucket.is_last() else index + 2
+    result = _C._run_comm_hook(cpp_hook, bucket.buffer(), index, bucket_count, bucket.parameters())
+    fut = torch.futures.Future()
+    fut.set_result(result)
+    return fut
+
+
+def _cpp_hook_maker(make):
+    """Attaches `make(state, process_group) -> _C.CommHook` to a hook function."""
+
+    def decorate(fn):
+        fn._torchlane_make_cpp_hook = make
+        return fn
+
+    return decorate
+
+
+# ---- bf16 / fp16 --------------------------------------------------------------------------------
+
+
+def _cast_group(state, process_group, hook_name):
+    # torch's bf16/fp16 hooks take the process group as their state; accept that too.
+    if state is None:
+        return _default_group(process_group)
+    if isinstance(state, dist.ProcessGroup):
+        return state
+    raise ValueError(
+        f"torchlane.hooks.{hook_name}: state must be None (or a ProcessGroup), got "
+        f"{type(state).__name__}"
+    )
+
+
+def _make_cast(wire_dtype, hook_name):
+    def make(state, process_group):
+        return _C.CastCompressHook(_cast_group(state, process_group, hook_name), wire_dtype)
+
+    return make
+
+
+@_cpp_hook_maker(_make_cast("bfloat16", "bf16_compress"))
+def bf16_compress(state, bucket):
+    """Casts the bucket to bfloat16 (divided by world size), all-reduces, casts back."""
+    return _run_on_bucket(
+        _C.CastCompressHook(_cast_group(state, None, "bf16_compress"), "bfloat16"), bucket
+    )
+
+
+@_cpp_hook_maker(_make_cast("float16", "fp16_compress"))
+def fp16_compress(state, bucket):
+    """Casts the bucket to float16 (divided by world size), all-reduces, casts back."""
+    return _run_on_bucket(
+        _C.CastCompressHook(_cast_group(state, None, "fp16_compress"), "float16"), bucket
+    )
+
+
+# ---- PowerSGD -----------------------------------------------------------------------------------
+
+
+class PowerSGDState:
+    """Settings of the PowerSGD hook (torch's ``PowerSGDState`` without the process group).
+
+    Arguments and defaults are torch's: ``rank`` is torch's ``matrix_approximation_rank``.
+    The step counter, the P/Q memories and the error-feedback memory live in the C++ hook
+    created when the state is registered; ``iter`` and ``compression_stats()`` read them.
+    """
+
+    def __init__(
+        self,
+        rank=1,
+        start_powerSGD_iter=1_000,
+        min_compression_rate=2,
+        use_error_feedback=True,
+        warm_start=True,
+        orthogonalization_epsilon=0,
+        random_seed=0,
+    ):
+        self.rank = _check_int("rank", rank, 1)
+        self.start_powerSGD_iter = _check_int("start_powerSGD_iter", start_powerSGD_iter, 0)
+        self.min_compression_rate = _check_real("min_compression_rate", min_compression_rate, 0)
+        self.use_error_feedback = _check_bool("use_error_feedback", use_error_feedback)
+        self.warm_start = _check_bool("warm_start", warm_start)
+        self.orthogonalization_epsilon = _check_real(
+            "orthogonalization_epsilon", orthogonalization_epsilon, 0
+        )
+        self.random_seed = _check_int("random_seed", random_seed, 0)
+        if self.random_seed > 2**32 - 1:
+            raise ValueError(f"random_seed must be < 2**32, got {random_seed}")
+        if (use_error_feedback or warm_start) and self.start_powerSGD_iter <= 1:
+            raise ValueError(
+                "start_powerSGD_iter must be > 1 when use_error_feedback or warm_start is "
+                f"enabled (DDP may rebuild its buckets after the first step), got "
+                f"{start_powerSGD_iter}"
+            )
+        self._cpp_hook = None
+
+    def _make(self, process_group):
+        self._cpp_hook = _C.PowerSGDHook(
+            _default_group(process_group),
+            rank=self.rank,
+            start_powerSGD_iter=self.start_powerSGD_iter,
+            min_compression_rate=self.min_compression_rate,
+            use_error_feedback=self.use_error_feedback,
+            warm_start=self.warm_start,
+            orthogonalization_epsilon=self.orthogonalization_epsilon,
+            random_seed=self.random_seed,
+        )
+        return self._cpp_hook
+
+    @property
+    def iter(self):
+        """Steps seen so far by the hook this state was last registered with."""
+        return 0 if self._cpp_hook is None else self._cpp_hook.iter
+
+    def compression_stats(self):
+        """(compression rate, elements before, elements after), as torch's state reports."""
+        return (0, 0, 0) if self._cpp_hook is None else self._cpp_hook.compression_stats()
+
+    def __repr__(self):
+        return (
+            f"PowerSGDState(rank={self.rank}, start_powerSGD_iter={self.start_powerSGD_iter}, "
+            f"min_compression_rate={self.min_compression_rate}, "
+            f"use_error_feedback={self.use_error_feedback}, warm_start={self.warm_start}, "
+            f"orthogonalization_epsilon={self.orthogonalization_epsilon}, "
+            f"random_seed={self.random_seed})"
+        )
+
+
+def _check_state(state, cls, hook_name):
+    if not isinstance(state, cls):
+        raise ValueError(
+            f"torchlane.hooks.{hook_name}: state must be a torchlane.hooks.{cls.__name__}, got "
+            f"{type(state).__name__}"
+        )
+    return state
+
+
+def _make_powersgd(state, process_group):
+    return _check_state(state, PowerSGDState, "powersgd")._make(process_group)
+
+
+@_cpp_hook_maker(_make_powersgd)
+def powersgd(state, bucket):
+    """PowerSGD low-rank compression with error feedback (Vogels et al. 2019)."""
+    _check_state(state, PowerSGDState, "powersgd")
+    if state._cpp_hook is None:
+        state._make(None)
+    return _run_on_bucket(state._cpp_hook, bucket)
+
+
+# ---- top-k --------------------------------------------------------------------------------------
+
+
+class TopKState:
+    """Settings of the top-k hook: each bucket sends its ceil(ratio * numel) largest entries."""
+
+    def __init__(self, ratio=0.01):
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+        self.ratio = float(ratio)
+        self._cpp_hook = None
+
+    def _make(self, process_group):
+        self._cpp_hook = _C.TopKHook(_default_group(process_group), self.ratio)
+        return self._cpp_hook
+
+    def __repr__(self):
+        return f"TopKState(ratio={self.ratio})"
+
+
+def _make_topk(state, process_group):
+    return _check_state(state, TopKState, "topk")._make(process_group)
+
+
+@_cpp_hook_maker(_make_topk)
+def topk(state, bucket):
+    """Top-k sparsification with error feedback; the dense mean of all ranks' entries."""
+    _check_state(state, TopKState, "topk")
+    if state._cpp_hook is None:
+        state._make(None)
+    return _run_on_bucket(state._cpp_hook, bucket)
+
+
+# ---- fake kernels of the compression ops (torch.compile / opcheck) ------------------------------
+
+
+@torch.library.register_fake("torchlane::cast_compress")
+def _cast_compress_fake(src, wire_dtype, world_size):
+    return src.new_empty(src.shape, dtype=wire_dtype)
+
+
+@torch.library.register_fake("torchlane::cast_decompress")
+def _cast_decompress_fake(wire, dtype):
+    return wire.new_empty(wire.shape, dtype=dtype)
+
+
+@torch.library.register_fake("torchlane::topk_compress_")
+def _topk_compress_fake(residual, grad, k):
+    return residual.new_empty((k,)), residual.new_empty((k,), dtype=torch.int32)
+
+
+@torch.library.register_fake("torchlane::topk_scatter_add_")
+def _topk_scatter_add_fake(out, values, indices, scale):
+    return None
+
+
+@torch.library.register_fake("torchlane::orthogonalize_")
+def _orthogonalize_fake(matrix, epsilon):
+    return None

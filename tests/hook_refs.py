@@ -1,0 +1,126 @@
+"""Float64 reference implementations of torchlane's compression hooks, written from the papers
+and torch's documented hook semantics, independent of torchlane's C++ code.
+
+Every reference simulates all ranks at once: it gets every rank's gradient and returns what each
+rank should hold afterwards.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+
+def gram_schmidt(a, eps=0.0):
+    """Modified Gram-Schmidt on the columns of `a` (float64 copy)."""
+    a = a.double().clone()
+    for i in range(a.shape[1]):
+        a[:, i] /= a[:, i].norm() + eps
+        if i + 1 < a.shape[1]:
+            col = a[:, i : i + 1]
+            rest = a[:, i + 1 :]
+            rest -= (col * rest).sum(0, keepdim=True) * col
+    return a
+
+
+def powersgd_plan(shapes, rank, min_compression_rate):
+    """torch's rule: view as (shape[0], -1); compress when (n + m) r rate < n m; 1-D never.
+
+    Returns ([(tensor, n, m, r)] grouped by (n, m) in order of first appearance, [uncompressed]).
+    """
+    groups, uncompressed = {}, []
+    for t, shape in enumerate(shapes):
+        if len(shape) < 2:
+            uncompressed.append(t)
+            continue
+        n, m = shape[0], math.prod(shape[1:])
+        r = min(n, m, rank)
+        if (n + m) * r * min_compression_rate < n * m:
+            groups.setdefault((n, m), []).append(t)
+        else:
+            uncompressed.append(t)
+    compressed = [(t, n, m, min(n, m, rank)) for (n, m), ts in groups.items() for t in ts]
+    return compressed, uncompressed
+
+
+class PowerSGDReference:
+    """PowerSGD (Vogels et al. 2019, Algorithm 1 with error feedback and warm start), with the
+    step counter, random initialisation and bookkeeping of torch's powerSGD_hook, in float64."""
+
+    def __init__(self, world, rank, start_iter, min_rate, error_feedback, warm_start, eps, seed):
+        self.world, self.rank, self.start_iter = world, rank, start_iter
+        self.min_rate, self.ef, self.warm, self.eps = min_rate, error_feedback, warm_start, eps
+        self.rng = np.random.RandomState(seed)
+        self.iter = 0
+        self.p, self.q, self.err = {}, {}, {}  # per bucket; err is a list over ranks
+
+    def step(self, index, is_last, shapes, grads):
+        """grads[r]: flat float64 bucket of rank r. Returns the averaged bucket (all ranks)."""
+        world = self.world
+        if self.iter < self.start_iter:
+            if is_last:
+                self.iter += 1
+            return sum(grads) / world
+        n_total = grads[0].numel()
+        if self.ef:
+            errs = self.err.get(index, [torch.zeros(n_total, dtype=torch.float64)] * world)
+            local = [g + e for g, e in zip(grads, errs, strict=True)]
+        else:
+            local = [g.clone() for g in grads]
+        offsets = np.cumsum([0] + [math.prod(s) for s in shapes])
+
+        def piece(flat, t):
+            return flat[offsets[t] : offsets[t + 1]]
+
+        compressed, uncompressed = powersgd_plan(shapes, self.rank, self.min_rate)
+        result = torch.empty(n_total, dtype=torch.float64)
+        for t in uncompressed:
+            piece(result, t).copy_(sum(piece(x, t) for x in local) / world)
+
+        if not self.warm or index not in self.q:
+            g = torch.Generator().manual_seed(int(self.rng.randint(1_000_000_000)))
+            qs = [
+                torch.randn((1, m, r), generator=g, dtype=torch.float32).reshape(m, r).double()
+                for (_, n, m, r) in compressed
+            ]
+        else:
+            qs = self.q[index]
+        qs = [gram_schmidt(q, self.eps) for q in qs]
+        ps, new_qs = [], []
+        for (t, n, m, _), q in zip(compressed, qs, strict=True):
+            mats = [piece(x, t).view(n, m) for x in local]
+            p = gram_schmidt(sum(mat @ q for mat in mats), self.eps)
+            q_new = sum(mat.T @ p for mat in mats) / world
+            piece(result, t).copy_((p @ q_new.T).reshape(-1))
+            ps.append(p)
+            new_qs.append(q_new)
+        self.p[index], self.q[index] = ps, new_qs
+        if self.ef:
+            self.err[index] = [x - result for x in local]
+        if is_last:
+            self.iter += 1
+        return result
+
+    def flat_pq(self, index):
+        """P and Q memories laid out as the hook lays them out (plan order, row-major)."""
+        return (
+            torch.cat([p.reshape(-1) for p in self.p[index]]),
+            torch.cat([q.reshape(-1) for q in self.q[index]]),
+        )
+
+
+def topk_step(grads, residuals, k):
+    """Top-k with error feedback (Stich et al. 2018) for all ranks, float64.
+
+    Returns (dense mean of the selected entries, new residual per rank)."""
+    world = len(grads)
+    update = torch.zeros_like(grads[0], dtype=torch.float64)
+    new_residuals = []
+    for g, e in zip(grads, residuals, strict=True):
+        acc = g.double() + e
+        idx = acc.abs().topk(k).indices
+        update[idx] += acc[idx] / world
+        rest = acc.clone()
+        rest[idx] = 0
+        new_residuals.append(rest)
+    return update, new_residuals

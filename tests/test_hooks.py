@@ -1,0 +1,373 @@
+"""torchlane's C++ compression hooks against float64 references (tests/hook_refs.py).
+
+The compression math is tested alone in this process; the hooks themselves run on buckets built
+by `_C._run_comm_hook` with a real 3-rank Gloo group (one spawned job for all of them), without
+DistributedDataParallel.
+"""
+
+import math
+
+import dist
+import hook_refs
+import numpy as np
+import pytest
+import torch
+import torchlane  # noqa: F401
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
+from torchlane import _C, hooks
+
+# ---- state validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"rank": 0}, "rank"),
+        ({"rank": 1.5}, "rank"),
+        ({"start_powerSGD_iter": -1}, "start_powerSGD_iter"),
+        ({"start_powerSGD_iter": 1}, "start_powerSGD_iter"),
+        ({"min_compression_rate": -0.5}, "min_compression_rate"),
+        ({"min_compression_rate": "2"}, "min_compression_rate"),
+        ({"use_error_feedback": 1}, "use_error_feedback"),
+        ({"warm_start": None}, "warm_start"),
+        ({"orthogonalization_epsilon": -1e-8}, "orthogonalization_epsilon"),
+        ({"orthogonalization_epsilon": float("inf")}, "orthogonalization_epsilon"),
+        ({"random_seed": -1}, "random_seed"),
+        ({"random_seed": 2**32}, "random_seed"),
+    ],
+)
+def test_powersgd_state_rejects_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        hooks.PowerSGDState(**kwargs)
+
+
+def test_powersgd_state_accepts_torch_settings():
+    s = hooks.PowerSGDState(rank=4, start_powerSGD_iter=2, min_compression_rate=0.5)
+    assert (s.rank, s.start_powerSGD_iter, s.min_compression_rate) == (4, 2, 0.5)
+    # Without error feedback and warm start, PowerSGD may start at step 0 (as in torch).
+    hooks.PowerSGDState(start_powerSGD_iter=0, use_error_feedback=False, warm_start=False)
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan"), "0.1", True])
+def test_topk_state_rejects_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        hooks.TopKState(ratio=ratio)
+
+
+def test_hooks_carry_cpp_factories():
+    for h in (hooks.bf16_compress, hooks.fp16_compress, hooks.powersgd, hooks.topk):
+        assert callable(h._torchlane_make_cpp_hook)
+    with pytest.raises(ValueError, match="PowerSGDState"):
+        hooks.powersgd._torchlane_make_cpp_hook(hooks.TopKState(), None)
+    with pytest.raises(ValueError, match="TopKState"):
+        hooks.topk._torchlane_make_cpp_hook(None, None)
+    with pytest.raises(ValueError, match="state must be None"):
+        hooks.bf16_compress._torchlane_make_cpp_hook(hooks.TopKState(), None)
+
+
+# ---- pure compression math ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.float64])
+def test_cast_compress_rounds_like_torch_hook(wire, src_dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(10_000, generator=g, dtype=torch.float64) * 3).to(src_dtype)
+    x[:4] = torch.tensor([0.0, -0.0, 1e-30, 7e4])  # zero, tiny, fp16-overflowing
+    for world in (1, 3, 4):
+        ours = torch.ops.torchlane.cast_compress(x, wire, world)
+        torch_hook = x.to(wire).div_(world)  # what torch's fp16/bf16_compress_hook sends
+        assert ours.dtype == wire
+        assert torch.equal(ours.view(torch.int16), torch_hook.view(torch.int16))
+    back = torch.ops.torchlane.cast_decompress(ours, torch.float32)
+    assert torch.equal(back, ours.float())
+
+
+def test_topk_compress_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        grad = torch.randn(1000, generator=g, dtype=dtype)
+        residual = torch.randn(1000, generator=g, dtype=dtype) * 0.1
+        for k in (1, 37, 1000):
+            res = residual.clone()
+            values, indices = torch.ops.torchlane.topk_compress_(res, grad, k)
+            acc = grad + residual
+            ref_idx = acc.abs().topk(k).indices.sort().values
+            assert indices.dtype == torch.int32
+            assert torch.equal(indices.long(), ref_idx)
+            assert torch.equal(values, acc[ref_idx])
+            expected = acc.clone()
+            expected[ref_idx] = 0
+            assert torch.equal(res, expected)
+
+
+def test_topk_compress_breaks_ties_towards_lower_index():
+    grad = torch.tensor([1.0, -3.0, 3.0, 2.0, -3.0, 0.5])
+    res = torch.zeros(6)
+    values, indices = torch.ops.torchlane.topk_compress_(res, grad, 2)
+    assert indices.tolist() == [1, 2] and values.tolist() == [-3.0, 3.0]
+    assert res.tolist() == [1.0, 0.0, 0.0, 2.0, -3.0, 0.5]
+
+
+def test_topk_scatter_add_sums_repeated_positions():
+    out = torch.zeros(5, dtype=torch.float64)
+    torch.ops.torchlane.topk_scatter_add_(
+        out, torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), torch.tensor([3, 0, 3]).int(), 0.5
+    )
+    assert out.tolist() == [1.0, 0.0, 0.0, 2.5, 0.0]
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.torchlane.topk_scatter_add_(
+            out, torch.ones(1).double(), torch.tensor([5]).int(), 1.0
+        )
+
+
+@pytest.mark.parametrize("bad", ["k0", "k_big", "dtype", "shape"])
+def test_topk_compress_rejects_bad_inputs(bad):
+    res, grad, k = torch.zeros(8), torch.ones(8), 2
+    if bad == "k0":
+        k = 0
+    elif bad == "k_big":
+        k = 9
+    elif bad == "dtype":
+        res, grad = res.half(), grad.half()
+    else:
+        grad = torch.ones(7)
+    with pytest.raises(RuntimeError, match="topk_compress_"):
+        torch.ops.torchlane.topk_compress_(res, grad, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_orthogonalize_matches_gram_schmidt_reference(dtype, eps):
+    g = torch.Generator().manual_seed(2)
+    for rows, cols in ((50, 1), (50, 4), (7, 7)):
+        a = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+        m = a.to(dtype).clone()
+        torch.ops.torchlane.orthogonalize_(m, eps)
+        ref = hook_refs.gram_schmidt(a.to(dtype), eps)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(m.double(), ref, rtol=tol, atol=tol)
+        if eps == 0:
+            eye = torch.eye(cols).double()
+            torch.testing.assert_close(m.double().T @ m.double(), eye, atol=10 * tol, rtol=0)
+    # A non-contiguous (transposed) matrix goes through the device-generic path.
+    a = torch.randn(4, 30, generator=g, dtype=dtype)
+    m = a.clone().T
+    torch.ops.torchlane.orthogonalize_(m, eps)
+    torch.testing.assert_close(m.double(), hook_refs.gram_schmidt(a.T, eps), rtol=1e-5, atol=1e-5)
+
+
+def test_orthogonalize_zero_column_stays_finite():
+    m = torch.zeros(6, 3)
+    m[:, 1] = 1.0
+    torch.ops.torchlane.orthogonalize_(m, 0.0)
+    assert torch.isfinite(m).all()
+    assert torch.equal(m[:, 0], torch.zeros(6))
+    torch.testing.assert_close(m[:, 1], torch.full((6,), 1 / math.sqrt(6)))
+
+
+def test_powersgd_seeds_match_numpy_random_state():
+    for seed in (0, 1, 12345, 2**32 - 1):
+        rng = np.random.RandomState(seed)
+        assert _C._powersgd_seeds(seed, 20) == [rng.randint(1_000_000_000) for _ in range(20)]
+
+
+def test_powersgd_plan_matches_torch_rule():
+    shapes = [[16, 12], [12], [8, 3, 2, 2], [3, 4], [16, 12], [1, 100], [100, 1], [0, 5], []]
+    for rank, rate in ((1, 2.0), (2, 2.0), (4, 1.0), (4, 0.5), (64, 0.0)):
+        compressed, uncompressed = _C._powersgd_plan(shapes, rank, rate)
+        ref_c, ref_u = hook_refs.powersgd_plan(shapes, rank, rate)
+        assert [c[:4] for c in compressed] == [tuple(c) for c in ref_c]
+        assert sorted(uncompressed) == sorted(ref_u)
+        for _t, n, m, r in ref_c:  # torch's own predicate agrees on every 2-D+ tensor
+            assert torch_powersgd._should_compress(n, m, r, rate)[0]
+        p_offsets = np.cumsum([0] + [n * r for _, n, _, r in ref_c])[:-1]
+        q_offsets = np.cumsum([0] + [m * r for _, _, m, r in ref_c])[:-1]
+        assert [c[4] for c in compressed] == list(p_offsets)
+        assert [c[5] for c in compressed] == list(q_offsets)
+
+
+def test_compression_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, generator=g)
+    torch.library.opcheck(torch.ops.torchlane.cast_compress.default, (x, torch.bfloat16, 2))
+    torch.library.opcheck(torch.ops.torchlane.cast_decompress.default, (x.half(), torch.float32))
+    torch.library.opcheck(torch.ops.torchlane.topk_compress_.default, (torch.zeros(64), x, 5))
+    torch.library.opcheck(
+        torch.ops.torchlane.topk_scatter_add_.default,
+        (torch.zeros(64), torch.ones(3), torch.tensor([1, 5, 1]).int(), 0.5),
+    )
+    torch.library.opcheck(torch.ops.torchlane.orthogonalize_.default, (torch.randn(10, 3), 0.0))
+
+
+# ---- the hooks on buckets, 3 Gloo ranks ---------------------------------------------------------
+
+WORLD = 3
+# Two buckets. Bucket 0 has two same-shaped matrices apart from a third one (the plan groups by
+# shape), a bias, a 4-D conv-like weight and a matrix too small to be worth compressing.
+BUCKETS = [
+    [(16, 12), (12,), (8, 3, 2, 2), (3, 4), (16, 12)],
+    [(10, 20), (20,)],
+]
+
+
+def _grad(step, rank, index, dtype=torch.float32):
+    numel = sum(math.prod(s) for s in BUCKETS[index])
+    g = torch.Generator().manual_seed(10_000 * step + 100 * index + rank)
+    return torch.randn(numel, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _run(hook, step, rank, index):
+    params = [torch.empty(s) for s in BUCKETS[index]]
+    return _C._run_comm_hook(hook, _grad(step, rank, index), index, len(BUCKETS), params)
+
+
+def _check_cast(rank, world, pg):
+    out = {}
+    for name, wire, unit in (("bf16", "bfloat16", 2.0**-8), ("fp16", "float16", 2.0**-11)):
+        hook = _C.CastCompressHook(pg, wire)
+        dtype = torch.bfloat16 if wire == "bfloat16" else torch.float16
+        assert hook.name == f"{name}_compress"
+        worst = 0.0
+        for index in range(len(BUCKETS)):
+            got = _run(hook, 0, rank, index)
+            grads = [_grad(0, r, index).double() for r in range(world)]
+            mean = sum(grads) / world
+            # Each rank's value is rounded twice, the sum once per addition: a few units.
+            bound = 4 * unit * sum(g.abs() for g in grads) / world
+            err = (got.double() - mean).abs()
+            assert (err <= bound).all(), f"{name}: error {err.max()} above bound"
+            assert torch.equal(got.to(dtype).float(), got)  # really went through the wire dtype
+            # torch's hook: buffer.to(dtype).div_(world), all-reduce, copy back. Bit for bit.
+            wire_t = _grad(0, rank, index).to(dtype).div_(world)
+            torch.distributed.all_reduce(wire_t)
+            assert torch.equal(got, wire_t.float())
+            assert hook.take_bytes_sent() == got.numel() * 2
+            worst = max(worst, (err / (mean.abs() + 1e-3)).median().item())
+        out[name] = worst
+    return out
+
+
+def _check_powersgd(rank, world, pg, config, steps):
+    hook = _C.PowerSGDHook(pg, **config)
+    ref = hook_refs.PowerSGDReference(
+        world,
+        config["rank"],
+        config["start_powerSGD_iter"],
+        config["min_compression_rate"],
+        config["use_error_feedback"],
+        config["warm_start"],
+        config["orthogonalization_epsilon"],
+        config["random_seed"],
+    )
+    worst = 0.0
+    for step in range(steps):
+        for index, shapes in enumerate(BUCKETS):
+            got = _run(hook, step, rank, index)
+            grads = [_grad(step, r, index).double() for r in range(world)]
+            expected = ref.step(index, index == len(BUCKETS) - 1, shapes, grads)
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5 * scale)
+            worst = max(worst, (got.double() - expected).abs().max().item() / scale)
+            compressed = step >= config["start_powerSGD_iter"]
+            p, q, err = hook._memory(index)
+            if not compressed:
+                assert p is None and hook.take_bytes_sent() == got.numel() * 4
+                continue
+            # P, Q and the error memory after this step equal the reference, step by step.
+            ref_p, ref_q = ref.flat_pq(index)
+            if config["warm_start"]:
+                torch.testing.assert_close(p.double(), ref_p, rtol=0, atol=1e-4)
+                torch.testing.assert_close(
+                    q.double(), ref_q, rtol=0, atol=1e-4 * ref_q.abs().max().item()
+                )
+            else:
+                assert p is None and q is None  # memories are not kept without warm start
+            if config["use_error_feedback"]:
+                torch.testing.assert_close(
+                    err.double(), ref.err[index][rank], rtol=0, atol=2e-5 * scale
+                )
+            else:
+                assert err is None
+            compressed_plan, unc = hook_refs.powersgd_plan(
+                shapes, config["rank"], config["min_compression_rate"]
+            )
+            sent = sum(math.prod(shapes[t]) for t in unc) + sum(
+                (n + m) * r for _, n, m, r in compressed_plan
+            )
+            assert hook.take_bytes_sent() == sent * 4
+    assert hook.iter == steps
+    return worst
+
+
+def _check_topk(rank, world, pg, ratio, steps):
+    hook = _C.TopKHook(pg, ratio)
+    residuals = {
+        i: [torch.zeros(_grad(0, 0, i).numel(), dtype=torch.float64)] * world
+        for i in range(len(BUCKETS))
+    }
+    worst = 0.0
+    for step in range(steps):
+        for index in range(len(BUCKETS)):
+            got = _run(hook, step, rank, index)
+            grads = [_grad(step, r, index) for r in range(world)]
+            k = math.ceil(ratio * got.numel())
+            assert _C._topk_count(got.numel(), ratio) == k
+            expected, residuals[index] = hook_refs.topk_step(grads, residuals[index], k)
+            torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                hook._residual(index).double(), residuals[index][rank], rtol=0, atol=1e-6
+            )
+            assert (hook._residual(index) == 0).sum() >= k
+            assert hook.take_bytes_sent() == k * 8  # float32 value + int32 index
+            worst = max(worst, (got.double() - expected).abs().max().item())
+    return worst
+
+
+def _check_errors(rank, world, pg):
+    hook = _C.TopKHook(pg, 0.5)
+    with pytest.raises(RuntimeError, match="params hold"):
+        _C._run_comm_hook(hook, torch.zeros(10), 0, 1, [torch.empty(3)])
+    with pytest.raises(RuntimeError, match="index must be in"):
+        _C._run_comm_hook(hook, torch.zeros(3), 1, 1, [torch.empty(3)])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _C._run_comm_hook(hook, torch.zeros(3).half(), 0, 1, [torch.empty(3)])
+    with pytest.raises(ValueError, match="ratio"):
+        _C.TopKHook(pg, 0.0)
+    with pytest.raises(ValueError, match="wire_dtype"):
+        _C.CastCompressHook(pg, "int8")
+    with pytest.raises(ValueError, match="start_powerSGD_iter"):
+        _C.PowerSGDHook(pg, 1, 1, 2.0, True, True, 0.0, 0)
+
+
+def _bucket_job(rank, world):
+    pg = torch.distributed.distributed_c10d._get_default_group()
+    out = {"cast": _check_cast(rank, world, pg)}
+    base = dict(
+        rank=2,
+        start_powerSGD_iter=2,
+        min_compression_rate=2.0,
+        use_error_feedback=True,
+        warm_start=True,
+        orthogonalization_epsilon=0.0,
+        random_seed=7,
+    )
+    out["powersgd_ef_warm"] = _check_powersgd(rank, world, pg, base, steps=5)
+    cold = dict(
+        base,
+        rank=4,
+        start_powerSGD_iter=0,
+        min_compression_rate=1.0,
+        use_error_feedback=False,
+        warm_start=False,
+        orthogonalization_epsilon=1e-8,
+    )
+    out["powersgd_cold"] = _check_powersgd(rank, world, pg, cold, steps=2)
+    out["topk"] = _check_topk(rank, world, pg, 0.1, steps=3)
+    _check_errors(rank, world, pg)
+    return out
+
+
+def test_hooks_on_buckets_match_float64_references():
+    results = dist.run(_bucket_job, world_size=WORLD)
+    print("worst relative errors per rank:", results)
