@@ -308,6 +308,16 @@ def _agreement(rank, world, root):
     except CheckpointError as e:
         results["different"] = str(e)
 
+    # Buffers may differ between ranks (BatchNorm statistics after a forward): rank 0's are saved.
+    torch.manual_seed(0)
+    bn = DDP(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)))
+    bn(torch.randn(8, 6) + rank).sum().backward()
+    checkpoint.save(os.path.join(root, "bn"), bn, None, 0)
+    saved = torch.load(checkpoint.checkpoint_path(os.path.join(root, "bn"), 0), weights_only=True)
+    results["bn_saved_rank0_buffers"] = bool(
+        torch.equal(saved["model"]["1.running_mean"], bn.module[1].running_mean)
+    )
+
     # Replicas that diverged are refused, on every rank, before anything is written.
     with torch.no_grad():
         model.module.fc2.bias[0] += rank
@@ -336,7 +346,8 @@ def test_ranks_agree(tmp_path):
         assert "on ranks [1]" in r["truncated_on_1"] and "ckpt-0000000002.pt" in r["truncated_on_1"]
         assert r["fallback"] == 1, "every rank must fall back to the same checkpoint"
         assert "ranks read different contents for checkpoint" in r["different"]
-        assert "model replicas differ between ranks (ranks [1]" in r["diverged"]
+        assert "model parameters differ between ranks (ranks [1]" in r["diverged"]
+        assert r["bn_saved_rank0_buffers"] == (rank == 0)
         assert r["steps_after"] == [1, 2]
         expected = "FileExistsError" if rank == 0 else "CheckpointError: rank 0 failed to write"
         assert r["write_failed"].startswith(expected), r["write_failed"]

@@ -68,6 +68,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # The staged copy must be the one imported (before python/ and any editable install).
 PYTHONPATH="$STAGE:$ROOT/tests" "$PYTHON" - "$STAGE" <<'EOF'
 import sys
+import torch  # noqa: F401
 import torchlane
 assert torchlane._C.__file__.startswith(sys.argv[1]), torchlane._C.__file__
 print("run_sanitized: torchlane._C =", torchlane._C.__file__)

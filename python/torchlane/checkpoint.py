@@ -29,8 +29,9 @@ train 10" bitwise identical on the CPU. RNG streams the library cannot see (a Da
 torch.Generator, for instance) belong in `**extra`.
 
 Note [Checkpoint agreement]
-`save` first checks that all ranks hold the same model state (a digest compared across ranks):
-replicas that diverged are an error, not something to checkpoint silently. `load` lets rank 0
+`save` first checks that all ranks hold the same parameters (a digest compared across ranks):
+replicas that diverged are an error, not something to checkpoint silently. (Buffers such as
+BatchNorm statistics may differ after a forward; rank 0's are saved.) `load` lets rank 0
 choose the file, every rank reads it, and the ranks compare the digests of what they read; all
 ranks load the same bytes or all of them raise.
 """
@@ -136,7 +137,7 @@ def save(
 
     model_state = _cpu(module.state_dict())
     if verify_replicas and world > 1:
-        _check_replicas_agree(model_state, pg, rank, world)
+        _check_replicas_agree(module, pg, rank, world)
     rngs = _gather_rng_states(pg, rank, world)  # collective: before any rank-0-only work
     target = checkpoint_path(path, step)
 
@@ -527,15 +528,18 @@ def _cpu(obj):
     return obj
 
 
-def _check_replicas_agree(model_state, pg, rank, world):
-    local = torch.frombuffer(bytearray(bytes.fromhex(_digest(model_state))), dtype=torch.uint8)
+def _check_replicas_agree(module, pg, rank, world):
+    # Parameters only: buffers (BatchNorm statistics) legitimately differ between ranks after a
+    # forward; DDP broadcasts rank 0's at the next one, and rank 0's are the ones saved.
+    params = OrderedDict((name, p.detach()) for name, p in module.named_parameters())
+    local = torch.frombuffer(bytearray(bytes.fromhex(_digest(params))), dtype=torch.uint8)
     rows = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(rows, local, group=pg)
     differ = [r for r, row in enumerate(rows) if not torch.equal(row, rows[0])]
     if differ:
         raise CheckpointError(
-            f"checkpoint.save: the model replicas differ between ranks (ranks {differ} differ from "
-            "rank 0); nothing was written"
+            f"checkpoint.save: the model parameters differ between ranks (ranks {differ} differ "
+            "from rank 0); nothing was written"
         )
 
 
