@@ -5,6 +5,8 @@ PIP := $(PYTHON) -m pip
 NPROC ?= 2
 TORCH_VERSION := 2.13.0
 export MAX_JOBS ?= 2
+# The targets use the in-place build of this checkout (python/torchlane/_C*.so), no install step.
+export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help deps build demo test test-fast bench sanitize cuda-check format lint clean
 
@@ -20,7 +22,7 @@ deps:
 
 build: deps
 	$(PYTHON) setup.py -q build_ext --inplace
-	@$(PYTHON) -c "import torchlane" 2>/dev/null || $(PIP) install --no-build-isolation --no-deps -e .
+	$(PYTHON) -c "import torchlane; print('torchlane', torchlane.__version__, 'built in', torchlane.__file__)"
 
 demo: build
 	@$(PYTHON) -c "import tqdm" 2>/dev/null || $(PIP) install -q tqdm
