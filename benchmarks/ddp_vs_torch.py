@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT / "examples"), str(ROOT / "python")]
 
+from train_gpt import register_hook  # noqa: E402  (the example's hook choice, both sides)
+
 HOOKS = ("none", "fp16", "bf16", "powersgd", "topk")
 
 
@@ -148,50 +150,15 @@ def build_model(args):
     return GPT(cfg)
 
 
-def torch_bf16_compress_hook(process_group, bucket):
-    """torch's bf16_compress_hook, whose name torch DDP refuses unless the backend is NCCL: the
-    same body (torch's own default_hooks._compress_hook) under another name, so it runs on Gloo."""
-    import torch
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
-
-
 def torch_hook(ddp, hook):
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as dh
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
-
-    if hook == "fp16":
-        ddp.register_comm_hook(None, dh.fp16_compress_hook)
-    elif hook == "bf16":
-        # torch DDP refuses bf16_compress_hook by name unless on NCCL; register its body.
-        ddp.register_comm_hook(None, torch_bf16_compress_hook)
-    elif hook == "powersgd":
-        state = ps.PowerSGDState(
-            None,
-            matrix_approximation_rank=4,
-            start_powerSGD_iter=2,
-            min_compression_rate=2,
-            use_error_feedback=True,
-            warm_start=True,
-        )
-        ddp.register_comm_hook(state, ps.powerSGD_hook)
-    # topk: torch has no top-k hook, torch DDP runs uncompressed.
+    # torch has no top-k hook: torch DDP runs uncompressed in the top-k comparison.
+    if hook not in ("none", "topk"):
+        register_hook(ddp, "torch", hook)
 
 
 def torchlane_hook(ddp, hook):
-    if hook == "none":
-        return
-    import torchlane.hooks as th
-
-    if hook == "fp16":
-        ddp.register_comm_hook(None, th.fp16_compress)
-    elif hook == "bf16":
-        ddp.register_comm_hook(None, th.bf16_compress)
-    elif hook == "powersgd":
-        ddp.register_comm_hook(th.PowerSGDState(rank=4, start_powerSGD_iter=2), th.powersgd)
-    elif hook == "topk":
-        ddp.register_comm_hook(th.TopKState(ratio=0.01), th.topk)
+    if hook != "none":
+        register_hook(ddp, "torchlane", hook)
 
 
 def torchlane_ddp_class():
