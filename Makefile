@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 # The targets use the in-place build of this checkout (python/torchlane/_C*.so), no install step.
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help deps build demo test test-fast bench sanitize cuda-check format lint clean
+.PHONY: help deps build demo test bench sanitize cuda-check format lint clean
 
 help:
 	@echo "make demo   - build and train a small GPT on 2 CPU ranks with torchlane DDP"
@@ -41,9 +41,13 @@ bench: build
 cuda-check:
 	$(PYTHON) tools/cuda_check.py
 
+# ASan + UBSan build of _C, then the C++-heavy tests against it (SANITIZE_TESTS: pytest
+# arguments for a subset; default: every C++-heavy test file, see tools/run_sanitized.sh).
+SANITIZE_TESTS ?=
 sanitize: deps
+	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
 	TORCHLANE_SANITIZE=1 TORCHLANE_DEBUG=1 $(PYTHON) setup.py -q build_ext --inplace --build-temp build/sanitize
-	tools/run_sanitized.sh
+	tools/run_sanitized.sh $(SANITIZE_TESTS)
 
 format:
 	clang-format -i $$(find csrc -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
