@@ -101,8 +101,9 @@ def _sync_step(model, opt, name, step, rank, world, scenario):
             loss = loss + fields[1].pow(2).mean()
         loss.backward()
     elif scenario == "create_graph" and isinstance(model, torchlane.DistributedDataParallel):
-        # (torch DDP itself fails here in its optimizer step; it runs a plain backward instead,
-        # which must give the same parameters.)
+        # (torch DDP itself raises "a leaf Variable that requires grad is being used in an
+        # in-place operation" here; it runs a plain backward instead, which must give the same
+        # parameters.)
         loss_fn(name, out, ys).backward(create_graph=True)
     elif scenario == "inplace_output":
         out.mul_(2)  # in-place on an output that went through the unused-parameter pass-through
