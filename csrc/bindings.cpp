@@ -282,8 +282,7 @@ PYBIND11_MODULE(_C, m) {
       .def("run_zero_allreduces", &Reducer::run_zero_allreduces,
            py::call_guard<py::gil_scoped_release>())
       .def("buckets", &buckets_to_list)
-      .def("stats", &stats_to_dict)
-      .def_property_readonly("world_size", &Reducer::world_size);
+      .def("stats", &stats_to_dict);
 }
 
 // ---- torchlane ops (schemas only; each op's TORCH_LIBRARY_IMPL lives next to its kernels) ----

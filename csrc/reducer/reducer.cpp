@@ -285,6 +285,12 @@ bool Reducer::static_graph_first_iteration() const {
   return options_.static_graph && iterations_ == 0;
 }
 
+// Whether this iteration all-reduces the usage flags after its buckets. Active and joined ranks
+// (run_zero_allreduces) must agree on it, so it is decided in this one place.
+bool Reducer::sends_usage_flags() const {
+  return options_.find_unused_parameters || static_graph_first_iteration();
+}
+
 bool Reducer::tracks_usage() const {
   return options_.find_unused_parameters || options_.static_graph;
 }
@@ -399,8 +405,7 @@ void Reducer::launch_ready_buckets() {
   while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].pending == 0) {
     launch_bucket(next_bucket_++);
   }
-  if (next_bucket_ == buckets_.size() &&
-      (options_.find_unused_parameters || static_graph_first_iteration()) && !local_used_future_) {
+  if (next_bucket_ == buckets_.size() && sends_usage_flags() && !local_used_future_) {
     // Which parameters got a gradient on any rank: globally unused ones keep their `.grad`.
     auto used = at::from_blob(local_used_host_.data(), {static_cast<int64_t>(params_.size())},
                               at::kInt)
@@ -762,7 +767,7 @@ void Reducer::run_zero_allreduces() {
       futures.push_back(process_group_->allreduce(tensors)->getFuture());
     }
   }
-  if (options_.find_unused_parameters || static_graph_first_iteration()) {
+  if (sends_usage_flags()) {
     std::vector<at::Tensor> tensors{at::zeros({static_cast<int64_t>(params_.size())},
                                               params_.front().options().dtype(at::kInt))};
     futures.push_back(process_group_->allreduce(tensors)->getFuture());

@@ -99,9 +99,6 @@ class Reducer {
     std::lock_guard<std::mutex> lock(mutex_);
     return grads_finite_;
   }
-  int64_t world_size() const {
-    return world_size_;
-  }
 
  private:
   void autograd_hook(int64_t index);
@@ -118,6 +115,7 @@ class Reducer {
   void publish_stats();
   void find_unused_parameters(const std::vector<at::Tensor>& outputs);
   bool tracks_usage() const;
+  bool sends_usage_flags() const;
   void verify_layout_across_ranks();
   std::vector<std::string> unready_parameter_names_locked() const;
   void initialize_buckets(const std::vector<std::vector<int64_t>>& assignment);

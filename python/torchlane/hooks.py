@@ -210,6 +210,14 @@ def _check_state(state, cls, hook_name):
     return state
 
 
+def _run_stateful(state, cls, hook_name, bucket):
+    """A stateful hook called from Python (torch DDP): its C++ hook lives in the state."""
+    _check_state(state, cls, hook_name)
+    if state._cpp_hook is None:
+        state._make(None)
+    return _run_on_bucket(state._cpp_hook, bucket)
+
+
 def _make_powersgd(state, process_group):
     return _check_state(state, PowerSGDState, "powersgd")._make(process_group)
 
@@ -217,10 +225,7 @@ def _make_powersgd(state, process_group):
 @_cpp_hook_maker(_make_powersgd)
 def powersgd(state, bucket):
     """PowerSGD low-rank compression with error feedback (Vogels et al. 2019)."""
-    _check_state(state, PowerSGDState, "powersgd")
-    if state._cpp_hook is None:
-        state._make(None)
-    return _run_on_bucket(state._cpp_hook, bucket)
+    return _run_stateful(state, PowerSGDState, "powersgd", bucket)
 
 
 # ---- top-k --------------------------------------------------------------------------------------
@@ -250,10 +255,7 @@ def _make_topk(state, process_group):
 @_cpp_hook_maker(_make_topk)
 def topk(state, bucket):
     """Top-k sparsification with error feedback; the dense mean of all ranks' entries."""
-    _check_state(state, TopKState, "topk")
-    if state._cpp_hook is None:
-        state._make(None)
-    return _run_on_bucket(state._cpp_hook, bucket)
+    return _run_stateful(state, TopKState, "topk", bucket)
 
 
 # ---- fake kernels of the compression ops (torch.compile / opcheck) ------------------------------
