@@ -45,28 +45,49 @@ def plot_size_sweep(runs, path):
 
 
 def plot_attention(result, path):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
-    seqs = [r["seq"] for r in result["results"]]
-    for ax, mode, title in (
-        (axes[0], "fwd", "forward"),
-        (axes[1], "fwd_bwd", "forward + backward"),
-    ):
-        for name, color in (("sdpa", COLORS["torch"]), ("torchlane", COLORS["torchlane"])):
-            key = f"{name}_{mode}_gflops"
-            ys = [r.get(key) for r in result["results"]]
-            if any(y is not None for y in ys):
-                label = "torch SDPA" if name == "sdpa" else "torchlane.attention"
-                ax.plot(seqs, ys, "o-", color=color, label=label)
-        ax.set(xscale="log", xlabel="sequence length", ylabel="GFLOP/s (median)")
+    """GFLOP/s against sequence length from a benchmarks/attention.py run: forward and
+    forward + backward, one line per implementation and (dtype, D, causal) configuration."""
+    rows = result["rows"]
+    configs = sorted({(r["dtype"], r["D"], r["causal"]) for r in rows})
+    seqs = sorted({r["S"] for r in rows})
+    impls = {
+        "sdpa": ("torch SDPA", COLORS["torch"]),
+        "torchlane": ("torchlane.attention", COLORS["torchlane"]),
+        "math": ("math composition", COLORS["bare"]),
+    }
+
+    def describe(dtype, D, causal):
+        return f"{dtype} D={D}{' causal' if causal else ''}"
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, backward, title in ((axes[0], False, "forward"), (axes[1], True, "forward + backward")):
+        for ci, config in enumerate(configs):
+            sel = sorted(
+                (r for r in rows if (r["dtype"], r["D"], r["causal"]) == config),
+                key=lambda r: r["S"],
+            )
+            for impl, (label, color) in impls.items():
+                pts = [
+                    (r["S"], r["gflops"][impl])
+                    for r in sel
+                    if r["backward"] == backward and impl in r["gflops"]
+                ]
+                if pts:
+                    if len(configs) > 1:
+                        label = f"{label}, {describe(*config)}"
+                    ls = ("-", "--", ":", "-.")[ci % 4]
+                    ax.plot(*zip(*pts, strict=True), ls, marker="o", color=color, label=label)
+        ax.set(xscale="log", xlabel="sequence length", ylabel=f"GFLOP/s ({result['stat']} time)")
         ax.set_xticks(seqs, [str(s) for s in seqs])
         ax.minorticks_off()
+        config = f" {describe(*configs[0])}," if len(configs) == 1 else ","
         ax.set_title(
-            f"{title}: {result['device']} {result['dtype']}, B={result['batch']} H={result['heads']} "
-            f"D={result['head_dim']}{' causal' if result['causal'] else ''}, {result['threads']} thread(s)",
+            f"{title}: {result['device']}{config} B={result['batch']} H={result['heads']}, "
+            f"{result['threads']} thread(s)",
             fontsize=9,
         )
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     _save(fig, path)
 
 

@@ -8,7 +8,8 @@
 Parts (each one command, printed before it runs and recorded in summary.md):
   ddp        torch DDP vs torchlane DDP, 2 ranks over loopback, bucket-size sweep 1,5,25,100 MB
   sizes      step time vs model size (1M..50M parameters): bare / torch DDP / torchlane DDP
-  attention  torchlane.attention vs SDPA, GFLOP/s vs sequence length
+  attention  attention.py: torchlane.attention vs SDPA, GFLOP/s vs sequence length 128..2048
+             (B=1, H=4, D=64, fp32, causal, 1 thread)
   hooks      at 200 Mbit/s (shaped loopback, root): every compression hook vs torch's equivalent
   n4         the same link with 4 ranks (validates the scale model at N = 2 and 4)
   scale      scale_model.py: validation + prediction for N = 2..1024 (uses hooks and n4)
@@ -86,11 +87,13 @@ def commands(quick, hooks=HOOKS):
             "attention_seq.json",
             py
             + [
-                "benchmarks/attention_bench.py",
-                "--rounds",
-                "2" if quick else "5",
-                "--json",
-                "benchmarks/results/attention_seq.json",
+                "benchmarks/attention.py",
+                *("--seqs", "128", "256", "512", "1024", "2048"),
+                *("--dims", "64", "--dtypes", "fp32", "--causal", "yes"),
+                *("--batch", "1", "--heads", "4", "--threads", "1"),
+                *("--rounds", "2" if quick else "5", "--stat", "median"),
+                *("--memory-seq", "0", "--no-math"),
+                *("--out", "benchmarks/results/attention_seq.json"),
             ],
         )
     )
@@ -319,32 +322,37 @@ def report(log, quick):
         ]
         rows = [
             [
-                r["seq"],
-                fmt(r.get("sdpa_fwd_gflops"), ".2f"),
-                fmt(r.get("torchlane_fwd_gflops"), ".2f"),
-                fmt(r.get("speedup_fwd"), ".2f"),
-                fmt(r.get("sdpa_fwd_bwd_gflops"), ".2f"),
-                fmt(r.get("torchlane_fwd_bwd_gflops"), ".2f"),
-                fmt(r.get("speedup_fwd_bwd"), ".2f"),
+                r["dtype"],
+                r["S"],
+                r["D"],
+                "yes" if r["causal"] else "no",
+                "fwd+bwd" if r["backward"] else "fwd",
+                fmt(r["gflops"]["sdpa"], ".2f"),
+                fmt(r["gflops"]["torchlane"], ".2f"),
+                fmt(r["ratio_sdpa"], ".2f"),
+                fmt(r["frac_matmul"], ".2f"),
             ]
-            for r in a["results"]
+            for r in a["rows"]
         ]
         md += [
             md_table(
                 [
-                    "seq",
-                    "SDPA fwd GFLOP/s",
-                    "torchlane fwd",
-                    "speed-up",
-                    "SDPA fwd+bwd",
-                    "torchlane fwd+bwd",
-                    "speed-up",
+                    "dtype",
+                    "S",
+                    "D",
+                    "causal",
+                    "pass",
+                    "SDPA GFLOP/s",
+                    "torchlane GFLOP/s",
+                    "speed-up (SDPA time / torchlane)",
+                    "torchlane / matmul",
                 ],
                 rows,
             ),
             "",
-            f"{a['device']}, {a['dtype']}, B={a['batch']}, H={a['heads']}, D={a['head_dim']}, "
-            f"{'causal, ' if a['causal'] else ''}{a['threads']} thread(s).",
+            f"{a['device']}, B={a['batch']}, H={a['heads']}, {a['threads']} thread(s), "
+            f"{a['stat']} time of {a['rounds']} interleaved rounds."
+            + (f" {a['note']}" if a.get("note") else ""),
             "",
         ]
 

@@ -1,5 +1,6 @@
 """The benchmark suite's pure parts against closed forms and torch's own bucket assignment, the
-shaped-namespace runner's life cycle, and one tiny end-to-end ddp_vs_torch.py run."""
+shaped-namespace runner's life cycle, one tiny end-to-end ddp_vs_torch.py run and one tiny
+attention.py run."""
 
 import json
 import os
@@ -198,3 +199,84 @@ def test_report_renders(tiny_ddp_run, tmp_path, monkeypatch):
         assert heading in summary
     for png in ("step_time_vs_size.png", "hooks.png", "scale_model.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def tiny_attention_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("attention") / "attention.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "attention.py"),
+        *("--seqs", "32", "64", "--dims", "16", "--dtypes", "fp32", "bf16", "--causal", "both"),
+        *("--batch", "1", "--heads", "2", "--threads", "1", "--rounds", "2", "--stat", "median"),
+        *("--matmul-size", "64", "--memory-seq", "0", "--out", str(out)),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(out.read_text())
+
+
+def test_attention_end_to_end(tiny_attention_run):
+    res = tiny_attention_run
+    assert (res["device"], res["batch"], res["heads"], res["threads"]) == ("cpu", 1, 2, 1)
+    assert (res["rounds"], res["stat"]) == (2, "median")
+    configs = [(r["dtype"], r["S"], r["D"], r["causal"], r["backward"]) for r in res["rows"]]
+    assert configs == [
+        (dt, s, 16, causal, backward)
+        for dt in ("fp32", "bf16")
+        for s in (32, 64)
+        for causal in (False, True)
+        for backward in (False, True)
+    ]
+    for r in res["rows"]:
+        assert set(r["ms"]) == set(r["gflops"]) == {"torchlane", "sdpa", "math"}
+        assert all(v > 0 for v in r["ms"].values())
+        assert r["ratio_sdpa"] == pytest.approx(r["ms"]["sdpa"] / r["ms"]["torchlane"])
+        assert r["frac_matmul"] == pytest.approx(r["gflops"]["torchlane"] / r["matmul_gflops"])
+    assert (res["peak_extra_mib_S"], res["peak_extra_mib"]) == (0, {})
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_attention_peak_memory_child(backward, capsys):
+    # In process: the --memory-seq runs spawn one fresh interpreter per measurement, too slow here.
+    import attention
+
+    attention.peak_memory_child("torchlane", 64, "fp32", backward, "cpu")
+    assert float(capsys.readouterr().out) >= 0
+
+
+def test_run_all_attention_command_is_the_sweep():
+    import attention
+    import run_all
+
+    for quick in (False, True):
+        (argv,) = [argv for part, _, argv in run_all.commands(quick) if part == "attention"]
+        assert argv[1] == "benchmarks/attention.py"
+        a = attention.parse_args(argv[2:])
+        assert (a.seqs, a.dims, a.dtypes, a.causal) == (
+            [128, 256, 512, 1024, 2048],
+            [64],
+            ["fp32"],
+            "yes",
+        )
+        assert (a.batch, a.heads, a.threads, a.device, a.stat) == (1, 4, 1, "cpu", "median")
+        assert (a.memory_seq, a.no_math, a.out) == (
+            0,
+            True,
+            "benchmarks/results/attention_seq.json",
+        )
+        assert a.rounds == (2 if quick else 5)
+
+
+def test_attention_report_renders(tiny_attention_run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import run_all
+
+    (tmp_path / "attention_seq.json").write_text(json.dumps(tiny_attention_run))
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    run_all.report({}, quick=False)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Attention: torchlane.attention vs SDPA" in summary
+    assert "`python benchmarks/attention.py --seqs 128 256 512 1024 2048" in summary
+    assert "| bf16 | 64 | 16 | yes | fwd+bwd |" in summary
+    assert (tmp_path / "attention.png").stat().st_size > 1000
