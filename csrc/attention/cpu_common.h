@@ -1,6 +1,8 @@
 #pragma once
 // Pieces shared by the CPU attention kernels: attention_cpu.cpp (BLAS tile GEMMs) and
 // attention_cpu_packed.cpp (packed micro-kernels). Included after cpu_vec.h.
+// gcc 12 reports the _mm512_undefined_* operands of ATen's vec_reduce_all as maybe-uninitialised.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -86,6 +88,17 @@ inline acc_t row_max(const acc_t* x, int64_t n) {
   return m;
 }
 
+// exp(x) for the softmax. fp32: ATen's exp_u20 (at most 20 ulp, the one torch's own CPU flash
+// attention uses) instead of the 1-ulp Sleef exp; fp64 keeps the accurate one.
+template <typename Vec>
+inline Vec fast_exp(const Vec& x) {
+  if constexpr (std::is_same_v<typename Vec::value_type, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
 // x[j] = exp(x[j] - sub) for j < n, returns the sum.
 template <typename acc_t>
 acc_t exp_sub_sum(acc_t* x, int64_t n, acc_t sub) {
@@ -95,7 +108,7 @@ acc_t exp_sub_sum(acc_t* x, int64_t n, acc_t sub) {
   if (n >= Vec::size()) {
     Vec vs(sub), acc(0);
     for (; j + Vec::size() <= n; j += Vec::size()) {
-      Vec e = (Vec::loadu(x + j) - vs).exp();
+      Vec e = fast_exp(Vec::loadu(x + j) - vs);
       e.store(x + j);
       acc = acc + e;
     }
