@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "attention/cpu_microkernel.h"
 #include "reducer/bucket_plan.hpp"
 #include "reducer/comm_hook.hpp"
 #include "reducer/reducer.hpp"
@@ -283,6 +284,22 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("buckets", &buckets_to_list)
       .def("stats", &stats_to_dict);
+
+  // Which tile GEMMs the CPU attention kernel uses (Note [Low precision on the CPU]); for tests
+  // and benchmarks. Returns whether the packed micro-kernels were selected before the call.
+  m.def(
+      "_attention_cpu_microkernels",
+      [](std::optional<bool> enabled) {
+        const bool before = torchlane::attention::mk::enabled();
+        if (enabled.has_value())
+          torchlane::attention::mk::set_enabled(*enabled);
+        return before;
+      },
+      py::arg("enabled") = py::none());
+  m.def("_attention_cpu_microkernels_compiled", [] {
+    namespace mk = torchlane::attention::mk;
+    return py::make_tuple(mk::compiled<float>(), mk::compiled<uint32_t>());
+  });
 }
 
 // ---- torchlane ops (schemas only; each op's TORCH_LIBRARY_IMPL lives next to its kernels) ----

@@ -78,6 +78,42 @@ def test_float16_and_other_head_dims():
     check_against_reference(2, 4, 2, 70, 90, 64, True, torch.float16)
     for D in (1, 256):
         check_against_reference(1, 2, 1, 33, 65, D, True, torch.float32)
+    for D in (1, 3, 256):  # odd D: the bf16 micro-kernel's pair padding
+        check_against_reference(1, 2, 1, 33, 65, D, True, torch.bfloat16)
+
+
+@pytest.fixture
+def blas_tile_gemms():
+    """Selects the BLAS tile-GEMM kernels instead of the packed AVX-512 micro-kernels."""
+    before = torchlane._C._attention_cpu_microkernels(False)
+    yield
+    torchlane._C._attention_cpu_microkernels(before)
+
+
+def test_packed_microkernels_are_used_where_compiled():
+    fp32, bf16 = torchlane._C._attention_cpu_microkernels_compiled()
+    print(f"packed micro-kernels compiled: fp32 {fp32}, bf16 {bf16}")
+    assert torchlane._C._attention_cpu_microkernels()  # enabled by default
+    if not fp32:
+        pytest.skip("this build has no AVX-512 micro-kernels: the grid ran the BLAS kernels")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blas_tile_gemm_kernels_against_float64(blas_tile_gemms, dtype):
+    # The grid above runs the packed micro-kernels where compiled; this covers the BLAS kernels
+    # (used for fp16/fp64 and builds without AVX-512) on part of it.
+    for seqs, D in itertools.product([(17, 17), (113, 203), (1000, 1000)], [40, 64]):
+        for (H, Hkv), causal in zip(HEADS, [False, True, True], strict=True):
+            check_against_reference(1 if seqs[0] == 1000 else 2, H, Hkv, *seqs, D, causal, dtype)
+
+
+def test_packed_and_blas_kernels_agree(blas_tile_gemms):
+    q, k, v, do = _inputs(2, 4, 2, 150, 130, 64, torch.float32)
+    blas = _torchlane_grads(q, k, v, True, 0.2, do)
+    torchlane._C._attention_cpu_microkernels(True)
+    packed = _torchlane_grads(q, k, v, True, 0.2, do)
+    for a, b in zip(blas, packed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_both_backward_schedules_agree():

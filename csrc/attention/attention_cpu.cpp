@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "attention/cpu_common.h"
 #include "attention/cpu_gemm.h"
 
 // Note [CPU flash attention]
@@ -35,120 +36,17 @@
 //    so a single long sequence still uses every core.
 
 // Note [Low precision on the CPU]
-// bf16/fp16 inputs are converted to fp32 once (O(S D) memory, negligible time next to the
-// O(S^2 D) work) and run through the fp32 kernel; outputs are rounded back at the end. MKL's
-// bf16 x bf16 -> fp32 GEMM (cblas_gemm_bf16bf16f32) was tried first and was many times slower
-// than sgemm on the AMD EPYC (AVX-512) development machine, and the fp32 path is also the more
-// accurate one: P and dS are never rounded to bf16.
+// Where the packed micro-kernels exist (attention_cpu_packed.cpp, Note [Packed attention on the
+// CPU]) fp32 runs on their fp32 GEMMs and bf16 on their bf16 x bf16 -> fp32 GEMMs (vdpbf16ps).
+// Otherwise (fp16, fp64, builds without AVX-512, or mk::set_enabled(false)) this file's kernels
+// run with BLAS tile GEMMs, and bf16/fp16 inputs are converted to fp32 once (O(S D) memory,
+// negligible next to the O(S^2 D) work) and rounded back at the end: MKL's bf16 GEMM
+// (cblas_gemm_bf16bf16f32) was many times slower than sgemm on the AMD EPYC development machine.
 
 namespace torchlane::attention {
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Tile sizes: a kBlockM x kBlockN fp32 score tile plus the Q, K, V tiles stay within L2.
-// TORCHLANE_ATTN_CPU_BLOCKS="fwdM,fwdN,bwdM,bwdN" overrides them (for tuning only).
-struct Blocks {
-  int64_t fwd_m = 128, fwd_n = 256, bwd_m = 64, bwd_n = 128;
-};
-
-const Blocks& blocks() {
-  static const Blocks b = [] {
-    Blocks r;
-    if (const char* env = std::getenv("TORCHLANE_ATTN_CPU_BLOCKS")) {
-      long v[4];
-      if (std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4 && v[0] > 0 &&
-          v[1] > 0 && v[2] > 0 && v[3] > 0) {
-        r = {v[0], v[1], v[2], v[3]};
-      }
-    }
-    return r;
-  }();
-  return b;
-}
-
-// Strides of a (B, H, S, D) tensor with a unit-stride last dimension.
-struct Layout {
-  const void* base;
-  int64_t sb, sh, ss;
-};
-
-Layout layout_of(const at::Tensor& t) {
-  return {t.data_ptr(), t.stride(0), t.stride(1), std::max(t.stride(2), t.size(3))};
-}
-
-template <typename T>
-const T* row_ptr(const Layout& l, int64_t b, int64_t h, int64_t s) {
-  return static_cast<const T*>(l.base) + b * l.sb + h * l.sh + s * l.ss;
-}
-
-struct Problem {
-  int64_t B, H, Hkv, Sq, Sk, D;
-  bool causal;
-  double scale;
-  int64_t group() const {
-    return H / Hkv;
-  }
-  // Number of keys query row i may see within [n0, n0 + n): top-left aligned causal mask.
-  int64_t visible(int64_t i, int64_t n0, int64_t n) const {
-    return causal ? std::clamp<int64_t>(i - n0 + 1, 0, n) : n;
-  }
-  // One past the last key any of the query rows [m0, m0 + m) may see.
-  int64_t key_end(int64_t m0, int64_t m) const {
-    return causal ? std::min(Sk, m0 + m) : Sk;
-  }
-};
-
-template <typename acc_t>
-acc_t row_max(const acc_t* x, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  int64_t j = 0;
-  if (n >= Vec::size()) {
-    Vec vm(m);
-    for (; j + Vec::size() <= n; j += Vec::size())
-      vm = at::vec::maximum(vm, Vec::loadu(x + j));
-    m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
-  }
-  for (; j < n; ++j)
-    m = std::max(m, x[j]);
-  return m;
-}
-
-// x[j] = exp(x[j] - sub) for j < n, returns the sum.
-template <typename acc_t>
-acc_t exp_sub_sum(acc_t* x, int64_t n, acc_t sub) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  int64_t j = 0;
-  acc_t sum = 0;
-  if (n >= Vec::size()) {
-    Vec vs(sub), acc(0);
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      Vec e = (Vec::loadu(x + j) - vs).exp();
-      e.store(x + j);
-      acc = acc + e;
-    }
-    sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
-  }
-  for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - sub);
-    sum += x[j];
-  }
-  return sum;
-}
-
-template <typename acc_t>
-void scale_row(acc_t* x, int64_t n, acc_t s) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  at::vec::map([s](Vec a) { return a * Vec(s); }, x, x, n);
-}
-
-template <typename scalar_t, typename acc_t>
-void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t s) {
-  for (int64_t j = 0; j < n; ++j)
-    dst[j] = static_cast<scalar_t>(src[j] * s);
-}
+using namespace cpu;
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -177,22 +75,8 @@ void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout
         acc_t* S = s_buf.data();
         tile_gemm(false, true, rows, cols, D, scale, q_tile, q.ss, row_ptr<scalar_t>(k, b, hk, n0),
                   k.ss, acc_t(0), S, BN);
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s_row = S + r * BN;
-          const int64_t vis = p.visible(m0 + r, n0, cols);
-          if (vis == 0) {  // only when causal: the whole row is masked in this tile
-            std::fill(s_row, s_row + cols, acc_t(0));
-          } else {
-            const acc_t m_new = std::max(m_run[r], row_max(s_row, vis));
-            const acc_t alpha = std::exp(m_run[r] - m_new);  // exp(-inf) = 0 on the first tile
-            const acc_t sum = exp_sub_sum(s_row, vis, m_new);
-            std::fill(s_row + vis, s_row + cols, acc_t(0));
-            l_run[r] = l_run[r] * alpha + sum;
-            m_run[r] = m_new;
-            if (alpha != acc_t(1))
-              scale_row(o_acc.data() + r * D, D, alpha);
-          }
-        }
+        online_softmax_tile(p, S, BN, m0, rows, n0, cols, m_run.data(), l_run.data(),
+                            o_acc.data(), D);
         tile_gemm(false, false, rows, D, cols, acc_t(1), S, BN, row_ptr<scalar_t>(v, b, hk, n0),
                   v.ss, acc_t(1), o_acc.data(), D);
       }
@@ -236,7 +120,6 @@ std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scal
                                                               int64_t rows, int64_t n0,
                                                               int64_t cols) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
   const int64_t BN = blocks().bwd_n;
   const Problem& p = a.p;
   tile_gemm(false, true, rows, cols, p.D, static_cast<acc_t>(p.scale),
@@ -244,30 +127,9 @@ std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scal
             acc_t(0), w.P.data(), BN);
   tile_gemm(false, true, rows, cols, p.D, acc_t(1), row_ptr<scalar_t>(a.dout, b, h, m0), a.dout.ss,
             row_ptr<scalar_t>(a.v, b, hk, n0), a.v.ss, acc_t(0), w.dS.data(), BN);
-  const acc_t* lse = a.lse + (b * p.H + h) * p.Sq + m0;
-  const acc_t* delta = a.delta + (b * p.H + h) * p.Sq + m0;
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* p_row = w.P.data() + r * BN;
-    acc_t* ds_row = w.dS.data() + r * BN;
-    const int64_t vis = p.visible(m0 + r, n0, cols);
-    exp_sub_sum(p_row, vis, lse[r]);
-    std::fill(p_row + vis, p_row + cols, acc_t(0));
-    const Vec d(delta[r]);
-    at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row, p_row, ds_row, cols);
-  }
+  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), BN, a.lse, a.delta, b, h, m0, rows, n0,
+                        cols);
   return {w.P.data(), w.dS.data()};
-}
-
-// delta_i = rowsum(dO_i * O_i) - dlse_i, see Note [Attention op contract].
-template <typename scalar_t>
-at::Tensor compute_delta(const at::Tensor& dout, const at::Tensor& out,
-                         const c10::optional<at::Tensor>& grad_lse) {
-  using acc_t = acc_type<scalar_t>;
-  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  at::Tensor d = (dout.to(acc) * out.to(acc)).sum(-1);
-  if (grad_lse.has_value() && grad_lse->defined())
-    d.sub_(grad_lse->to(acc));
-  return d.contiguous();
 }
 
 template <typename scalar_t>
@@ -372,9 +234,6 @@ void bwd_by_tile(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_
   });
 }
 
-Problem problem_of(const at::Tensor& q, const at::Tensor& k, bool causal, double scale) {
-  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, scale};
-}
 
 }  // namespace
 
@@ -387,6 +246,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
                                                      const at::Tensor& v_in, bool causal,
                                                      double scale) {
   check_attention_inputs(q_in, k_in, v_in, scale);
+  if (packed_kernels_available(q_in.scalar_type())) {
+    const at::Tensor q = rows_unit_stride(q_in), k = rows_unit_stride(k_in),
+                     v = rows_unit_stride(v_in);
+    const Problem p = problem_of(q, k, causal, scale);
+    at::Tensor out = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
+    at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
+    fwd_packed(p, layout_of(q), layout_of(k), layout_of(v), out, lse.data_ptr<float>());
+    return {out, lse};
+  }
   const auto ct = compute_type(q_in.scalar_type());
   const at::Tensor q = rows_unit_stride(q_in.to(ct)), k = rows_unit_stride(k_in.to(ct)),
                    v = rows_unit_stride(v_in.to(ct));
@@ -405,6 +273,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse_in,
     bool causal, double scale) {
   check_attention_backward_inputs(grad_out, grad_lse, q_in, k_in, v_in, out, lse_in, scale);
+  if (packed_kernels_available(q_in.scalar_type())) {
+    const at::Tensor q = rows_unit_stride(q_in), k = rows_unit_stride(k_in),
+                     v = rows_unit_stride(v_in), dout = rows_unit_stride(grad_out);
+    const at::Tensor lse = lse_in.contiguous();
+    const at::Tensor delta = compute_delta<float>(dout, out, grad_lse);
+    const Problem p = problem_of(q, k, causal, scale);
+    at::Tensor dq = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
+    at::Tensor dk = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
+    at::Tensor dv = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
+    bwd_packed(p, layout_of(q), layout_of(k), layout_of(v), layout_of(dout),
+               lse.data_ptr<float>(), delta.data_ptr<float>(), dq, dk, dv);
+    return {dq, dk, dv};
+  }
   const auto ct = compute_type(q_in.scalar_type());
   const at::Tensor q = rows_unit_stride(q_in.to(ct)), k = rows_unit_stride(k_in.to(ct)),
                    v = rows_unit_stride(v_in.to(ct)), dout = rows_unit_stride(grad_out.to(ct));

@@ -1,0 +1,210 @@
+#pragma once
+// Pieces shared by the CPU attention kernels: attention_cpu.cpp (BLAS tile GEMMs) and
+// attention_cpu_packed.cpp (packed micro-kernels). Included after cpu_vec.h.
+// gcc 12 reports the _mm512_undefined_* operands of ATen's vec_reduce_all as maybe-uninitialised.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+
+namespace torchlane::attention {
+namespace cpu {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Tile sizes: a kBlockM x kBlockN fp32 score tile plus the Q, K, V tiles stay within L2.
+// TORCHLANE_ATTN_CPU_BLOCKS="fwdM,fwdN,bwdM,bwdN" overrides them (for tuning only).
+struct Blocks {
+  int64_t fwd_m = 128, fwd_n = 256, bwd_m = 64, bwd_n = 128;
+};
+
+inline const Blocks& blocks() {
+  static const Blocks b = [] {
+    Blocks r;
+    if (const char* env = std::getenv("TORCHLANE_ATTN_CPU_BLOCKS")) {
+      long v[4];
+      if (std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4 && v[0] > 0 &&
+          v[1] > 0 && v[2] > 0 && v[3] > 0) {
+        r = {v[0], v[1], v[2], v[3]};
+      }
+    }
+    return r;
+  }();
+  return b;
+}
+
+// Strides of a (B, H, S, D) tensor with a unit-stride last dimension.
+struct Layout {
+  const void* base;
+  int64_t sb, sh, ss;
+};
+
+inline Layout layout_of(const at::Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.stride(1), std::max(t.stride(2), t.size(3))};
+}
+
+template <typename T>
+const T* row_ptr(const Layout& l, int64_t b, int64_t h, int64_t s) {
+  return static_cast<const T*>(l.base) + b * l.sb + h * l.sh + s * l.ss;
+}
+
+struct Problem {
+  int64_t B, H, Hkv, Sq, Sk, D;
+  bool causal;
+  double scale;
+  int64_t group() const {
+    return H / Hkv;
+  }
+  // Number of keys query row i may see within [n0, n0 + n): top-left aligned causal mask.
+  int64_t visible(int64_t i, int64_t n0, int64_t n) const {
+    return causal ? std::clamp<int64_t>(i - n0 + 1, 0, n) : n;
+  }
+  // One past the last key any of the query rows [m0, m0 + m) may see.
+  int64_t key_end(int64_t m0, int64_t m) const {
+    return causal ? std::min(Sk, m0 + m) : Sk;
+  }
+};
+
+template <typename acc_t>
+inline acc_t row_max(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+  if (n >= Vec::size()) {
+    Vec vm(m);
+    for (; j + Vec::size() <= n; j += Vec::size())
+      vm = at::vec::maximum(vm, Vec::loadu(x + j));
+    m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j)
+    m = std::max(m, x[j]);
+  return m;
+}
+
+// exp(x) for the softmax. fp32: ATen's exp_u20 (at most 20 ulp, the one torch's own CPU flash
+// attention uses) instead of the 1-ulp Sleef exp; fp64 keeps the accurate one.
+template <typename Vec>
+inline Vec fast_exp(const Vec& x) {
+  if constexpr (std::is_same_v<typename Vec::value_type, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// x[j] = exp(x[j] - sub) for j < n, returns the sum.
+template <typename acc_t>
+acc_t exp_sub_sum(acc_t* x, int64_t n, acc_t sub) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t j = 0;
+  acc_t sum = 0;
+  if (n >= Vec::size()) {
+    Vec vs(sub), acc(0);
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      Vec e = fast_exp(Vec::loadu(x + j) - vs);
+      e.store(x + j);
+      acc = acc + e;
+    }
+    sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  }
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    sum += x[j];
+  }
+  return sum;
+}
+
+template <typename acc_t>
+void scale_row(acc_t* x, int64_t n, acc_t s) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  at::vec::map([s](Vec a) { return a * Vec(s); }, x, x, n);
+}
+
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t s) {
+  for (int64_t j = 0; j < n; ++j)
+    dst[j] = static_cast<scalar_t>(src[j] * s);
+}
+
+// Online softmax over one S tile (rows x cols, leading dimension lds) of query rows m0.. against
+// keys n0..: updates the running max m_run and sum l_run, rescales the output accumulator rows
+// (o_acc, rows x D) when the max grows, and leaves P = exp(S - m) in S with masked and fully
+// masked entries zero. See Note [CPU flash attention].
+template <typename acc_t>
+void online_softmax_tile(const Problem& p, acc_t* S, int64_t lds, int64_t m0, int64_t rows,
+                         int64_t n0, int64_t cols, acc_t* m_run, acc_t* l_run, acc_t* o_acc,
+                         int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s_row = S + r * lds;
+    const int64_t vis = p.visible(m0 + r, n0, cols);
+    if (vis == 0) {  // only when causal: the whole row is masked in this tile
+      std::fill(s_row, s_row + cols, acc_t(0));
+      continue;
+    }
+    const acc_t m_new = std::max(m_run[r], row_max(s_row, vis));
+    const acc_t alpha = std::exp(m_run[r] - m_new);  // exp(-inf) = 0 on the first tile
+    const acc_t sum = exp_sub_sum(s_row, vis, m_new);
+    std::fill(s_row + vis, s_row + cols, acc_t(0));
+    l_run[r] = l_run[r] * alpha + sum;
+    m_run[r] = m_new;
+    if (alpha != acc_t(1))
+      scale_row(o_acc + r * D, D, alpha);
+  }
+}
+
+// Turns the S tile into P = exp(S - lse) (masked entries zero) and the dP tile into
+// dS = P * (dP - delta), for query rows m0.. of (b, h) against keys n0.. (both tiles rows x cols,
+// leading dimension ld; lse and delta are (B, H, Sq)).
+template <typename acc_t>
+void probs_and_dscores_rows(const Problem& p, acc_t* P, acc_t* dS, int64_t ld, const acc_t* lse,
+                            const acc_t* delta, int64_t b, int64_t h, int64_t m0, int64_t rows,
+                            int64_t n0, int64_t cols) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  lse += (b * p.H + h) * p.Sq + m0;
+  delta += (b * p.H + h) * p.Sq + m0;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* p_row = P + r * ld;
+    acc_t* ds_row = dS + r * ld;
+    const int64_t vis = p.visible(m0 + r, n0, cols);
+    exp_sub_sum(p_row, vis, lse[r]);
+    std::fill(p_row + vis, p_row + cols, acc_t(0));
+    const Vec d(delta[r]);
+    at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row, p_row, ds_row, cols);
+  }
+}
+
+// delta_i = rowsum(dO_i * O_i) - dlse_i, see Note [Attention op contract].
+template <typename scalar_t>
+at::Tensor compute_delta(const at::Tensor& dout, const at::Tensor& out,
+                         const c10::optional<at::Tensor>& grad_lse) {
+  using acc_t = acc_type<scalar_t>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor d = (dout.to(acc) * out.to(acc)).sum(-1);
+  if (grad_lse.has_value() && grad_lse->defined())
+    d.sub_(grad_lse->to(acc));
+  return d.contiguous();
+}
+
+inline Problem problem_of(const at::Tensor& q, const at::Tensor& k, bool causal, double scale) {
+  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, scale};
+}
+
+// attention_cpu_packed.cpp, see Note [Packed attention on the CPU]: fp32 and bf16 inputs when
+// packed_kernels_available(dtype). Layouts as layout_of(); out, dq (B, H, Sq, D), dk, dv
+// (B, Hkv, Sk, D) contiguous tensors of the inputs' dtype; lse and delta (B, H, Sq) fp32.
+bool packed_kernels_available(at::ScalarType t);
+void fwd_packed(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
+                const at::Tensor& out, float* lse);
+void bwd_packed(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
+                const Layout& dout, const float* lse, const float* delta, const at::Tensor& dq,
+                const at::Tensor& dk, const at::Tensor& dv);
+
+}  // namespace cpu
+}  // namespace torchlane::attention

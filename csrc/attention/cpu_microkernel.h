@@ -1,0 +1,83 @@
+#pragma once
+// AVX-512 tile GEMMs (fp32, and bf16 x bf16 -> fp32 on AVX512-BF16) for the CPU attention
+// kernel. See Note [Packed tile GEMMs].
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace torchlane::attention::mk {
+
+// Note [Packed tile GEMMs]
+// C[M x N] (+)= A[M x K] B[K x N] with fp32 C, computed by a micro-kernel that keeps an 8 x 32
+// block of C in 16 zmm accumulators and streams K. The operands are "words" W:
+//  - W = float: fp32 operands, one element per word, vfmadd231ps.
+//  - W = uint32_t: bf16 operands, two consecutive elements of the reduction (k) dimension per
+//    word, vdpbf16ps (both products added to the fp32 lane: twice the multiply-adds of an fp32
+//    FMA per instruction).
+// A is in "rows" layout: M rows of words(K) words, lda apart; one word per row is broadcast per
+// step. A row-major matrix (bf16: with an even row length) already is in this layout.
+// B is in "pairs" layout: words(K) rows of ldb words (ldb a multiple of kNR), word (kk, n) holds
+// B[kk * pack .. kk * pack + pack - 1][n]; kNR words are loaded per step. For fp32 that is a
+// row-major K x N matrix.
+// bf16 with an odd K is padded with a zero element (padding must be zero in one operand and
+// finite in the other). Columns of B at or past N are read up to the next multiple of kNR but
+// only reach columns of C that are never stored, so they need not be initialised.
+// Packing routines convert fp32 or bf16 sources into these layouts (fp32 -> bf16 rounds to
+// nearest even).
+
+constexpr int64_t kNR = 32;
+
+// Selects the packed micro-kernels (true, the default) or the BLAS tile GEMMs (false) for the
+// CPU attention kernel; for tests and benchmarks. Not synchronised with running kernels.
+void set_enabled(bool enabled);
+bool enabled();
+
+template <typename W>
+constexpr int64_t kPack = std::is_same_v<W, float> ? 1 : 2;
+
+template <typename W>
+constexpr int64_t words(int64_t k) {
+  return (k + kPack<W> - 1) / kPack<W>;
+}
+inline int64_t round_up(int64_t x, int64_t m) {
+  return (x + m - 1) / m * m;
+}
+
+// True when this build has the AVX-512 micro-kernels (W = float) / the AVX512-BF16 ones
+// (W = uint32_t); available(): and they are enabled (set_enabled, default on).
+template <typename W>
+bool compiled();
+template <typename W>
+bool available() {
+  return compiled<W>() && enabled();
+}
+// Selects the packed micro-kernels (true, the default) or the BLAS tile GEMMs (false) for the
+// CPU attention kernel; for tests and benchmarks. Not synchronised with running kernels.
+
+// C[M x N] = alpha * A B + beta * C, C row-major with leading dimension ldc (not read when
+// beta == 0). A: M rows of kw words, lda apart. B: kw rows of ldb words (ldb % kNR == 0).
+template <typename W>
+void gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda, const W* B,
+          int64_t ldb, float beta, float* C, int64_t ldc);
+
+// dst "rows" layout of src (rows x cols, leading dimension ld); rows lddw words apart.
+template <typename W, typename T>
+void pack_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw);
+
+// dst "pairs" layout of src (rows x cols), reduction over src's rows: words(rows) rows of lddw
+// words. Columns past cols are left untouched.
+template <typename W, typename T>
+void pack_pairs(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw);
+
+// dst "pairs" layout of src^T, reduction over src's columns: words(cols) rows of lddw words,
+// word (kk, r) from src row r.
+template <typename W, typename T>
+void pack_pairs_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw);
+
+// dst "rows" layout of src^T, reduction over src's rows: cols rows of words(rows) words, lddw
+// apart.
+template <typename W, typename T>
+void pack_rows_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw);
+
+}  // namespace torchlane::attention::mk
