@@ -133,17 +133,16 @@ def topk_ratio_at(ratio, warmup_iters, step):
 class TopKReference:
     """Top-k with error feedback (Stich et al. 2018) and Deep Gradient Compression's recipe
     (Lin et al. 2018: dense warm-up steps, exponentially decreasing density, small tensors
-    uncompressed, optionally one top-k per tensor), for all ranks, in float64."""
+    uncompressed, optionally one top-k per tensor), for all ranks, in float64. A step whose
+    (value, int32 index) pairs would take at least the compressed tensors' bytes sends
+    everything dense instead."""
 
     def __init__(
         self, world, ratio, start_iter, ratio_warmup_iters, min_compression_rate, layerwise
     ):
         self.world, self.ratio, self.start_iter = world, ratio, start_iter
-        self.warmup, self.min_rate, self.layerwise = (
-            ratio_warmup_iters,
-            min_compression_rate,
-            layerwise,
-        )
+        self.warmup, self.layerwise = ratio_warmup_iters, layerwise
+        self.min_rate = min_compression_rate
         self.iter = 0
         self.residuals = {}  # bucket -> (shapes, [residual over the compressed tensors per rank])
 
@@ -172,10 +171,24 @@ class TopKReference:
         saved = self.residuals.get(index)
         if saved is None or saved[0] != shapes:
             saved = (shapes, [torch.zeros(cn, dtype=torch.float64)] * world)
+        accs = [
+            torch.cat([piece(grads[r], t) for t in compressed] + [result[:0]]) + saved[1][r]
+            for r in range(world)
+        ]
+        sizes = [math.prod(shapes[t]) for t in compressed] if self.layerwise else [cn]
+        entries = sum(min(max(math.ceil(ratio * n), 1), n) for n in sizes if n > 0)
+        if cn > 0 and entries * (element_size + 4) >= cn * element_size:
+            # Top-k would not save bytes: every rank sends everything, dense (an all-reduce).
+            start = 0
+            for t in compressed:
+                n = math.prod(shapes[t])
+                piece(result, t).copy_(sum(acc[start : start + n] for acc in accs) / world)
+                start += n
+            self.residuals[index] = (shapes, [torch.zeros(cn, dtype=torch.float64)] * world)
+            return result, (0, numel)
         new_residuals, sent = [], 0
         for r in range(world):
-            acc = torch.cat([piece(grads[r], t) for t in compressed] + [result[:0]])
-            acc = acc + saved[1][r]
+            acc = accs[r]
             if self.layerwise:
                 chosen, start = [], 0
                 for t in compressed:

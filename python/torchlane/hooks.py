@@ -242,7 +242,8 @@ class TopKState:
     * ``start_iter``: the first ``start_iter`` steps all-reduce the gradients uncompressed, with
       the semantics of PowerSGD's ``start_powerSGD_iter`` (a step is counted on the last bucket).
     * ``ratio_warmup_iters``: then, over this many steps, the fraction sent decays exponentially
-      from about 1 to ``ratio`` (step j sends ``ratio ** ((j + 1) / (ratio_warmup_iters + 1))``).
+      from about 1 to ``ratio`` (step j sends ``ratio ** ((j + 1) / (ratio_warmup_iters + 1))``;
+      while (value, index) pairs would take at least the dense bytes, the bucket is sent dense).
     * ``min_compression_rate``: a tensor is compressed only if it has two or more dimensions and
       its top-k (values and indices) is at least this many times smaller than the tensor; 1-D
       tensors (biases, norm weights) and the other tensors are reduced uncompressed, as PowerSGD

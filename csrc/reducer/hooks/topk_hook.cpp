@@ -32,6 +32,8 @@ namespace torchlane::hooks {
 //    the last bucket of a step is seen. No residual exists yet.
 //  * Ratio warm-up: the j-th compressed step sends the fraction ratio^((j + 1) / (W + 1)) for
 //    j < W = ratio_warmup_iters, then `ratio`: DGC's exponentially decreasing density, per step.
+//    While that fraction would cost at least the dense bytes ((value, index) pairs: above 1/2 for
+//    float32), the bucket is all-reduced dense instead, which sends every entry for fewer bytes.
 //  * What is compressed (topk_plan): tensors of >= 2 dimensions for which top-k saves bytes
 //    (k (value + index) bytes * min_compression_rate < the tensor's bytes). 1-D tensors (biases,
 //    norm weights: few bytes, and starved by a bucket-wide threshold) and tiny matrices are sent
@@ -290,6 +292,37 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
       topk_plan(shapes, options_.ratio, options_.min_compression_rate, element_size);
   const int64_t cn = plan.compressed_numel;
 
+  at::Tensor residual;  // over the compressed space
+  if (cn > 0) {
+    BucketResidual& slot = residuals_[static_cast<int64_t>(bucket.getIndex())];
+    if (!slot.residual.defined() || slot.shapes != shapes ||
+        slot.residual.device() != buffer.device() ||
+        slot.residual.scalar_type() != buffer.scalar_type()) {
+      slot.shapes = shapes;  // first compressed step, or the buckets were rebuilt
+      slot.residual = at::zeros({cn}, buffer.options());
+    }
+    residual = slot.residual;
+  }
+  int64_t entries = 0;  // (value, index) pairs this step's top-k sends
+  if (options_.layerwise) {
+    for (auto t : plan.compressed) {
+      entries += topk_count(grads[t].numel(), ratio);
+    }
+  } else if (cn > 0) {
+    entries = topk_count(cn, ratio);
+  }
+  if (cn > 0 && entries * (element_size + 4) >= cn * element_size) {
+    // Early in the ratio warm-up, top-k would send more bytes than the tensors: send them dense,
+    // residual included (the mean of sending every entry). The ratio only decreases, so this
+    // happens before the first sparse step, while the residual is still zero.
+    for (size_t c = 0; c < plan.compressed.size(); ++c) {
+      at::Tensor g = grads[plan.compressed[c]];
+      g.add_(residual.narrow(0, plan.compressed_offsets[c], g.numel()).view_as(g));
+    }
+    residual.zero_();
+    return allreduce_mean(buffer);
+  }
+
   // The compressed space: the buffer itself when every tensor is compressed.
   at::Tensor flat = buffer.view({-1});
   at::Tensor compressed;
@@ -304,30 +337,20 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
   }
 
   at::Tensor values, indices;
-  if (cn > 0) {
-    BucketResidual& slot = residuals_[static_cast<int64_t>(bucket.getIndex())];
-    if (!slot.residual.defined() || slot.shapes != shapes ||
-        slot.residual.device() != buffer.device() ||
-        slot.residual.scalar_type() != buffer.scalar_type()) {
-      slot.shapes = shapes;  // first compressed step, or the buckets were rebuilt
-      slot.residual = at::zeros({cn}, buffer.options());
+  if (cn > 0 && !options_.layerwise) {
+    std::tie(values, indices) = topk_compress_(residual, compressed, entries);
+  } else if (cn > 0) {
+    std::vector<at::Tensor> vs, is;
+    for (size_t c = 0; c < plan.compressed.size(); ++c) {
+      const int64_t offset = plan.compressed_offsets[c];
+      const int64_t n = grads[plan.compressed[c]].numel();
+      at::Tensor part = residual.narrow(0, offset, n);
+      auto [v, i] = topk_compress_(part, compressed.narrow(0, offset, n), topk_count(n, ratio));
+      vs.push_back(v);
+      is.push_back(i.add_(offset));
     }
-    if (!options_.layerwise) {
-      std::tie(values, indices) = topk_compress_(slot.residual, compressed, topk_count(cn, ratio));
-    } else {
-      std::vector<at::Tensor> vs, is;
-      for (size_t c = 0; c < plan.compressed.size(); ++c) {
-        const int64_t offset = plan.compressed_offsets[c];
-        const int64_t n = grads[plan.compressed[c]].numel();
-        at::Tensor residual = slot.residual.narrow(0, offset, n);
-        auto [v, i] =
-            topk_compress_(residual, compressed.narrow(0, offset, n), topk_count(n, ratio));
-        vs.push_back(v);
-        is.push_back(i.add_(offset));
-      }
-      values = at::cat(vs);
-      indices = at::cat(is);
-    }
+    values = at::cat(vs);
+    indices = at::cat(is);
   }
   const int64_t k = values.defined() ? values.numel() : 0;
 
