@@ -237,14 +237,16 @@ def _gpt_batch(data, step, rank, batch=GPT_BATCH, held_out=False):
     return x, y
 
 
-def _train_gpt(ddp_cls, state, hook, rank, data, vocab, sent=None):
-    torch.manual_seed(0)
+def _train_gpt(ddp_cls, state, hook, rank, data, vocab, sent=None, seed=0):
+    """Final held-out loss. seed 0 is the test's run; other seeds (benchmarks/topk_convergence.py)
+    change the initial weights and the training batches."""
+    torch.manual_seed(seed)
     model = ddp_cls(models.TiedTransformer(vocab=vocab, dim=48, heads=2, seq=GPT_SEQ))
     if hook is not None:
         model.register_comm_hook(state, hook)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(GPT_STEPS):
-        x, y = _gpt_batch(data, step, rank)
+        x, y = _gpt_batch(data, step + 100_000 * seed, rank)
         loss = nn.functional.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -268,12 +270,10 @@ def _gpt_job(rank, world, kind):
         "bf16": (None, hooks.bf16_compress),
         "powersgd_r4": (hooks.PowerSGDState(rank=4, start_powerSGD_iter=10), hooks.powersgd),
         # Top-k with Deep Gradient Compression's warm-up: the 10 dense steps PowerSGD gets, then
-        # the sent fraction decays exponentially to the ratio (see README, Gradient compression).
+        # the sent fraction decays exponentially to the ratio. At 0.01, one top-k per tensor and
+        # no ratio warm-up (steadier over seeds; README, Gradient compression).
         "topk_0.1": (hooks.TopKState(ratio=0.1, start_iter=10, ratio_warmup_iters=30), hooks.topk),
-        "topk_0.01": (
-            hooks.TopKState(ratio=0.01, start_iter=10, ratio_warmup_iters=100, layerwise=True),
-            hooks.topk,
-        ),
+        "topk_0.01": (hooks.TopKState(ratio=0.01, start_iter=10, layerwise=True), hooks.topk),
     }
     out, sent = {}, {}
     for name, (state, hook) in runs.items():
@@ -296,4 +296,4 @@ def test_hooks_train_tiny_gpt_like_uncompressed(kind):
     # bounded, not 3%.
     assert final["topk_0.01"] <= final["none"] * 1.10, final
     # ... while really compressing, warm-up steps included.
-    assert final["sent"]["topk_0.1"] < 0.35 and final["sent"]["topk_0.01"] < 0.25, final
+    assert final["sent"]["topk_0.1"] < 0.35 and final["sent"]["topk_0.01"] < 0.1, final
