@@ -343,24 +343,27 @@ def _check_powersgd(rank, world, pg, config, steps):
     return worst
 
 
-def _check_topk(rank, world, pg, config, steps):
+def _check_topk(rank, world, pg, config, steps, dtype=torch.float32):
     hook = _C.TopKHook(pg, **config)
     ref = hook_refs.TopKReference(world, **config)
+    size = torch.empty(0, dtype=dtype).element_size()
     worst = 0.0
 
     def check(step, index, shapes):
-        params = [torch.empty(s) for s in shapes]
-        got = _C._run_comm_hook(hook, _grad(step, rank, index), index, len(BUCKETS), params)
-        grads = [_grad(step, r, index) for r in range(world)]
-        expected, (k, dense) = ref.step(index, index == len(BUCKETS) - 1, shapes, grads)
+        params = [torch.empty(s, dtype=dtype) for s in shapes]
+        local = _grad(step, rank, index, dtype)
+        got = _C._run_comm_hook(hook, local, index, len(BUCKETS), params)
+        grads = [_grad(step, r, index, dtype) for r in range(world)]
+        last = index == len(BUCKETS) - 1
+        expected, (k, dense) = ref.step(index, last, shapes, grads, element_size=size)
         torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
         if step >= config["start_iter"]:
             torch.testing.assert_close(
                 hook._residual(index).double(), ref.residual(index, rank), rtol=0, atol=1e-6
             )
             assert (hook._residual(index) == 0).sum() >= k
-        # float32 value + int32 index per entry, float32 per uncompressed element
-        assert hook.take_bytes_sent() == k * 8 + dense * 4
+        # a value and an int32 index per entry, a value per uncompressed element
+        assert hook.take_bytes_sent() == k * (size + 4) + dense * size
         return (got.double() - expected).abs().max().item()
 
     for step in range(steps):
@@ -431,6 +434,9 @@ def _bucket_job(rank, world):
     out["topk_global"] = _check_topk(rank, world, pg, topk, steps=5)
     layerwise = dict(topk, start_iter=0, ratio_warmup_iters=3, min_compression_rate=2.0)
     out["topk_layerwise"] = _check_topk(rank, world, pg, dict(layerwise, layerwise=True), steps=4)
+    # float64, with an odd number of entries (35 of 492) before the uncompressed part.
+    f64 = dict(topk, ratio=0.07, start_iter=0, ratio_warmup_iters=0, min_compression_rate=2.0)
+    out["topk_float64"] = _check_topk(rank, world, pg, f64, steps=2, dtype=torch.float64)
     _check_errors(rank, world, pg)
     return out
 

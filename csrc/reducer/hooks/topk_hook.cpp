@@ -41,7 +41,7 @@ namespace torchlane::hooks {
 //    space" (back to back, bucket order); the residual and the sent indices address it.
 //  * Selection: one top-k over the compressed space (k = ceil(ratio * its numel)), or with
 //    `layerwise` one per tensor (k_t = ceil(ratio * numel_t)), as DGC's code does.
-// One rank's values, indices and dense elements travel packed in a single byte buffer, so a bucket
+// One rank's values, dense elements and indices travel packed in a single byte buffer, so a bucket
 // costs one all-gather of k * (sizeof(value) + 4) + dense * sizeof(value) bytes per rank; every
 // rank sums the gathered parts in rank order, so all ranks hold the same bits. The completion
 // callback only computes and launches no collective, so every rank issues its collectives in the
@@ -354,18 +354,18 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
   }
   const int64_t k = values.defined() ? values.numel() : 0;
 
-  // Packed per rank: k values | k int32 indices | the dense tensors' elements.
+  // Packed per rank: k values | the dense tensors' elements | k int32 indices (in this order, so
+  // that every part starts aligned to its element size).
   const int64_t value_bytes = k * element_size;
   const int64_t dense_bytes = plan.dense_numel * element_size;
-  at::Tensor packed =
-      at::empty({value_bytes + 4 * k + dense_bytes}, buffer.options().dtype(at::kByte));
+  const int64_t index_offset = value_bytes + dense_bytes;
+  at::Tensor packed = at::empty({index_offset + 4 * k}, buffer.options().dtype(at::kByte));
   if (k > 0) {
     packed.narrow(0, 0, value_bytes).view(buffer.scalar_type()).copy_(values);
-    packed.narrow(0, value_bytes, 4 * k).view(at::kInt).copy_(indices);
+    packed.narrow(0, index_offset, 4 * k).view(at::kInt).copy_(indices);
   }
   if (dense_bytes > 0) {
-    at::Tensor dense =
-        packed.narrow(0, value_bytes + 4 * k, dense_bytes).view(buffer.scalar_type());
+    at::Tensor dense = packed.narrow(0, value_bytes, dense_bytes).view(buffer.scalar_type());
     int64_t offset = 0;
     for (auto t : plan.dense) {
       const int64_t n = grads[t].numel();
@@ -384,7 +384,7 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
   auto fut = process_group_->allgather(gathered, inputs)->getFuture();
   const auto dtype = buffer.scalar_type();
   return fut->then(
-      [buffer, grads, plan, gathered, value_bytes, dense_bytes, k, dtype,
+      [buffer, grads, plan, gathered, value_bytes, dense_bytes, index_offset, k, dtype,
        world](c10::ivalue::Future& done) {
         done.value();  // rethrows a communication error
         const double scale = 1.0 / static_cast<double>(world);
@@ -398,13 +398,13 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
           out.zero_();
           for (const auto& from_rank : gathered[0]) {
             topk_scatter_add_(out, from_rank.narrow(0, 0, value_bytes).view(dtype),
-                              from_rank.narrow(0, value_bytes, 4 * k).view(at::kInt), scale);
+                              from_rank.narrow(0, index_offset, 4 * k).view(at::kInt), scale);
           }
         }
         at::Tensor dense_mean;
         if (dense_bytes > 0) {
           for (const auto& from_rank : gathered[0]) {
-            at::Tensor part = from_rank.narrow(0, value_bytes + 4 * k, dense_bytes).view(dtype);
+            at::Tensor part = from_rank.narrow(0, value_bytes, dense_bytes).view(dtype);
             dense_mean = dense_mean.defined() ? dense_mean.add_(part, scale) : part.mul(scale);
           }
         }
