@@ -150,9 +150,22 @@ void bind_compression_hooks(py::module_& m) {
       });
 
   py::class_<h::TopKHook, CommHook, std::shared_ptr<h::TopKHook>>(m, "TopKHook")
-      .def(py::init<c10::intrusive_ptr<c10d::ProcessGroup>, double>(), py::arg("process_group"),
-           py::arg("ratio"))
+      .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> pg, double ratio,
+                       int64_t start_iter, int64_t ratio_warmup_iters,
+                       double min_compression_rate, bool layerwise) {
+             h::TopKOptions o;
+             o.ratio = ratio;
+             o.start_iter = start_iter;
+             o.ratio_warmup_iters = ratio_warmup_iters;
+             o.min_compression_rate = min_compression_rate;
+             o.layerwise = layerwise;
+             return std::make_shared<h::TopKHook>(std::move(pg), o);
+           }),
+           py::arg("process_group"), py::arg("ratio"), py::arg("start_iter") = 0,
+           py::arg("ratio_warmup_iters") = 0, py::arg("min_compression_rate") = 2.0,
+           py::arg("layerwise") = false)
       .def_property_readonly("ratio", &h::TopKHook::ratio)
+      .def_property_readonly("iter", &h::TopKHook::iter)
       .def("_residual", [](const h::TopKHook& hook, int64_t bucket_index) {
         return tensor_or_none(hook.residual(bucket_index));
       });
@@ -160,6 +173,17 @@ void bind_compression_hooks(py::module_& m) {
   m.def("_run_comm_hook", &run_comm_hook, py::arg("hook"), py::arg("buffer"), py::arg("index"),
         py::arg("bucket_count"), py::arg("params"));
   m.def("_topk_count", &h::topk_count, py::arg("numel"), py::arg("ratio"));
+  m.def("_topk_ratio_at", &h::topk_ratio_at, py::arg("ratio"), py::arg("warmup_iters"),
+        py::arg("step"));
+  m.def(
+      "_topk_plan",
+      [](const std::vector<std::vector<int64_t>>& shapes, double ratio, double min_rate,
+         int64_t element_size) {
+        const auto plan = h::topk_plan(shapes, ratio, min_rate, element_size);
+        return py::make_tuple(plan.compressed, plan.compressed_offsets, plan.dense);
+      },
+      py::arg("shapes"), py::arg("ratio"), py::arg("min_compression_rate"),
+      py::arg("element_size"));
   m.def(
       "_powersgd_seeds",
       [](uint64_t seed, int64_t count) {

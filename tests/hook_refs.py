@@ -109,18 +109,112 @@ class PowerSGDReference:
         )
 
 
-def topk_step(grads, residuals, k):
-    """Top-k with error feedback (Stich et al. 2018) for all ranks, float64.
+def topk_plan(shapes, ratio, min_compression_rate, element_size):
+    """Which tensors top-k compresses: >= 2 dimensions, and its ceil(ratio * numel) (value, int32
+    index) pairs times min_compression_rate take fewer bytes than the tensor. ([compressed],
+    [dense])."""
+    compressed, dense = [], []
+    for t, shape in enumerate(shapes):
+        numel = math.prod(shape)
+        k = min(max(math.ceil(ratio * numel), 1), max(numel, 1))
+        sent = k * (element_size + 4)
+        if len(shape) >= 2 and sent * min_compression_rate < numel * element_size:
+            compressed.append(t)
+        else:
+            dense.append(t)
+    return compressed, dense
 
-    Returns (dense mean of the selected entries, new residual per rank)."""
-    world = len(grads)
-    update = torch.zeros_like(grads[0], dtype=torch.float64)
-    new_residuals = []
-    for g, e in zip(grads, residuals, strict=True):
-        acc = g.double() + e
-        idx = acc.abs().topk(k).indices
-        update[idx] += acc[idx] / world
-        rest = acc.clone()
-        rest[idx] = 0
-        new_residuals.append(rest)
-    return update, new_residuals
+
+def topk_ratio_at(ratio, warmup_iters, step):
+    """Deep Gradient Compression's exponentially decreasing density, one exponent per step."""
+    return ratio ** ((step + 1) / (warmup_iters + 1)) if step < warmup_iters else ratio
+
+
+class TopKReference:
+    """Top-k with error feedback (Stich et al. 2018) and Deep Gradient Compression's recipe
+    (Lin et al. 2018: dense warm-up steps, exponentially decreasing density, small tensors
+    uncompressed, optionally one top-k per tensor), for all ranks, in float64. A step whose
+    (value, int32 index) pairs would take at least the compressed tensors' bytes sends
+    everything dense instead."""
+
+    def __init__(
+        self, world, ratio, start_iter, ratio_warmup_iters, min_compression_rate, layerwise
+    ):
+        self.world, self.ratio, self.start_iter = world, ratio, start_iter
+        self.warmup, self.layerwise = ratio_warmup_iters, layerwise
+        self.min_rate = min_compression_rate
+        self.iter = 0
+        self.residuals = {}  # bucket -> (shapes, [residual over the compressed tensors per rank])
+
+    def step(self, index, is_last, shapes, grads, element_size=4):
+        """grads[r]: flat bucket of rank r. Returns (averaged bucket, elements sent per rank:
+        (values, dense)) - (0, numel) on an uncompressed step."""
+        world = self.world
+        grads = [g.double() for g in grads]
+        numel = grads[0].numel()
+        step = self.iter
+        if is_last:
+            self.iter += 1
+        if step < self.start_iter:
+            return sum(grads) / world, (0, numel)
+        ratio = topk_ratio_at(self.ratio, self.warmup, step - self.start_iter)
+        offsets = np.cumsum([0] + [math.prod(s) for s in shapes])
+        compressed, dense = topk_plan(shapes, self.ratio, self.min_rate, element_size)
+
+        def piece(flat, t):
+            return flat[offsets[t] : offsets[t + 1]]
+
+        result = torch.zeros(numel, dtype=torch.float64)
+        for t in dense:
+            piece(result, t).copy_(sum(piece(g, t) for g in grads) / world)
+        cn = sum(math.prod(shapes[t]) for t in compressed)
+        saved = self.residuals.get(index)
+        if saved is None or saved[0] != shapes:
+            saved = (shapes, [torch.zeros(cn, dtype=torch.float64)] * world)
+        accs = [
+            torch.cat([piece(grads[r], t) for t in compressed] + [result[:0]]) + saved[1][r]
+            for r in range(world)
+        ]
+        sizes = [math.prod(shapes[t]) for t in compressed] if self.layerwise else [cn]
+        entries = sum(min(max(math.ceil(ratio * n), 1), n) for n in sizes if n > 0)
+        if cn > 0 and entries * (element_size + 4) >= cn * element_size:
+            # Top-k would not save bytes: every rank sends everything, dense (an all-reduce).
+            start = 0
+            for t in compressed:
+                n = math.prod(shapes[t])
+                piece(result, t).copy_(sum(acc[start : start + n] for acc in accs) / world)
+                start += n
+            self.residuals[index] = (shapes, [torch.zeros(cn, dtype=torch.float64)] * world)
+            return result, (0, numel)
+        new_residuals, sent = [], 0
+        for r in range(world):
+            acc = accs[r]
+            if self.layerwise:
+                chosen, start = [], 0
+                for t in compressed:
+                    n = math.prod(shapes[t])
+                    k = min(max(math.ceil(ratio * n), 1), n)
+                    chosen.append(acc[start : start + n].abs().topk(k).indices + start)
+                    start += n
+                idx = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+            else:
+                k = min(max(math.ceil(ratio * cn), 1), cn)
+                idx = acc.abs().topk(k).indices
+            sent = idx.numel()
+            update = torch.zeros(cn, dtype=torch.float64)
+            update[idx] = acc[idx] / world
+            start = 0
+            for t in compressed:
+                n = math.prod(shapes[t])
+                piece(result, t).add_(update[start : start + n])
+                start += n
+            rest = acc.clone()
+            rest[idx] = 0
+            new_residuals.append(rest)
+        if cn > 0:
+            self.residuals[index] = (shapes, new_residuals)
+        dense_numel = sum(math.prod(shapes[t]) for t in dense)
+        return result, (sent, dense_numel)
+
+    def residual(self, index, rank):
+        return self.residuals[index][1][rank]

@@ -280,3 +280,29 @@ def test_attention_report_renders(tiny_attention_run, tmp_path, monkeypatch):
     assert "`python benchmarks/attention.py --seqs 128 256 512 1024 2048" in summary
     assert "| bf16 | 64 | 16 | yes | fwd+bwd |" in summary
     assert (tmp_path / "attention.png").stat().st_size > 1000
+
+
+def test_topk_convergence_end_to_end(tmp_path):
+    out = tmp_path / "topk.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "topk_convergence.py"),
+        "--seeds",
+        "0",
+        "--steps",
+        "12",
+        "--recipes",
+        "0.1-start10",
+        "--json",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| 0.1-start10 | ratio=0.1, start_iter=10 |" in r.stdout
+    res = json.loads(out.read_text())
+    (row,) = res["recipes"]
+    assert res["steps"] == 12 and res["seeds"] == [0] and len(row["losses"]) == 1
+    # 10 dense steps (fraction 1) and 2 top-k steps (about 0.2 each): about 0.87 on average.
+    assert 10 / 12 < row["bytes_sent_fraction"] < 11 / 12
+    bad = subprocess.run(cmd[:2] + ["--recipes", "0.2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown recipe '0.2'" in bad.stderr

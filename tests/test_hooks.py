@@ -54,6 +54,30 @@ def test_topk_state_rejects_bad_ratio(ratio):
         hooks.TopKState(ratio=ratio)
 
 
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"start_iter": -1}, "start_iter"),
+        ({"start_iter": 2.0}, "start_iter"),
+        ({"ratio_warmup_iters": -5}, "ratio_warmup_iters"),
+        ({"ratio_warmup_iters": None}, "ratio_warmup_iters"),
+        ({"min_compression_rate": -1}, "min_compression_rate"),
+        ({"min_compression_rate": float("inf")}, "min_compression_rate"),
+        ({"layerwise": 1}, "layerwise"),
+    ],
+)
+def test_topk_state_rejects_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        hooks.TopKState(**kwargs)
+
+
+def test_topk_state_defaults():
+    s = hooks.TopKState()
+    assert (s.ratio, s.start_iter, s.ratio_warmup_iters) == (0.01, 0, 0)
+    assert (s.min_compression_rate, s.layerwise, s.iter) == (2.0, False, 0)
+    assert "ratio_warmup_iters=0" in repr(s)
+
+
 def test_hooks_carry_cpp_factories():
     for h in (hooks.bf16_compress, hooks.fp16_compress, hooks.powersgd, hooks.topk):
         assert callable(h._torchlane_make_cpp_hook)
@@ -107,6 +131,25 @@ def test_topk_compress_breaks_ties_towards_lower_index():
     values, indices = torch.ops.torchlane.topk_compress_(res, grad, 2)
     assert indices.tolist() == [1, 2] and values.tolist() == [-3.0, 3.0]
     assert res.tolist() == [1.0, 0.0, 0.0, 2.0, -3.0, 0.5]
+
+
+def test_topk_plan_matches_reference():
+    shapes = [[16, 12], [12], [8, 3, 2, 2], [3, 4], [1, 100], [100, 1], [0, 5], [], [2, 2]]
+    for ratio, rate, size in ((0.1, 2.0, 4), (0.1, 4.0, 4), (0.01, 0.0, 8), (0.3, 1.0, 4)):
+        compressed, offsets, dense = _C._topk_plan(shapes, ratio, rate, size)
+        ref_c, ref_d = hook_refs.topk_plan(shapes, ratio, rate, size)
+        assert (compressed, dense) == (ref_c, ref_d)
+        assert offsets == list(np.cumsum([0] + [math.prod(shapes[t]) for t in ref_c])[:-1])
+        assert 1 in dense and 7 in dense  # 1-D and 0-D tensors are never compressed
+    # Top-k with int32 indices never halves a float32 tensor at ratio 0.25: all dense.
+    assert _C._topk_plan(shapes, 0.25, 2.0, 4)[0] == []
+
+
+def test_topk_ratio_warms_up_exponentially():
+    assert [_C._topk_ratio_at(0.01, 3, j) for j in range(5)] == pytest.approx(
+        [0.01**0.25, 0.01**0.5, 0.01**0.75, 0.01, 0.01]
+    )
+    assert _C._topk_ratio_at(0.1, 0, 0) == 0.1
 
 
 def test_topk_scatter_add_sums_repeated_positions():
@@ -300,27 +343,35 @@ def _check_powersgd(rank, world, pg, config, steps):
     return worst
 
 
-def _check_topk(rank, world, pg, ratio, steps):
-    hook = _C.TopKHook(pg, ratio)
-    residuals = {
-        i: [torch.zeros(_grad(0, 0, i).numel(), dtype=torch.float64)] * world
-        for i in range(len(BUCKETS))
-    }
+def _check_topk(rank, world, pg, config, steps, dtype=torch.float32):
+    hook = _C.TopKHook(pg, **config)
+    ref = hook_refs.TopKReference(world, **config)
+    size = torch.empty(0, dtype=dtype).element_size()
     worst = 0.0
-    for step in range(steps):
-        for index in range(len(BUCKETS)):
-            got = _run(hook, step, rank, index)
-            grads = [_grad(step, r, index) for r in range(world)]
-            k = math.ceil(ratio * got.numel())
-            assert _C._topk_count(got.numel(), ratio) == k
-            expected, residuals[index] = hook_refs.topk_step(grads, residuals[index], k)
-            torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+
+    def check(step, index, shapes):
+        params = [torch.empty(s, dtype=dtype) for s in shapes]
+        local = _grad(step, rank, index, dtype)
+        got = _C._run_comm_hook(hook, local, index, len(BUCKETS), params)
+        grads = [_grad(step, r, index, dtype) for r in range(world)]
+        last = index == len(BUCKETS) - 1
+        expected, (k, dense) = ref.step(index, last, shapes, grads, element_size=size)
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+        if step >= config["start_iter"]:
             torch.testing.assert_close(
-                hook._residual(index).double(), residuals[index][rank], rtol=0, atol=1e-6
+                hook._residual(index).double(), ref.residual(index, rank), rtol=0, atol=1e-6
             )
             assert (hook._residual(index) == 0).sum() >= k
-            assert hook.take_bytes_sent() == k * 8  # float32 value + int32 index
-            worst = max(worst, (got.double() - expected).abs().max().item())
+        # a value and an int32 index per entry, a value per uncompressed element
+        assert hook.take_bytes_sent() == k * (size + 4) + dense * size
+        return (got.double() - expected).abs().max().item()
+
+    for step in range(steps):
+        for index, shapes in enumerate(BUCKETS):
+            worst = max(worst, check(step, index, shapes))
+    assert hook.iter == steps
+    # A rebuilt bucket (another layout, same size) starts from a fresh residual.
+    worst = max(worst, check(steps, 0, BUCKETS[0][::-1]))
     return worst
 
 
@@ -342,6 +393,12 @@ def _check_errors(rank, world, pg):
     assert psgd.iter == 1
     with pytest.raises(ValueError, match="ratio"):
         _C.TopKHook(pg, 0.0)
+    with pytest.raises(ValueError, match="start_iter"):
+        _C.TopKHook(pg, 0.1, start_iter=-1)
+    with pytest.raises(ValueError, match="ratio_warmup_iters"):
+        _C.TopKHook(pg, 0.1, ratio_warmup_iters=-1)
+    with pytest.raises(ValueError, match="min_compression_rate"):
+        _C.TopKHook(pg, 0.1, min_compression_rate=float("nan"))
     with pytest.raises(ValueError, match="wire_dtype"):
         _C.CastCompressHook(pg, "int8")
     with pytest.raises(ValueError, match="start_powerSGD_iter"):
@@ -371,7 +428,15 @@ def _bucket_job(rank, world):
         orthogonalization_epsilon=1e-8,
     )
     out["powersgd_cold"] = _check_powersgd(rank, world, pg, cold, steps=2)
-    out["topk"] = _check_topk(rank, world, pg, 0.1, steps=3)
+    topk = dict(
+        ratio=0.1, start_iter=1, ratio_warmup_iters=2, min_compression_rate=4.0, layerwise=False
+    )
+    out["topk_global"] = _check_topk(rank, world, pg, topk, steps=5)
+    layerwise = dict(topk, start_iter=0, ratio_warmup_iters=3, min_compression_rate=2.0)
+    out["topk_layerwise"] = _check_topk(rank, world, pg, dict(layerwise, layerwise=True), steps=4)
+    # float64, with an odd number of entries (35 of 492) before the uncompressed part.
+    f64 = dict(topk, ratio=0.07, start_iter=0, ratio_warmup_iters=0, min_compression_rate=2.0)
+    out["topk_float64"] = _check_topk(rank, world, pg, f64, steps=2, dtype=torch.float64)
     _check_errors(rank, world, pg)
     return out
 

@@ -232,20 +232,68 @@ def powersgd(state, bucket):
 
 
 class TopKState:
-    """Settings of the top-k hook: each bucket sends its ceil(ratio * numel) largest entries."""
+    """Settings of the top-k hook (top-k sparsification with error feedback).
 
-    def __init__(self, ratio=0.01):
+    Each step, the largest-magnitude ``ratio`` of every bucket's compressed tensors (those with
+    two or more dimensions worth compressing, see ``min_compression_rate``) is sent as
+    (value, int32 index) pairs; what is not sent stays in a per-rank residual that is added to the
+    next step's gradient. With the training recipe of Deep Gradient Compression (Lin et al. 2018):
+
+    * ``start_iter``: the first ``start_iter`` steps all-reduce the gradients uncompressed, with
+      the semantics of PowerSGD's ``start_powerSGD_iter`` (a step is counted on the last bucket).
+    * ``ratio_warmup_iters``: then, over this many steps, the fraction sent decays exponentially
+      from about 1 to ``ratio`` (step j sends ``ratio ** ((j + 1) / (ratio_warmup_iters + 1))``;
+      while (value, index) pairs would take at least the dense bytes, the bucket is sent dense).
+    * ``min_compression_rate``: a tensor is compressed only if it has two or more dimensions and
+      its top-k (values and indices) is at least this many times smaller than the tensor; 1-D
+      tensors (biases, norm weights) and the other tensors are reduced uncompressed, as PowerSGD
+      does.
+    * ``layerwise``: one top-k per tensor (each sends ``ceil(ratio * numel)``) instead of one over
+      all compressed tensors of the bucket.
+
+    The step counter and the residuals live in the C++ hook created when the state is registered;
+    ``iter`` reads the counter.
+    """
+
+    def __init__(
+        self,
+        ratio=0.01,
+        start_iter=0,
+        ratio_warmup_iters=0,
+        min_compression_rate=2,
+        layerwise=False,
+    ):
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
             raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
         self.ratio = float(ratio)
+        self.start_iter = _check_int("start_iter", start_iter, 0)
+        self.ratio_warmup_iters = _check_int("ratio_warmup_iters", ratio_warmup_iters, 0)
+        self.min_compression_rate = _check_real("min_compression_rate", min_compression_rate, 0)
+        self.layerwise = _check_bool("layerwise", layerwise)
         self._cpp_hook = None
 
     def _make(self, process_group):
-        self._cpp_hook = _C.TopKHook(_default_group(process_group), self.ratio)
+        self._cpp_hook = _C.TopKHook(
+            _default_group(process_group),
+            ratio=self.ratio,
+            start_iter=self.start_iter,
+            ratio_warmup_iters=self.ratio_warmup_iters,
+            min_compression_rate=self.min_compression_rate,
+            layerwise=self.layerwise,
+        )
         return self._cpp_hook
 
+    @property
+    def iter(self):
+        """Steps seen so far by the hook this state was last registered with."""
+        return 0 if self._cpp_hook is None else self._cpp_hook.iter
+
     def __repr__(self):
-        return f"TopKState(ratio={self.ratio})"
+        return (
+            f"TopKState(ratio={self.ratio}, start_iter={self.start_iter}, "
+            f"ratio_warmup_iters={self.ratio_warmup_iters}, "
+            f"min_compression_rate={self.min_compression_rate}, layerwise={self.layerwise})"
+        )
 
 
 def _make_topk(state, process_group):
@@ -254,7 +302,7 @@ def _make_topk(state, process_group):
 
 @_cpp_hook_maker(_make_topk)
 def topk(state, bucket):
-    """Top-k sparsification with error feedback; the dense mean of all ranks' entries."""
+    """Top-k sparsification with error feedback (Stich et al. 2018; Lin et al. 2018)."""
     return _run_stateful(state, TopKState, "topk", bucket)
 
 

@@ -22,12 +22,30 @@ namespace torchlane::hooks {
 // Note [Top-k with error feedback]
 // Each rank adds the bucket's gradient to its residual (the part of earlier gradients it has not
 // sent yet), sends the k entries of largest magnitude of that sum as (value, int32 index) and keeps
-// the rest as the new residual (Stich et al. 2018, "Sparsified SGD with memory"). Values and
-// indices of one rank travel packed in a single byte buffer, so a bucket costs one all-gather of
-// k * (sizeof(value) + 4) bytes per rank. Every rank then scatters all ranks' entries, each scaled
-// by 1/world_size, into the zeroed bucket buffer: the dense mean of the sparse updates. Positions
-// chosen by several ranks add up. The completion callback only computes and launches no
-// collective, so every rank issues its collectives in the backward pass's order.
+// the rest as the new residual (Stich et al. 2018, "Sparsified SGD with memory"). Every rank then
+// scatters all ranks' entries, each scaled by 1/world_size, into the zeroed result: the dense mean
+// of the sparse updates. Positions chosen by several ranks add up; a rank's residual stays in
+// units of its own gradient, so every element of every rank's gradient enters the mean exactly
+// once, possibly late. With the training recipe of Deep Gradient Compression (Lin et al. 2018):
+//  * Dense warm-up: before `start_iter` steps the whole bucket is plainly all-reduced (divided by
+//    world size first), as PowerSGD's start_powerSGD_iter does; the step counter advances when
+//    the last bucket of a step is seen. No residual exists yet.
+//  * Ratio warm-up: the j-th compressed step sends the fraction ratio^((j + 1) / (W + 1)) for
+//    j < W = ratio_warmup_iters, then `ratio`: DGC's exponentially decreasing density, per step.
+//    While that fraction would cost at least the dense bytes ((value, index) pairs: above 1/2 for
+//    float32), the bucket is all-reduced dense instead, which sends every entry for fewer bytes.
+//  * What is compressed (topk_plan): tensors of >= 2 dimensions for which top-k saves bytes
+//    (k (value + index) bytes * min_compression_rate < the tensor's bytes). 1-D tensors (biases,
+//    norm weights: few bytes, and starved by a bucket-wide threshold) and tiny matrices are sent
+//    dense, as DGC's code and PowerSGD do. The compressed tensors form the bucket's "compressed
+//    space" (back to back, bucket order); the residual and the sent indices address it.
+//  * Selection: one top-k over the compressed space (k = ceil(ratio * its numel)), or with
+//    `layerwise` one per tensor (k_t = ceil(ratio * numel_t)), as DGC's code does.
+// One rank's values, dense elements and indices travel packed in a single byte buffer, so a bucket
+// costs one all-gather of k * (sizeof(value) + 4) + dense * sizeof(value) bytes per rank; every
+// rank sums the gathered parts in rank order, so all ranks hold the same bits. The completion
+// callback only computes and launches no collective, so every rank issues its collectives in the
+// backward pass's order. The residual is reset when the bucket's layout changes (bucket rebuild).
 
 namespace {
 
@@ -92,6 +110,41 @@ int64_t topk_count(int64_t numel, double ratio) {
   TORCH_CHECK_VALUE(ratio > 0.0 && ratio <= 1.0, "topk: ratio must be in (0, 1], got ", ratio);
   const auto k = static_cast<int64_t>(std::ceil(ratio * static_cast<double>(numel)));
   return std::clamp<int64_t>(k, 1, std::max<int64_t>(numel, 1));
+}
+
+double topk_ratio_at(double ratio, int64_t warmup_iters, int64_t step) {
+  TORCH_CHECK_VALUE(ratio > 0.0 && ratio <= 1.0, "topk: ratio must be in (0, 1], got ", ratio);
+  TORCH_CHECK_VALUE(step >= 0 && warmup_iters >= 0, "topk: step and warmup_iters must be >= 0");
+  if (step >= warmup_iters) {
+    return ratio;
+  }
+  return std::pow(ratio, static_cast<double>(step + 1) / static_cast<double>(warmup_iters + 1));
+}
+
+TopKPlan topk_plan(const std::vector<std::vector<int64_t>>& shapes, double ratio,
+                   double min_compression_rate, int64_t element_size) {
+  TORCH_CHECK_VALUE(min_compression_rate >= 0, "topk: min_compression_rate must be >= 0, got ",
+                    min_compression_rate);
+  TORCH_CHECK_VALUE(element_size > 0, "topk: element_size must be > 0, got ", element_size);
+  TopKPlan plan;
+  for (size_t t = 0; t < shapes.size(); ++t) {
+    int64_t numel = 1;
+    for (auto s : shapes[t]) {
+      numel *= s;
+    }
+    const double dense_bytes = static_cast<double>(numel * element_size);
+    const double sent_bytes =
+        static_cast<double>(topk_count(numel, ratio) * (element_size + 4));
+    if (shapes[t].size() >= 2 && sent_bytes * min_compression_rate < dense_bytes) {
+      plan.compressed.push_back(static_cast<int64_t>(t));
+      plan.compressed_offsets.push_back(plan.compressed_numel);
+      plan.compressed_numel += numel;
+    } else {
+      plan.dense.push_back(static_cast<int64_t>(t));
+      plan.dense_numel += numel;
+    }
+  }
+  return plan;
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_compress_(at::Tensor& residual, const at::Tensor& grad,
@@ -174,45 +227,152 @@ void topk_scatter_add_(at::Tensor& out, const at::Tensor& values, const at::Tens
 #endif
 }
 
-TopKHook::TopKHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group, double ratio)
-    : CommHook(std::move(process_group)), ratio_(ratio) {
+TopKHook::TopKHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group, TopKOptions options)
+    : CommHook(std::move(process_group)), options_(options) {
   TORCH_CHECK(process_group_, "TopKHook: process_group must not be None");
-  TORCH_CHECK_VALUE(ratio > 0.0 && ratio <= 1.0, "TopKHook: ratio must be in (0, 1], got ", ratio);
+  TORCH_CHECK_VALUE(options.ratio > 0.0 && options.ratio <= 1.0,
+                    "TopKHook: ratio must be in (0, 1], got ", options.ratio);
+  TORCH_CHECK_VALUE(options.start_iter >= 0, "TopKHook: start_iter must be >= 0, got ",
+                    options.start_iter);
+  TORCH_CHECK_VALUE(options.ratio_warmup_iters >= 0,
+                    "TopKHook: ratio_warmup_iters must be >= 0, got ", options.ratio_warmup_iters);
+  TORCH_CHECK_VALUE(std::isfinite(options.min_compression_rate) &&
+                        options.min_compression_rate >= 0,
+                    "TopKHook: min_compression_rate must be a finite number >= 0, got ",
+                    options.min_compression_rate);
+}
+
+int64_t TopKHook::iter() const {
+  std::lock_guard<std::mutex> guard(mutex_);
+  return iter_;
 }
 
 at::Tensor TopKHook::residual(int64_t bucket_index) const {
   std::lock_guard<std::mutex> guard(mutex_);
   auto it = residuals_.find(bucket_index);
-  return it == residuals_.end() ? at::Tensor() : it->second;
+  return it == residuals_.end() ? at::Tensor() : it->second.residual;
+}
+
+void TopKHook::maybe_increase_iter(const c10d::GradBucket& bucket) {
+  if (bucket.isLast()) {
+    ++iter_;
+  }
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> TopKHook::allreduce_mean(at::Tensor buffer) {
+  count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
+  return hooks::allreduce_mean(process_group_, std::move(buffer));
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& bucket) {
+  std::lock_guard<std::mutex> guard(mutex_);
   at::Tensor buffer = bucket.getBufferRef();
+  if (iter_ < options_.start_iter) {
+    maybe_increase_iter(bucket);
+    return allreduce_mean(buffer);
+  }
   if (!is_float_or_double(buffer)) {
     TORCH_WARN_ONCE("torchlane topk hook: buckets of dtype ", buffer.scalar_type(),
                     " are all-reduced uncompressed; top-k compresses float32/float64 buckets");
-    count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
-    return allreduce_mean(process_group_, buffer);
+    maybe_increase_iter(bucket);
+    return allreduce_mean(buffer);
   }
-  const auto index = static_cast<int64_t>(bucket.getIndex());
-  const int64_t n = buffer.numel();
-  const int64_t k = topk_count(n, ratio_);
-  at::Tensor residual;
-  {
-    std::lock_guard<std::mutex> guard(mutex_);
-    auto& slot = residuals_[index];
-    if (!slot.defined() || slot.numel() != n || slot.device() != buffer.device() ||
-        slot.scalar_type() != buffer.scalar_type()) {
-      slot = at::zeros({n}, buffer.options());  // first step, or the buckets were rebuilt
-    }
-    residual = slot;
-  }
-  auto [values, indices] = topk_compress_(residual, buffer.view({-1}), k);
+  const double ratio =
+      topk_ratio_at(options_.ratio, options_.ratio_warmup_iters, iter_ - options_.start_iter);
+  maybe_increase_iter(bucket);
 
-  const int64_t value_bytes = k * static_cast<int64_t>(values.element_size());
-  at::Tensor packed = at::empty({value_bytes + 4 * k}, buffer.options().dtype(at::kByte));
-  packed.narrow(0, 0, value_bytes).view(buffer.scalar_type()).copy_(values);
-  packed.narrow(0, value_bytes, 4 * k).view(at::kInt).copy_(indices);
+  const std::vector<at::Tensor> grads = bucket.getGradients();
+  std::vector<std::vector<int64_t>> shapes;
+  shapes.reserve(grads.size());
+  for (const auto& g : grads) {
+    shapes.emplace_back(g.sizes().vec());
+  }
+  const auto element_size = static_cast<int64_t>(buffer.element_size());
+  const TopKPlan plan =
+      topk_plan(shapes, options_.ratio, options_.min_compression_rate, element_size);
+  const int64_t cn = plan.compressed_numel;
+
+  at::Tensor residual;  // over the compressed space
+  if (cn > 0) {
+    BucketResidual& slot = residuals_[static_cast<int64_t>(bucket.getIndex())];
+    if (!slot.residual.defined() || slot.shapes != shapes ||
+        slot.residual.device() != buffer.device() ||
+        slot.residual.scalar_type() != buffer.scalar_type()) {
+      slot.shapes = shapes;  // first compressed step, or the buckets were rebuilt
+      slot.residual = at::zeros({cn}, buffer.options());
+    }
+    residual = slot.residual;
+  }
+  int64_t entries = 0;  // (value, index) pairs this step's top-k sends
+  if (options_.layerwise) {
+    for (auto t : plan.compressed) {
+      entries += topk_count(grads[t].numel(), ratio);
+    }
+  } else if (cn > 0) {
+    entries = topk_count(cn, ratio);
+  }
+  if (cn > 0 && entries * (element_size + 4) >= cn * element_size) {
+    // Early in the ratio warm-up, top-k would send more bytes than the tensors: send them dense,
+    // residual included (the mean of sending every entry). The ratio only decreases, so this
+    // happens before the first sparse step, while the residual is still zero.
+    for (size_t c = 0; c < plan.compressed.size(); ++c) {
+      at::Tensor g = grads[plan.compressed[c]];
+      g.add_(residual.narrow(0, plan.compressed_offsets[c], g.numel()).view_as(g));
+    }
+    residual.zero_();
+    return allreduce_mean(buffer);
+  }
+
+  // The compressed space: the buffer itself when every tensor is compressed.
+  at::Tensor flat = buffer.view({-1});
+  at::Tensor compressed;
+  if (plan.dense.empty()) {
+    compressed = flat;
+  } else if (cn > 0) {
+    std::vector<at::Tensor> parts;
+    for (auto t : plan.compressed) {
+      parts.push_back(grads[t].reshape({-1}));
+    }
+    compressed = at::cat(parts);
+  }
+
+  at::Tensor values, indices;
+  if (cn > 0 && !options_.layerwise) {
+    std::tie(values, indices) = topk_compress_(residual, compressed, entries);
+  } else if (cn > 0) {
+    std::vector<at::Tensor> vs, is;
+    for (size_t c = 0; c < plan.compressed.size(); ++c) {
+      const int64_t offset = plan.compressed_offsets[c];
+      const int64_t n = grads[plan.compressed[c]].numel();
+      at::Tensor part = residual.narrow(0, offset, n);
+      auto [v, i] = topk_compress_(part, compressed.narrow(0, offset, n), topk_count(n, ratio));
+      vs.push_back(v);
+      is.push_back(i.add_(offset));
+    }
+    values = at::cat(vs);
+    indices = at::cat(is);
+  }
+  const int64_t k = values.defined() ? values.numel() : 0;
+
+  // Packed per rank: k values | the dense tensors' elements | k int32 indices (in this order, so
+  // that every part starts aligned to its element size).
+  const int64_t value_bytes = k * element_size;
+  const int64_t dense_bytes = plan.dense_numel * element_size;
+  const int64_t index_offset = value_bytes + dense_bytes;
+  at::Tensor packed = at::empty({index_offset + 4 * k}, buffer.options().dtype(at::kByte));
+  if (k > 0) {
+    packed.narrow(0, 0, value_bytes).view(buffer.scalar_type()).copy_(values);
+    packed.narrow(0, index_offset, 4 * k).view(at::kInt).copy_(indices);
+  }
+  if (dense_bytes > 0) {
+    at::Tensor dense = packed.narrow(0, value_bytes, dense_bytes).view(buffer.scalar_type());
+    int64_t offset = 0;
+    for (auto t : plan.dense) {
+      const int64_t n = grads[t].numel();
+      dense.narrow(0, offset, n).copy_(grads[t].reshape({-1}));
+      offset += n;
+    }
+  }
   count_bytes_sent(packed.numel());
 
   const int64_t world = process_group_->getSize();
@@ -224,14 +384,41 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
   auto fut = process_group_->allgather(gathered, inputs)->getFuture();
   const auto dtype = buffer.scalar_type();
   return fut->then(
-      [buffer, gathered, value_bytes, k, dtype, world](c10::ivalue::Future& done) {
+      [buffer, grads, plan, gathered, value_bytes, dense_bytes, index_offset, k, dtype,
+       world](c10::ivalue::Future& done) {
         done.value();  // rethrows a communication error
+        const double scale = 1.0 / static_cast<double>(world);
         at::Tensor flat = buffer.view({-1});
-        flat.zero_();
-        for (const auto& from_rank : gathered[0]) {
-          topk_scatter_add_(flat, from_rank.narrow(0, 0, value_bytes).view(dtype),
-                            from_rank.narrow(0, value_bytes, 4 * k).view(at::kInt),
-                            1.0 / static_cast<double>(world));
+        // The sparse part lands in the compressed space: the buffer itself when nothing is dense.
+        at::Tensor out = plan.dense.empty() ? flat : at::Tensor();
+        if (plan.compressed_numel > 0) {
+          if (!out.defined()) {
+            out = at::empty({plan.compressed_numel}, flat.options());
+          }
+          out.zero_();
+          for (const auto& from_rank : gathered[0]) {
+            topk_scatter_add_(out, from_rank.narrow(0, 0, value_bytes).view(dtype),
+                              from_rank.narrow(0, index_offset, 4 * k).view(at::kInt), scale);
+          }
+        }
+        at::Tensor dense_mean;
+        if (dense_bytes > 0) {
+          for (const auto& from_rank : gathered[0]) {
+            at::Tensor part = from_rank.narrow(0, value_bytes, dense_bytes).view(dtype);
+            dense_mean = dense_mean.defined() ? dense_mean.add_(part, scale) : part.mul(scale);
+          }
+        }
+        if (!plan.dense.empty()) {
+          for (size_t c = 0; c < plan.compressed.size(); ++c) {
+            at::Tensor g = grads[plan.compressed[c]];
+            g.copy_(out.narrow(0, plan.compressed_offsets[c], g.numel()).view_as(g));
+          }
+          int64_t offset = 0;
+          for (auto t : plan.dense) {
+            at::Tensor g = grads[t];
+            g.copy_(dense_mean.narrow(0, offset, g.numel()).view_as(g));
+            offset += g.numel();
+          }
         }
         return c10::IValue(buffer);
       },
