@@ -32,8 +32,11 @@ def _sources(pattern):
 def _extension():
     cuda = _want_cuda()
     opt = ["-O0", "-g"] if _flag("TORCHLANE_DEBUG") else ["-O3"]
-    cxx = opt + ["-std=c++20", "-Wall", "-Wno-unused-parameter", "-fvisibility=hidden"]
-    link = []
+    # -fopenmp: at::parallel_for is a header template whose "#pragma omp parallel" is compiled into
+    # this extension; without the flag every parallel_for here runs on one thread. libgomp.so.1
+    # resolves to the copy torch has already loaded.
+    cxx = opt + ["-std=c++20", "-Wall", "-Wno-unused-parameter", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     if _flag("TORCHLANE_SANITIZE"):
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
         cxx += san

@@ -68,35 +68,56 @@ inline __m512 madd(__m512 acc, __m512i a, __m512i b) {
 }
 #endif
 
-// C[MR x 32] block, see Note [Packed tile GEMMs]. mask0/mask1: the columns of C stored.
-template <int MR, typename W>
+// C[MR x 16 NV] block, see Note [Packed tile GEMMs]. mask[v]: the columns of C stored in vector v.
+template <int MR, int NV, typename W>
 inline void micro(int64_t kw, const W* A, int64_t lda, const W* B, int64_t ldb, float alpha,
-                  float beta, float* C, int64_t ldc, __mmask16 mask0, __mmask16 mask1) {
-  __m512 acc0[MR], acc1[MR];
-  for (int r = 0; r < MR; ++r) {
-    acc0[r] = _mm512_setzero_ps();
-    acc1[r] = _mm512_setzero_ps();
-  }
+                  float beta, float* C, int64_t ldc, const __mmask16* mask) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < kw; ++kk) {
-    const auto b0 = load_b(B + kk * ldb);
-    const auto b1 = load_b(B + kk * ldb + 16);
+    decltype(load_b(B)) b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      b[v] = load_b(B + kk * ldb + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const auto a = broadcast(A + r * lda + kk);
-      acc0[r] = madd(acc0[r], a, b0);
-      acc1[r] = madd(acc1[r], a, b1);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = madd(acc[r][v], a, b[v]);
     }
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   for (int r = 0; r < MR; ++r) {
-    float* c = C + r * ldc;
-    __m512 r0 = _mm512_mul_ps(acc0[r], va), r1 = _mm512_mul_ps(acc1[r], va);
-    if (beta != 0.0f) {  // C is not read when beta == 0 (it may be uninitialised)
-      r0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask0, c), vb, r0);
-      r1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask1, c + 16), vb, r1);
+    for (int v = 0; v < NV; ++v) {
+      float* c = C + r * ldc + 16 * v;
+      __m512 x = _mm512_mul_ps(acc[r][v], va);
+      if (beta != 0.0f)  // C is not read when beta == 0 (it may be uninitialised)
+        x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask[v], c), vb, x);
+      _mm512_mask_storeu_ps(c, mask[v], x);
     }
-    _mm512_mask_storeu_ps(c, mask0, r0);
-    _mm512_mask_storeu_ps(c + 16, mask1, r1);
+  }
+}
+
+// Rows of one column block of NV vectors: kMR rows at a time, then the remainder.
+template <int NV, typename W>
+void column_block(int64_t M, int64_t kw, const W* A, int64_t lda, const W* B, int64_t ldb,
+                  float alpha, float beta, float* C, int64_t ldc, const __mmask16* mask) {
+  constexpr int kMR = 6;  // 6 x 4 accumulators + 4 B vectors + 1 broadcast of 32 zmm registers
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR)
+    micro<kMR, NV>(kw, A + m * lda, lda, B, ldb, alpha, beta, C + m * ldc, ldc, mask);
+  const W* a = A + m * lda;
+  C += m * ldc;
+  switch (M - m) {
+    case 5: micro<5, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
+    case 4: micro<4, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
+    case 3: micro<3, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
+    case 2: micro<2, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
+    case 1: micro<1, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
+    default: break;
   }
 }
 
@@ -144,25 +165,19 @@ void gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda
       std::is_same_v<W, float> ? TORCHLANE_HAVE_AVX512 : TORCHLANE_HAVE_AVX512_BF16;
 #if TORCHLANE_HAVE_AVX512
   if constexpr (compiled) {
-    TORCH_INTERNAL_ASSERT(ldb % kNR == 0, "mk::gemm: ldb must be a multiple of ", kNR);
+    TORCH_INTERNAL_ASSERT(ldb % 16 == 0, "mk::gemm: ldb must be a multiple of 16");
     for (int64_t n0 = 0; n0 < N; n0 += kNR) {
-      const __mmask16 m0 = first_n(N - n0), m1 = first_n(N - n0 - 16);
+      const int64_t nv = std::min<int64_t>(kNR, N - n0 + 15) / 16;  // vectors in this block
+      __mmask16 mask[4];
+      for (int v = 0; v < 4; ++v)
+        mask[v] = first_n(N - n0 - 16 * v);
       const W* b = B + n0;
       float* c = C + n0;
-      int64_t m = 0;
-      for (; m + 8 <= M; m += 8)
-        micro<8>(kw, A + m * lda, lda, b, ldb, alpha, beta, c + m * ldc, ldc, m0, m1);
-      const W* a = A + m * lda;
-      c += m * ldc;
-      switch (M - m) {
-        case 7: micro<7>(kw, a, lda, b, ldb, alpha, beta, c, ldc, m0, m1); break;
-        case 6: micro<6>(kw, a, lda, b, ldb, alpha, beta, c, ldc, m0, m1); break;
-        case 5: micro<5>(kw, a, lda, b, ldb, alpha, beta, c, ldc, m0, m1); break;
-        case 4: micro<4>(kw, a, lda, b, ldb, alpha, beta, c, ldc, m0, m1); break;
-        case 3: micro<3>(kw, a, lda, b, ldb, alpha, beta, c, ldc, m0, m1); break;
-        case 2: micro<2>(kw, a, lda, b, ldb, alpha, beta, c, ldc, m0, m1); break;
-        case 1: micro<1>(kw, a, lda, b, ldb, alpha, beta, c, ldc, m0, m1); break;
-        default: break;
+      switch (nv) {
+        case 4: column_block<4>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+        case 3: column_block<3>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+        case 2: column_block<2>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+        default: column_block<1>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
       }
     }
     return;

@@ -9,24 +9,25 @@
 namespace torchlane::attention::mk {
 
 // Note [Packed tile GEMMs]
-// C[M x N] (+)= A[M x K] B[K x N] with fp32 C, computed by a micro-kernel that keeps an 8 x 32
-// block of C in 16 zmm accumulators and streams K. The operands are "words" W:
+// C[M x N] (+)= A[M x K] B[K x N] with fp32 C, computed by a micro-kernel that keeps a 6 x 64
+// block of C in 24 zmm accumulators and streams K: per step 4 loads of B and 6 broadcasts of A
+// feed 24 multiply-adds (fewer vectors for the last columns of C). The operands are "words" W:
 //  - W = float: fp32 operands, one element per word, vfmadd231ps.
 //  - W = uint32_t: bf16 operands, two consecutive elements of the reduction (k) dimension per
 //    word, vdpbf16ps (both products added to the fp32 lane: twice the multiply-adds of an fp32
 //    FMA per instruction).
 // A is in "rows" layout: M rows of words(K) words, lda apart; one word per row is broadcast per
 // step. A row-major matrix (bf16: with an even row length) already is in this layout.
-// B is in "pairs" layout: words(K) rows of ldb words (ldb a multiple of kNR), word (kk, n) holds
-// B[kk * pack .. kk * pack + pack - 1][n]; kNR words are loaded per step. For fp32 that is a
-// row-major K x N matrix.
+// B is in "pairs" layout: words(K) rows of ldb words (ldb a multiple of 16), word (kk, n) holds
+// B[kk * pack .. kk * pack + pack - 1][n]; up to kNR words are loaded per step. For fp32 that is
+// a row-major K x N matrix.
 // bf16 with an odd K is padded with a zero element (padding must be zero in one operand and
-// finite in the other). Columns of B at or past N are read up to the next multiple of kNR but
+// finite in the other). Columns of B at or past N are read up to the next multiple of 16 but
 // only reach columns of C that are never stored, so they need not be initialised.
 // Packing routines convert fp32 or bf16 sources into these layouts (fp32 -> bf16 rounds to
 // nearest even).
 
-constexpr int64_t kNR = 32;
+constexpr int64_t kNR = 64;  // columns of C per micro-kernel block
 
 // Selects the packed micro-kernels (true, the default) or the BLAS tile GEMMs (false) for the
 // CPU attention kernel; for tests and benchmarks. Not synchronised with running kernels.
@@ -56,7 +57,7 @@ bool available() {
 // CPU attention kernel; for tests and benchmarks. Not synchronised with running kernels.
 
 // C[M x N] = alpha * A B + beta * C, C row-major with leading dimension ldc (not read when
-// beta == 0). A: M rows of kw words, lda apart. B: kw rows of ldb words (ldb % kNR == 0).
+// beta == 0). A: M rows of kw words, lda apart. B: kw rows of ldb words (ldb % 16 == 0).
 template <typename W>
 void gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda, const W* B,
           int64_t ldb, float beta, float* C, int64_t ldc);
