@@ -331,6 +331,7 @@ c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::runHook(c10d::GradBucket& 
   }
   if (bucket.isLast()) {
     advance_pending_locked(0);
+    TORCH_INTERNAL_ASSERT(pending_.empty(), "powersgd: a bucket is still held back after the last");
     ++iter_;  // the step counter advances with the last bucket, as in torch's hook
     in_step_ = false;
   } else {
