@@ -520,6 +520,30 @@ def print_table(res):
         f"best: torch {fmt(b['torch_ms'])} ms @ {fmt(b['torch_cap_mb'], 'g')} MB, torchlane "
         f"{fmt(b['torchlane_ms'])} ms @ {fmt(b['torchlane_cap_mb'], 'g')} MB, ratio {fmt(b['ratio'], '.3f')}"
     )
+    line = overlap_line((res.get("torchlane_comm_stats") or [None])[0])
+    if line:
+        print(line)
+
+
+def overlap_line(stats):
+    """How the last torchlane step's communication sat against its backward pass (rank 0):
+    the time the backward thread spent inside bucket launches (comm hook calls), and, for hooks
+    that record them (PowerSGD), each collective's launch time."""
+    events = (stats or {}).get("bucket_events") or []
+    if not events or "return_ms" not in events[0]:
+        return None
+    held = sum(e["return_ms"] - e["launch_ms"] for e in events)
+    line = (
+        f"torchlane last step (rank 0, ms from the first gradient hook): launches held the "
+        f"backward thread {held:.1f} ms over {len(events)} buckets; backward ended at "
+        f"{stats['backward_end_ms']:.1f}, communication at {stats['comm_end_ms']:.1f}"
+    )
+    collectives = stats.get("collectives") or []
+    if collectives:
+        line += "; collectives: " + " ".join(
+            f"{c['op']}{c['bucket']}@{c['launch_ms']:.1f}" for c in collectives
+        )
+    return line
 
 
 def main(argv=None):

@@ -33,6 +33,7 @@ py::dict stats_to_dict(const Reducer& reducer) {
     e["index"] = b;
     e["ready_ms"] = ms(stats.ready_ns[b]);
     e["launch_ms"] = ms(stats.launch_ns[b]);
+    e["return_ms"] = ms(stats.return_ns[b]);
     e["done_ms"] = ms(stats.done_ns[b]);
     events.append(e);
   }
@@ -42,6 +43,15 @@ py::dict stats_to_dict(const Reducer& reducer) {
   d["backward_end_ms"] = ms(stats.backward_end_ns);
   d["comm_end_ms"] = ms(stats.comm_end_ns);
   d["bucket_events"] = events;
+  py::list collectives;
+  for (const auto& c : stats.collectives) {
+    py::dict e;
+    e["bucket"] = c.bucket;
+    e["op"] = c.op;
+    e["launch_ms"] = ms(c.launch_ns);
+    collectives.append(e);
+  }
+  d["collectives"] = collectives;
   return d;
 }
 
@@ -96,6 +106,7 @@ at::Tensor run_comm_hook(const std::shared_ptr<torchlane::CommHook>& hook, at::T
   {
     py::gil_scoped_release no_gil;
     fut = hook->runHook(bucket);
+    hook->flush();  // this caller waits bucket by bucket (Note [Comm hook contract])
     fut->wait();
   }
   at::Tensor result = hook->parseHookResult(fut->value());

@@ -297,3 +297,169 @@ def test_hooks_train_tiny_gpt_like_uncompressed(kind):
     assert final["topk_0.01"] <= final["none"] * 1.10, final
     # ... while really compressing, warm-up steps included.
     assert final["sent"]["topk_0.1"] < 0.35 and final["sent"]["topk_0.01"] < 0.1, final
+
+
+# ---- PowerSGD's pipelined schedule on torchlane DDP ---------------------------------------------
+# Note [PowerSGD pipeline]: bucket i's first all-reduce (P) is launched by runHook(i), its second
+# (Q) by runHook(i + 1), both on the backward thread, so every rank issues P0, P1 Q0, P2 Q1, ...
+
+CHAIN_LAYERS, CHAIN_CAP_MB = 5, 0.004  # each Linear(32, 32) (4224 bytes) closes its own bucket
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _RaiseInBackward.armed:
+            raise RuntimeError("injected failure in backward")
+        return grad
+
+
+class _Raiser(nn.Module):
+    def forward(self, x):
+        return _RaiseInBackward.apply(x)
+
+
+def _chain(raiser_before=None):
+    """CHAIN_LAYERS x (Linear(32, 32), Tanh); a _Raiser before layer `raiser_before`."""
+    torch.manual_seed(0)
+    layers = []
+    for i in range(CHAIN_LAYERS):
+        if i == raiser_before:
+            layers.append(_Raiser())
+        layers += [nn.Linear(32, 32), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def _train_chain(model, steps, rank, abort_step=None, abort_at_loss=False, stats=None):
+    """SGD steps; at abort_step the backward raises (all ranks alike) and the step is skipped."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1_000 * step + rank)
+        x, y = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+        opt.zero_grad()
+        _RaiseInBackward.armed = step == abort_step
+        try:
+            out = model(x)
+        except RuntimeError as e:  # after a backward that raised midway, as torch DDP does
+            assert "Expected to have finished reduction" in str(e), e
+            out = model(x)
+        loss = (out - y).square().mean()
+        if abort_at_loss:
+            loss = _RaiseInBackward.apply(loss)
+        try:
+            loss.backward()
+        except RuntimeError as e:
+            assert step == abort_step and "injected failure" in str(e), e
+            continue
+        opt.step()
+        if stats is not None:
+            stats.append(model.comm_stats())
+    _RaiseInBackward.armed = False
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _sync_powersgd(state, bucket):
+    """torchlane's PowerSGD as a plain Python hook: every bucket is reduced inside the call."""
+    return hooks.powersgd(state, bucket)
+
+
+def _powersgd_chain(hook=hooks.powersgd, raiser_before=None, **ddp_kwargs):
+    model = torchlane.DistributedDataParallel(
+        _chain(raiser_before), bucket_cap_mb=CHAIN_CAP_MB, **ddp_kwargs
+    )
+    state = hooks.PowerSGDState(rank=2, start_powerSGD_iter=2)
+    model.register_comm_hook(state, hook)
+    return model, state
+
+
+def _pipeline_job(rank, world):
+    out = {}
+    configs = {
+        "default": {},
+        "find_unused_parameters": dict(find_unused_parameters=True),
+        "static_graph": dict(static_graph=True),
+        "gradient_as_bucket_view": dict(gradient_as_bucket_view=True),
+    }
+    for name, kwargs in configs.items():
+        stats = []
+        pipelined = _train_chain(_powersgd_chain(**kwargs)[0], 5, rank, stats=stats)
+        synchronous = _train_chain(_powersgd_chain(_sync_powersgd, **kwargs)[0], 5, rank)
+        out[name] = (torch.equal(pipelined, synchronous), stats)
+    return out
+
+
+def _schedule(stats):
+    return [(c["bucket"], c["op"]) for c in stats["collectives"]]
+
+
+def _expected_schedule(n, compressed):
+    if not compressed:
+        return [(b, "allreduce") for b in range(n)]
+    out = [(0, "P")]
+    for b in range(1, n):
+        out += [(b, "P"), (b - 1, "Q")]
+    return out + [(n - 1, "Q")]
+
+
+def test_powersgd_pipeline_overlaps_backward_and_matches_synchronous_hook():
+    results = dist.run(_pipeline_job, world_size=2)
+    for name in results[0]:
+        per_rank = [r[name] for r in results]
+        # Same values as each bucket reduced inside its hook call (torch DDP's way), bit for bit.
+        assert all(same for same, _ in per_rank), name
+        for step in range(5):
+            schedules = [_schedule(stats[step]) for _, stats in per_rank]
+            assert schedules[0] == schedules[1], (name, step)  # identical issue order on all ranks
+            assert schedules[0] == _expected_schedule(CHAIN_LAYERS, step >= 2), (name, step)
+        for _, stats in per_rank:
+            s = stats[-1]
+            events = s["bucket_events"]
+            assert len(events) == CHAIN_LAYERS
+            launched = {(c["bucket"], c["op"]): c["launch_ms"] for c in s["collectives"]}
+            # Bucket 0's P went out before the backward pass reached the last bucket; its Q only
+            # after its hook call returned (the backward thread went on), and before finalize.
+            assert launched[(0, "P")] < events[-1]["ready_ms"], (name, s)
+            assert events[0]["return_ms"] <= launched[(0, "Q")] < s["backward_end_ms"], (name, s)
+            assert launched[(0, "Q")] < events[-1]["launch_ms"], (name, s)
+
+
+def _abort_job(rank, world):
+    out = {}
+    # Raises right after bucket 0 (the last layer) launched its P: bucket 0 is held back.
+    model, state = _powersgd_chain(raiser_before=CHAIN_LAYERS - 1)
+    stats = []
+    out["held_back"] = (_train_chain(model, 7, rank, abort_step=4, stats=stats), stats, state.iter)
+    # Raises before any bucket is launched: the aborted step leaves no trace at all.
+    model, state = _powersgd_chain()
+    stats = []
+    params = _train_chain(model, 7, rank, abort_step=4, abort_at_loss=True, stats=stats)
+    out["no_bucket"] = (params, stats, state.iter)
+    # Raises after P0, P1, Q0: bucket 0 completes, bucket 1 is dropped.
+    model, state = _powersgd_chain(raiser_before=CHAIN_LAYERS - 2)
+    stats = []
+    out["one_done"] = (_train_chain(model, 7, rank, abort_step=4, stats=stats), stats, state.iter)
+    return out
+
+
+def test_powersgd_exception_mid_backward_does_not_leak_into_the_next_step():
+    results = dist.run(_abort_job, world_size=2)
+    for r in results:
+        held_back, no_bucket, one_done = r["held_back"], r["no_bucket"], r["one_done"]
+        # A bucket held back when the backward raised is dropped with its memories untouched:
+        # training goes on exactly as if the failed step had launched nothing.
+        assert torch.equal(held_back[0], no_bucket[0])
+        for params, stats, iters in (held_back, no_bucket, one_done):
+            assert iters == 6  # the failed step never reached its last bucket
+            assert len(stats) == 6
+            for s in stats[2:]:  # compressed steps, before and after the failure
+                assert _schedule(s) == _expected_schedule(CHAIN_LAYERS, True)
+                assert s["bytes_sent"] == stats[-1]["bytes_sent"]
+            assert torch.isfinite(params).all()
+    for name in ("held_back", "no_bucket", "one_done"):
+        assert torch.equal(results[0][name][0], results[1][name][0]), name  # ranks agree

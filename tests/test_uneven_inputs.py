@@ -9,6 +9,7 @@ import dist
 import torch
 import torchlane
 from torch.distributed.algorithms.join import Join
+from torchlane import hooks
 
 BATCHES = (5, 2)  # per rank: rank 1 runs out of data after 2 steps
 WORLD = len(BATCHES)
@@ -83,3 +84,44 @@ def test_join_with_uneven_inputs():
             assert torch.allclose(
                 res["torchlane"][name], res["torch"][name], rtol=1e-6, atol=1e-7
             ), (rank, name)
+
+
+def _sync_powersgd(state, bucket):
+    """torchlane's PowerSGD as a plain Python hook: every bucket is reduced inside the call."""
+    return hooks.powersgd(state, bucket)
+
+
+def _join_powersgd(rank, world):
+    """PowerSGD under Join: the joined rank runs the hook on zero buckets, so it must issue the
+    same pipelined P/Q all-reduces in the same order as the active rank (Note [PowerSGD
+    pipeline]); the result must equal the same hook reducing each bucket inside its call."""
+    out = {}
+    for mode, hook in (("pipelined", hooks.powersgd), ("synchronous", _sync_powersgd)):
+        torch.manual_seed(0)
+        # Three buckets: {l2.bias, l2.weight}, {l1.bias} (nothing to compress), {l1.weight}.
+        model = torchlane.DistributedDataParallel(_net(), bucket_cap_mb=0.00005)
+        state = hooks.PowerSGDState(rank=1, start_powerSGD_iter=2)
+        model.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with Join([model]):
+            for i in range(BATCHES[rank]):
+                opt.zero_grad()
+                model(_batch(rank, i)).square().sum().backward()
+                opt.step()
+        out[mode] = (
+            {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+            model.comm_stats()["num_buckets"],
+            state.iter,
+        )
+    return pickle.dumps(out)
+
+
+def test_join_with_powersgd():
+    results = [pickle.loads(r) for r in dist.run(_join_powersgd, world_size=WORLD, pg_timeout=30)]
+    for rank, res in enumerate(results):
+        (pipelined, buckets, iters), (synchronous, _, _) = res["pipelined"], res["synchronous"]
+        assert buckets == 3
+        assert iters == max(BATCHES)  # the joined rank's hook counted the shadowed steps too
+        for name, value in synchronous.items():
+            assert torch.equal(pipelined[name], value), (rank, name)
+            assert torch.equal(pipelined[name], results[0]["pipelined"][0][name]), (rank, name)

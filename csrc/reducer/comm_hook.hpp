@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
@@ -15,6 +16,14 @@ namespace torchlane {
 // communication and returns a future whose value is a tensor with the buffer's numel and dtype
 // holding the *averaged* gradient. The reducer waits on that future at the end of backward (or
 // chains on it) and copies the result into the parameters' .grad.
+//
+// Every collective is issued from runHook (or flush) on the calling thread, never from a
+// completion callback: the reducer calls runHook for buckets 0, 1, ..., last in the same order on
+// every rank, so every rank issues the same collectives in the same order (ProcessGroupGloo
+// matches them by issue order). A hook may hold part of a bucket's communication back until a
+// later runHook call of the same step (PowerSGD's second all-reduce, Note [PowerSGD pipeline]),
+// but once the call for the last bucket (GradBucket::isLast) returns, or flush() returns, every
+// future it returned must complete without further calls. Errors go into the returned future.
 //
 // torchlane's built-in hooks derive from CommHook so that the reducer can report the bytes each
 // rank actually put on the wire (after compression) in comm_stats(). Python hooks written for
@@ -31,6 +40,21 @@ class CommHook : public c10d::CommHookInterface {
   }
 
   virtual std::string name() const = 0;
+
+  // Launches whatever communication the hook still holds back for the buckets it was given (see
+  // above); for callers that wait on each bucket's future before passing the next one.
+  virtual void flush() {}
+
+  // The collectives issued in the current (or last finished) step, in issue order, for hooks that
+  // record them (comm_stats()); launch_ns is steady-clock time.
+  struct CollectiveEvent {
+    int64_t bucket;
+    std::string op;
+    int64_t launch_ns;
+  };
+  virtual std::vector<CollectiveEvent> step_collectives() const {
+    return {};
+  }
 
   // Bytes sent by this rank since the last call (the reducer calls it once per step).
   int64_t take_bytes_sent() {

@@ -174,7 +174,7 @@ void Reducer::reset_iteration_state() {
   for (auto& bucket : buckets_) {
     bucket.pending = bucket.params.size();
     bucket.future.reset();
-    bucket.ready_ns = bucket.launch_ns = bucket.wait_ns = 0;
+    bucket.ready_ns = bucket.launch_ns = bucket.return_ns = bucket.wait_ns = 0;
     bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
   }
   local_used_future_.reset();
@@ -245,6 +245,11 @@ void Reducer::abandon_iteration() {
   expect_hooks_ = false;
   require_finalize_ = false;
   reset_iteration_state();
+  // The bytes this unfinished step sent are not reported as the next step's.
+  step_bytes_sent_ = 0;
+  if (auto* counting = dynamic_cast<CommHook*>(comm_hook_.get())) {
+    counting->take_bytes_sent();
+  }
 }
 
 // Note [Finding unused parameters]: a parameter whose AccumulateGrad node cannot be reached from
@@ -432,6 +437,7 @@ void Reducer::launch_bucket(size_t b) {
     bucket.future = process_group_->allreduce(tensors)->getFuture();
     step_bytes_sent_ += bucket.buffer.nbytes();
   }
+  bucket.return_ns = now_ns();
   // The callback may run after finalize_backward returned (futures wake waiters before running
   // callbacks), so it writes only to a slot it co-owns.
   auto done = bucket.done_ns;
@@ -609,11 +615,15 @@ void Reducer::publish_stats() {
     stats.bytes_reduced += static_cast<int64_t>(bucket.buffer.nbytes());
     stats.ready_ns.push_back(bucket.ready_ns);
     stats.launch_ns.push_back(bucket.launch_ns);
+    stats.return_ns.push_back(bucket.return_ns);
     stats.done_slots.push_back(bucket.done_ns);
     stats.wait_ns.push_back(bucket.wait_ns);
   }
   auto* counting = comm_hook_counts_bytes_ ? dynamic_cast<CommHook*>(comm_hook_.get()) : nullptr;
   stats.bytes_sent = step_bytes_sent_ + (counting ? counting->take_bytes_sent() : 0);
+  if (counting) {
+    stats.collectives = counting->step_collectives();
+  }
   step_bytes_sent_ = 0;
   std::lock_guard<std::mutex> guard(stats_mutex_);
   last_stats_ = std::move(stats);

@@ -40,6 +40,7 @@ struct Bucket {
   c10::intrusive_ptr<c10::ivalue::Future> future;
   int64_t ready_ns = 0;
   int64_t launch_ns = 0;
+  int64_t return_ns = 0;  // when the launch (the comm hook's runHook) returned
   int64_t wait_ns = 0;  // when finalize_backward's wait on `future` returned
   // Written by the future's completion callback, which may outlive this iteration.
   std::shared_ptr<std::atomic<int64_t>> done_ns;
@@ -52,7 +53,8 @@ struct StepStats {
   int64_t comm_end_ns = 0;
   int64_t bytes_reduced = 0;  // uncompressed bytes of all buckets
   int64_t bytes_sent = 0;     // bytes this rank handed to the process group (after compression)
-  std::vector<int64_t> ready_ns, launch_ns, done_ns;  // per bucket, absolute steady-clock ns
+  std::vector<int64_t> ready_ns, launch_ns, return_ns, done_ns;  // per bucket, steady-clock ns
+  std::vector<CommHook::CollectiveEvent> collectives;  // from a hook that records them
   std::vector<std::shared_ptr<std::atomic<int64_t>>> done_slots;
   std::vector<int64_t> wait_ns;
 };

@@ -477,7 +477,10 @@ class DistributedDataParallel(Module, Joinable):
         """Buckets (count, sizes, parameter names) and the last synchronised step's volume and
         timing: bytes_reduced (uncompressed), bytes_sent (what this rank handed to the process
         group, after compression), backward_end_ms and comm_end_ms (from the first gradient hook),
-        and per-bucket ready/launch/done times in bucket_events."""
+        per-bucket ready/launch/return/done times in bucket_events (return_ms: when the bucket's
+        launch, i.e. the comm hook call, gave the backward thread back), and, for hooks that
+        record them (PowerSGD), every collective in issue order in collectives
+        ({bucket, op, launch_ms})."""
         stats = self._reducer.stats()
         buckets = self._reducer.buckets()
         for b in buckets:

@@ -2,7 +2,10 @@
 
 #include "reducer/hooks/allreduce_mean.hpp"
 
+#include <chrono>
 #include <cmath>
+#include <exception>
+#include <stdexcept>
 #include <map>
 #include <utility>
 
@@ -34,9 +37,9 @@ namespace torchlane::hooks {
 // tensors and P in one collective instead of two. 1-D tensors are never compressed (torch would
 // compress an n x 1 "matrix" when min_compression_rate < 1 + 1/n, which saves nothing).
 //
-// The two dependent all-reduces run inside runHook on the calling thread (it waits for them):
-// collectives issued from completion callbacks could interleave differently with the next
-// bucket's on different ranks. The bf16/fp16 and top-k hooks, one collective each, stay async.
+// The two dependent all-reduces are pipelined across buckets and all issued from runHook on the
+// calling thread (Note [PowerSGD pipeline]); the bf16/fp16 and top-k hooks have one collective
+// each and launch it at once.
 
 bool powersgd_should_compress(int64_t rows, int64_t cols, int64_t rank,
                               double min_compression_rate) {
@@ -171,6 +174,76 @@ uint32_t PowerSGDSeeds::next() {
   return v;
 }
 
+namespace {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// The compressed matrices of a bucket as views: M (rows x cols) of the bucket's gradients, P
+// (rows x r) of the flat `p`, Q (cols x r) of the flat `q`, in plan order.
+struct MatrixViews {
+  std::vector<at::Tensor> m, p, q;
+};
+
+MatrixViews matrix_views(const PowerSGDPlan& plan, const std::vector<at::Tensor>& grads,
+                         const at::Tensor& p, const at::Tensor& q) {
+  MatrixViews v;
+  for (const auto& c : plan.compressed) {
+    v.m.push_back(grads[c.tensor].view({c.rows, c.cols}));
+    v.p.push_back(p.narrow(0, c.p_offset, c.rows * c.rank).view({c.rows, c.rank}));
+    v.q.push_back(q.narrow(0, c.q_offset, c.cols * c.rank).view({c.cols, c.rank}));
+  }
+  return v;
+}
+
+}  // namespace
+
+// Note [PowerSGD pipeline]
+// A compressed bucket needs two dependent all-reduces: P = M Q (sent with the uncompressed
+// tensors), then Q = M^T orth(P). Waiting for the first inside runHook would block the backward
+// pass for a round trip per bucket; launching the second from the first's completion callback,
+// as torch's hook does, would let ranks issue collectives in different orders once several
+// buckets are in flight (Gloo runs callbacks on its worker threads, and ProcessGroupGloo matches
+// collectives by issue order). So both are issued from runHook, on the backward thread, in an
+// order fixed by the bucket order alone:
+//  * runHook(i) launches bucket i's first all-reduce and returns a future of its own. Then it
+//    advances the buckets launched before i (held in pending_): waits for their first all-reduce
+//    (by now usually done: it ran while the gradients of bucket i were computed), orthogonalises
+//    P, computes Q and launches the second all-reduce. Collectives: P0, P1 Q0, P2 Q1, ...
+//  * The last bucket (GradBucket::isLast) also advances itself, so when its runHook returns every
+//    collective of the step is issued and every future will complete without further calls
+//    (Note [Comm hook contract]); flush() does the same for callers that wait bucket by bucket.
+//  * The second all-reduce's completion callback does rank-local work only: Q /= world, M <- P
+//    Q^T into the bucket, the new error/P/Q memories, then completes the bucket's future. A
+//    failure anywhere goes into that future, so the reducer raises instead of hanging.
+//  * Nothing of the bucket's memories is modified before the callback: this step's Q is a copy.
+//    A step that ends before its last bucket (an exception in backward) leaves held-back buckets
+//    behind; the next runHook of a new step (bucket index not above the previous one, or any
+//    call after a last bucket) fails their futures and drops them, their memories untouched, and
+//    waits for the callbacks still running, so nothing leaks into the new step. Every rank that
+//    raised at the same point drops the same buckets.
+//  * The step counter advances with the last bucket; warm-up steps and buckets of other dtypes
+//    are one plain all-reduce, issued in the same order.
+
+struct PowerSGDHook::InFlight {
+  int64_t index = 0;
+  PowerSGDPlan plan;
+  at::Tensor buffer;              // the bucket: M is read from it, the result written to it
+  std::vector<at::Tensor> grads;  // views of `buffer`, one per gradient
+  at::Tensor before;              // the error-corrected local gradient (error feedback)
+  at::Tensor first;               // the uncompressed tensors, then P: the first all-reduce
+  at::Tensor q;                   // this step's Q, flat; the Q memory is replaced at the end
+  c10::intrusive_ptr<c10::ivalue::Future> first_done;
+  c10::intrusive_ptr<c10::ivalue::Future> result;  // what runHook returned for the bucket
+
+  at::Tensor p() const {
+    return first.narrow(0, plan.uncompressed_numel, plan.p_numel);
+  }
+};
+
 PowerSGDHook::PowerSGDHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
                            PowerSGDOptions options)
     : CommHook(std::move(process_group)), options_(options), seeds_(options.seed) {
@@ -187,6 +260,15 @@ PowerSGDHook::PowerSGDHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
               options.min_compression_rate);
   TORCH_CHECK_VALUE(options.epsilon >= 0, "PowerSGDHook: orthogonalization_epsilon must be >= 0, got ",
               options.epsilon);
+  world_size_ = process_group_->getSize();
+}
+
+PowerSGDHook::~PowerSGDHook() {
+  std::lock_guard<std::mutex> guard(mutex_);
+  for (auto& b : pending_) {
+    b->result->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(
+        "torchlane powersgd hook: destroyed before the bucket's second all-reduce was launched")));
+  }
 }
 
 int64_t PowerSGDHook::iter() const {
@@ -201,132 +283,224 @@ std::tuple<double, int64_t, int64_t> PowerSGDHook::compression_stats() const {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> PowerSGDHook::memory(int64_t bucket_index) const {
-  std::lock_guard<std::mutex> guard(mutex_);
-  auto it = memory_.find(bucket_index);
-  if (it == memory_.end()) {
+  std::lock_guard<std::mutex> guard(memory_->mutex);
+  auto it = memory_->buckets.find(bucket_index);
+  if (it == memory_->buckets.end()) {
     return {};
   }
   return {it->second.p, it->second.q, it->second.error};
 }
 
-void PowerSGDHook::maybe_increase_iter(const c10d::GradBucket& bucket) {
-  if (bucket.isLast()) {
-    ++iter_;
-  }
+std::vector<CommHook::CollectiveEvent> PowerSGDHook::step_collectives() const {
+  std::lock_guard<std::mutex> guard(mutex_);
+  return collectives_;
 }
 
-c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::allreduce_mean(at::Tensor buffer) {
+void PowerSGDHook::log_collective_locked(int64_t bucket, const char* op) {
+  collectives_.push_back({bucket, op, now_ns()});
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::allreduce_mean(int64_t index,
+                                                                     at::Tensor buffer) {
   count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
+  log_collective_locked(index, "allreduce");
   return hooks::allreduce_mean(process_group_, std::move(buffer));
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::runHook(c10d::GradBucket& bucket) {
   std::lock_guard<std::mutex> guard(mutex_);
-  at::Tensor buffer = bucket.getBufferRef();
-  if (iter_ < options_.start_iter) {
-    maybe_increase_iter(bucket);
-    return allreduce_mean(buffer);
+  const auto index = static_cast<int64_t>(bucket.getIndex());
+  if (!in_step_ || index <= last_index_) {
+    begin_step_locked();
   }
-  if (!is_float_or_double(buffer)) {
+  in_step_ = true;
+  last_index_ = index;
+  at::Tensor buffer = bucket.getBufferRef();
+  c10::intrusive_ptr<c10::ivalue::Future> result;
+  size_t hold = 0;  // buckets left pending: this one, unless it is the last
+  if (iter_ < options_.start_iter) {
+    result = allreduce_mean(index, buffer);
+  } else if (!is_float_or_double(buffer)) {
     TORCH_WARN_ONCE("torchlane powersgd hook: buckets of dtype ", buffer.scalar_type(),
                     " are all-reduced uncompressed; PowerSGD compresses float32/float64 buckets");
-    maybe_increase_iter(bucket);
-    return allreduce_mean(buffer);
+    result = allreduce_mean(index, buffer);
+  } else {
+    pending_.push_back(launch_first_locked(bucket));
+    result = pending_.back()->result;
+    hold = 1;
   }
-  const auto index = static_cast<int64_t>(bucket.getIndex());
-  const int64_t world = process_group_->getSize();
-  const int64_t n = buffer.numel();
-  BucketMemory& mem = memory_[index];
+  if (bucket.isLast()) {
+    advance_pending_locked(0);
+    TORCH_INTERNAL_ASSERT(pending_.empty(), "powersgd: a bucket is still held back after the last");
+    ++iter_;  // the step counter advances with the last bucket, as in torch's hook
+    in_step_ = false;
+  } else {
+    advance_pending_locked(hold);
+  }
+  return result;
+}
 
-  at::Tensor before;  // the error-corrected local gradient
-  if (options_.use_error_feedback) {
-    if (mem.error.defined() && mem.error.numel() == n) {
-      buffer.add_(mem.error);
-    } else {
-      mem.error = at::zeros({n}, buffer.options());
+void PowerSGDHook::flush() {
+  std::lock_guard<std::mutex> guard(mutex_);
+  advance_pending_locked(0);
+}
+
+void PowerSGDHook::begin_step_locked() {
+  for (auto& b : pending_) {
+    b->result->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(
+        "torchlane powersgd hook: the backward pass that launched bucket " +
+        std::to_string(b->index) + " ended before its last bucket; its reduction was dropped")));
+  }
+  pending_.clear();
+  for (auto& f : outstanding_) {
+    f->wait();  // the callbacks of the previous step are done with their memories
+  }
+  outstanding_.clear();
+  collectives_.clear();
+  last_index_ = -1;
+}
+
+void PowerSGDHook::advance_pending_locked(size_t keep) {
+  while (pending_.size() > keep) {
+    auto b = std::move(pending_.front());
+    pending_.pop_front();
+    try {
+      launch_second_locked(b);
+    } catch (...) {
+      b->result->setErrorIfNeeded(std::current_exception());
     }
-    before = buffer.clone();
+  }
+}
+
+std::shared_ptr<PowerSGDHook::InFlight> PowerSGDHook::launch_first_locked(
+    c10d::GradBucket& bucket) {
+  auto b = std::make_shared<InFlight>();
+  b->index = static_cast<int64_t>(bucket.getIndex());
+  b->buffer = bucket.getBufferRef();
+  b->grads = bucket.getGradients();
+  const at::Tensor& buffer = b->buffer;
+  BucketMemory mem;
+  {
+    std::lock_guard<std::mutex> guard(memory_->mutex);
+    auto it = memory_->buckets.find(b->index);
+    if (it != memory_->buckets.end()) {
+      mem = it->second;
+    }
   }
 
-  const std::vector<at::Tensor> grads = bucket.getGradients();
+  if (options_.use_error_feedback) {
+    if (mem.error.defined() && mem.error.numel() == buffer.numel()) {
+      b->buffer.add_(mem.error);
+    }
+    b->before = buffer.clone();
+  }
+
   std::vector<std::vector<int64_t>> shapes;
-  shapes.reserve(grads.size());
-  for (const auto& g : grads) {
+  shapes.reserve(b->grads.size());
+  for (const auto& g : b->grads) {
     shapes.emplace_back(g.sizes().vec());
   }
-  const PowerSGDPlan plan = powersgd_plan(shapes, options_.rank, options_.min_compression_rate);
+  b->plan = powersgd_plan(shapes, options_.rank, options_.min_compression_rate);
+  const PowerSGDPlan& plan = b->plan;
   numel_before_ += plan.numel_before;
   numel_after_ += plan.numel_after;
 
   const bool randomize = !options_.warm_start || !mem.p.defined() ||
                          mem.p.numel() != plan.p_numel || mem.q.numel() != plan.q_numel;
-  if (randomize) {
-    mem.p = at::empty({plan.p_numel}, buffer.options());
-    mem.q = at::empty({plan.q_numel}, buffer.options());
-  }
-  std::vector<at::Tensor> ms, ps, qs;
-  for (const auto& c : plan.compressed) {
-    ms.push_back(grads[c.tensor].view({c.rows, c.cols}));
-    ps.push_back(mem.p.narrow(0, c.p_offset, c.rows * c.rank).view({c.rows, c.rank}));
-    qs.push_back(mem.q.narrow(0, c.q_offset, c.cols * c.rank).view({c.cols, c.rank}));
-  }
-  if (randomize && !qs.empty()) {
+  b->q = randomize ? at::empty({plan.q_numel}, buffer.options()) : mem.q.clone();
+  b->first = at::empty({plan.uncompressed_numel + plan.p_numel}, buffer.options());
+  MatrixViews v = matrix_views(plan, b->grads, b->p(), b->q);
+  if (randomize && !v.q.empty()) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(seeds_.next());
-    for (auto& q : qs) {
+    for (auto& q : v.q) {
       q.copy_(at::randn({1, q.size(0), q.size(1)}, gen, at::TensorOptions().dtype(q.dtype()))
                   .view_as(q));
     }
   }
-  for (auto& q : qs) {
+  for (auto& q : v.q) {
     orthogonalize_(q, options_.epsilon);
   }
-  for (size_t i = 0; i < ms.size(); ++i) {
-    at::mm_out(ps[i], ms[i], qs[i]);
+  for (size_t i = 0; i < v.m.size(); ++i) {
+    at::mm_out(v.p[i], v.m[i], v.q[i]);
   }
-
-  // One all-reduce for the uncompressed tensors and P together.
-  std::vector<at::Tensor> first_parts;
-  for (auto t : plan.uncompressed) {
-    first_parts.push_back(grads[t].reshape({-1}));
-  }
-  first_parts.push_back(mem.p);
-  std::vector<at::Tensor> first{at::cat(first_parts)};
-  count_bytes_sent(first[0].numel() * static_cast<int64_t>(first[0].element_size()) +
-                   plan.q_numel * static_cast<int64_t>(mem.q.element_size()));
-  process_group_->allreduce(first)->wait();
   int64_t offset = 0;
   for (auto t : plan.uncompressed) {
-    at::Tensor g = grads[t];
-    g.copy_(first[0].narrow(0, offset, g.numel()).view_as(g)).div_(world);
+    const at::Tensor& g = b->grads[t];
+    b->first.narrow(0, offset, g.numel()).copy_(g.reshape({-1}));
     offset += g.numel();
   }
-  mem.p.copy_(first[0].narrow(0, offset, plan.p_numel));
 
-  for (auto& p : ps) {
+  std::vector<c10::Device> devices;
+  if (!buffer.is_cpu()) {
+    devices.push_back(buffer.device());
+  }
+  b->result = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
+  // One all-reduce for the uncompressed tensors and P together.
+  std::vector<at::Tensor> first{b->first};
+  count_bytes_sent(b->first.numel() * static_cast<int64_t>(b->first.element_size()));
+  log_collective_locked(b->index, "P");
+  b->first_done = process_group_->allreduce(first)->getFuture();
+  return b;
+}
+
+void PowerSGDHook::launch_second_locked(const std::shared_ptr<InFlight>& b) {
+  b->first_done->waitAndThrow();
+  int64_t offset = 0;
+  for (auto t : b->plan.uncompressed) {
+    at::Tensor g = b->grads[t];
+    g.copy_(b->first.narrow(0, offset, g.numel()).view_as(g)).div_(world_size_);
+    offset += g.numel();
+  }
+  MatrixViews v = matrix_views(b->plan, b->grads, b->p(), b->q);
+  for (auto& p : v.p) {
     orthogonalize_(p, options_.epsilon);
   }
-  for (size_t i = 0; i < ms.size(); ++i) {
-    at::mm_out(qs[i], ms[i].t(), ps[i]);
+  for (size_t i = 0; i < v.m.size(); ++i) {
+    at::mm_out(v.q[i], v.m[i].t(), v.p[i]);
   }
-  std::vector<at::Tensor> second{mem.q};
-  process_group_->allreduce(second)->wait();
-  mem.q.div_(world);
-  for (size_t i = 0; i < ms.size(); ++i) {
-    at::mm_out(ms[i], ps[i], qs[i].t());
+  if (b->plan.q_numel == 0) {  // nothing compressed: no second all-reduce (the same on all ranks)
+    finish(b, *memory_, options_, world_size_, nullptr);
+    return;
   }
+  std::vector<at::Tensor> second{b->q};
+  count_bytes_sent(b->q.numel() * static_cast<int64_t>(b->q.element_size()));
+  log_collective_locked(b->index, "Q");
+  auto second_done = process_group_->allreduce(second)->getFuture();
+  outstanding_.push_back(b->result);
+  // Rank-local work only (Note [PowerSGD pipeline]); it may run after the hook is gone.
+  second_done->addCallback(
+      [b, memory = memory_, options = options_, world = world_size_](c10::ivalue::Future& done) {
+        finish(b, *memory, options, world, &done);
+      });
+}
 
-  if (options_.use_error_feedback) {
-    mem.error = before.sub_(buffer);
+void PowerSGDHook::finish(const std::shared_ptr<InFlight>& b, Memories& memory,
+                          const PowerSGDOptions& options, int64_t world_size,
+                          const c10::ivalue::Future* second_done) {
+  try {
+    if (second_done && second_done->hasError()) {
+      std::rethrow_exception(second_done->exception_ptr());
+    }
+    b->q.div_(world_size);
+    MatrixViews v = matrix_views(b->plan, b->grads, b->p(), b->q);
+    for (size_t i = 0; i < v.m.size(); ++i) {
+      at::mm_out(v.m[i], v.p[i], v.q[i].t());
+    }
+    BucketMemory committed;
+    if (options.use_error_feedback) {
+      committed.error = b->before.sub_(b->buffer);
+    }
+    if (options.warm_start) {
+      committed.p = b->p().clone();
+      committed.q = b->q;
+    }
+    std::lock_guard<std::mutex> guard(memory.mutex);
+    memory.buckets[b->index] = std::move(committed);
+  } catch (...) {
+    b->result->setErrorIfNeeded(std::current_exception());
+    return;
   }
-  if (!options_.warm_start) {
-    mem.p = at::Tensor();
-    mem.q = at::Tensor();
-  }
-  maybe_increase_iter(bucket);
-
-  auto done = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get());
-  done->markCompleted(c10::IValue(buffer));
-  return done;
+  b->result->markCompleted(c10::IValue(b->buffer));
 }
 
 // ---- op: torchlane::orthogonalize_ (schema in bindings.cpp) ----

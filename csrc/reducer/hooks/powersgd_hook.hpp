@@ -1,6 +1,8 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -60,12 +62,16 @@ class PowerSGDSeeds {
   std::mt19937 engine_;
 };
 
-// PowerSGD (Vogels et al. 2019) with torch's powerSGD_hook semantics. See Note [PowerSGD].
+// PowerSGD (Vogels et al. 2019) with torch's powerSGD_hook semantics. See Note [PowerSGD] and
+// Note [PowerSGD pipeline].
 class PowerSGDHook : public CommHook {
  public:
   PowerSGDHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group, PowerSGDOptions options);
+  ~PowerSGDHook() override;
 
   c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
+  void flush() override;
+  std::vector<CollectiveEvent> step_collectives() const override;
   std::string name() const override {
     return "powersgd";
   }
@@ -83,16 +89,38 @@ class PowerSGDHook : public CommHook {
   struct BucketMemory {
     at::Tensor p, q, error;
   };
+  // Written by completion callbacks, which may outlive the hook: shared, with a leaf lock that is
+  // never held while waiting or communicating.
+  struct Memories {
+    std::mutex mutex;
+    std::unordered_map<int64_t, BucketMemory> buckets;
+  };
+  struct InFlight;  // a compressed bucket between its two all-reduces (Note [PowerSGD pipeline])
 
-  c10::intrusive_ptr<c10::ivalue::Future> allreduce_mean(at::Tensor buffer);
-  void maybe_increase_iter(const c10d::GradBucket& bucket);
+  c10::intrusive_ptr<c10::ivalue::Future> allreduce_mean(int64_t index, at::Tensor buffer);
+  void begin_step_locked();
+  std::shared_ptr<InFlight> launch_first_locked(c10d::GradBucket& bucket);
+  void launch_second_locked(const std::shared_ptr<InFlight>& bucket);
+  void advance_pending_locked(size_t keep);
+  static void finish(const std::shared_ptr<InFlight>& bucket, Memories& memory,
+                     const PowerSGDOptions& options, int64_t world_size,
+                     const c10::ivalue::Future* second_done);
+  void log_collective_locked(int64_t bucket, const char* op);
 
   PowerSGDOptions options_;
+  int64_t world_size_;
+  // Guards everything below but memory_. runHook holds it while it waits for a P all-reduce; no
+  // completion callback ever takes it (Gloo runs callbacks on its worker threads).
   mutable std::mutex mutex_;
   PowerSGDSeeds seeds_;
   int64_t iter_ = 0;
   int64_t numel_before_ = 0, numel_after_ = 0;
-  std::unordered_map<int64_t, BucketMemory> memory_;
+  bool in_step_ = false;       // a runHook call of this step ran; cleared by the last bucket
+  int64_t last_index_ = -1;    // the bucket of the latest runHook call in this step
+  std::deque<std::shared_ptr<InFlight>> pending_;  // first all-reduce launched, second not yet
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> outstanding_;  // second one launched
+  std::vector<CollectiveEvent> collectives_;  // issued in this (or the last finished) step
+  std::shared_ptr<Memories> memory_ = std::make_shared<Memories>();
 };
 
 }  // namespace torchlane::hooks
