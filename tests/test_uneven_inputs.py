@@ -25,8 +25,10 @@ def _batch(rank, i):
     return torch.randn(4, 6, generator=g)
 
 
-def _train_with_join(cls, rank):
-    model = cls(_net(), bucket_cap_mb=0.0005)  # several buckets
+def _train_with_join(cls, rank, model=None):
+    """SGD under Join on this rank's batches; a new cls(_net()) with several buckets unless a
+    model is given. Returns the module's state dict."""
+    model = model if model is not None else cls(_net(), bucket_cap_mb=0.0005)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with Join([model]):
         for i in range(BATCHES[rank]):
@@ -102,14 +104,8 @@ def _join_powersgd(rank, world):
         model = torchlane.DistributedDataParallel(_net(), bucket_cap_mb=0.00005)
         state = hooks.PowerSGDState(rank=1, start_powerSGD_iter=2)
         model.register_comm_hook(state, hook)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        with Join([model]):
-            for i in range(BATCHES[rank]):
-                opt.zero_grad()
-                model(_batch(rank, i)).square().sum().backward()
-                opt.step()
         out[mode] = (
-            {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+            _train_with_join(None, rank, model),
             model.comm_stats()["num_buckets"],
             state.iter,
         )
