@@ -23,12 +23,17 @@ namespace {
 using mk::kNR;
 using mk::round_up;
 
-// Per-(batch, head) packed operands, heads back to back.
+// Per-(batch, head) operands: packed copies, heads back to back, or (fp32 inputs already in the
+// layout) the input itself, at its batch and head strides.
 template <typename W>
 struct Packed {
   std::vector<W> data;
   int64_t per_head = 0, ld = 0;
+  const W* input = nullptr;  // set when the input is used as is
+  int64_t heads = 1, sb = 0, sh = 0;
   const W* head(int64_t bh) const {
+    if (input != nullptr)
+      return input + (bh / heads) * sb + (bh % heads) * sh;
     return data.data() + bh * per_head;
   }
 };
@@ -43,6 +48,15 @@ enum class Pack { Rows, PairsT, Pairs, RowsT };
 template <typename W, typename T>
 Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64_t D, Pack how) {
   Packed<W> r;
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<T, float>) {
+    // Row-major fp32 rows are the "rows" layout, and the "pairs" layout when the micro-kernel
+    // may read whole 16-column vectors of every row (Note [Packed tile GEMMs]).
+    if (how == Pack::Rows || (how == Pack::Pairs && D % 16 == 0 && t.ss % 16 == 0)) {
+      r.input = static_cast<const float*>(t.base);
+      r.ld = t.ss, r.heads = heads, r.sb = t.sb, r.sh = t.sh;
+      return r;
+    }
+  }
   int64_t rows = 0;
   switch (how) {
     case Pack::Rows: rows = S, r.ld = mk::words<W>(D); break;
@@ -101,7 +115,13 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, mt = t % n_mtiles;
       const int64_t hk = h / p.group(), m0 = mt * BM, rows = std::min(BM, p.Sq - m0);
-      mk::pack_rows(row_ptr<T>(q, b, h, m0), q.ss, rows, D, qa.data(), dw);
+      const W* q_a = reinterpret_cast<const W*>(row_ptr<T>(q, b, h, m0));  // fp32: as is
+      int64_t ldq = q.ss;
+      if constexpr (P != 1) {
+        mk::pack_rows(row_ptr<T>(q, b, h, m0), q.ss, rows, D, qa.data(), dw);
+        q_a = qa.data();
+        ldq = dw;
+      }
       const W* kt_h = kt.head(b * p.Hkv + hk);
       const W* vn_h = vn.head(b * p.Hkv + hk);
       std::fill(o_acc.begin(), o_acc.begin() + rows * D, 0.0f);
@@ -111,7 +131,7 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         float* S = s_buf.data();
-        mk::gemm<W>(rows, cols, dw, scale, qa.data(), dw, kt_h + n0, kt.ld, 0.0f, S, BN);
+        mk::gemm<W>(rows, cols, dw, scale, q_a, ldq, kt_h + n0, kt.ld, 0.0f, S, BN);
         online_softmax_tile(p, S, BN, m0, rows, n0, cols, m_run.data(), l_run.data(),
                             o_acc.data(), D);
         const W* pv_a = reinterpret_cast<const W*>(S);  // fp32: P is already in "rows" layout
@@ -161,10 +181,10 @@ void tile_pair(const BwdPacks<W>& a, BwdTiles<W>& w, int64_t BN, int64_t b, int6
   const Problem& p = a.p;
   const int64_t D = p.D, dw = mk::words<W>(D), bh = b * p.H + h, bhk = b * p.Hkv + hk;
   const float scale = static_cast<float>(p.scale);
-  mk::gemm<W>(rows, cols, dw, scale, a.q_rows.head(bh) + m0 * dw, dw, a.k_pt.head(bhk) + n0,
-              a.k_pt.ld, 0.0f, w.P.data(), BN);
-  mk::gemm<W>(rows, cols, dw, 1.0f, a.do_rows.head(bh) + m0 * dw, dw, a.v_pt.head(bhk) + n0,
-              a.v_pt.ld, 0.0f, w.dS.data(), BN);
+  mk::gemm<W>(rows, cols, dw, scale, a.q_rows.head(bh) + m0 * a.q_rows.ld, a.q_rows.ld,
+              a.k_pt.head(bhk) + n0, a.k_pt.ld, 0.0f, w.P.data(), BN);
+  mk::gemm<W>(rows, cols, dw, 1.0f, a.do_rows.head(bh) + m0 * a.do_rows.ld, a.do_rows.ld,
+              a.v_pt.head(bhk) + n0, a.v_pt.ld, 0.0f, w.dS.data(), BN);
   probs_and_dscores_rows(p, w.P.data(), w.dS.data(), BN, a.lse, a.delta, b, h, m0, rows, n0, cols);
   if (dvT != nullptr) {
     // fp32: the P and dS tiles already are "pairs" (row-major) B operands
