@@ -38,10 +38,11 @@
 // Note [Low precision on the CPU]
 // Where the packed micro-kernels exist (attention_cpu_packed.cpp, Note [Packed attention on the
 // CPU]) fp32 runs on their fp32 GEMMs and bf16 on their bf16 x bf16 -> fp32 GEMMs (vdpbf16ps).
-// Otherwise (fp16, fp64, builds without AVX-512, or mk::set_enabled(false)) this file's kernels
-// run with BLAS tile GEMMs, and bf16/fp16 inputs are converted to fp32 once (O(S D) memory,
-// negligible next to the O(S^2 D) work) and rounded back at the end: MKL's bf16 GEMM
-// (cblas_gemm_bf16bf16f32) was many times slower than sgemm on the AMD EPYC development machine.
+// Other low-precision inputs (fp16; bf16 without AVX512-BF16) are converted to fp32 once (O(S D)
+// memory, negligible next to the O(S^2 D) work), computed in fp32 and rounded back at the end.
+// This file's BLAS tile kernels run fp64, and everything when the micro-kernels are not built
+// (no AVX-512) or mk::set_enabled(false): MKL's bf16 GEMM (cblas_gemm_bf16bf16f32) was many times
+// slower than sgemm on the AMD EPYC development machine, hence fp32 there too.
 
 namespace torchlane::attention {
 namespace {
@@ -238,33 +239,37 @@ void bwd_by_tile(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_
 }  // namespace
 
 // Low-precision inputs run the fp32 kernel on fp32 copies; see Note [Low precision on the CPU].
+// The dtype the kernels compute in: the packed micro-kernels take fp32 and bf16 inputs as they are;
+// otherwise low-precision inputs are computed in fp32 (Note [Low precision on the CPU]), on the
+// packed fp32 kernels where those exist.
 at::ScalarType compute_type(at::ScalarType t) {
+  if (packed_kernels_available(t))
+    return t;
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::ScalarType lse_type(at::ScalarType compute) {
+  return compute == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, bool causal,
                                                      double scale) {
   check_attention_inputs(q_in, k_in, v_in, scale);
-  if (packed_kernels_available(q_in.scalar_type())) {
-    const at::Tensor q = rows_unit_stride(q_in), k = rows_unit_stride(k_in),
-                     v = rows_unit_stride(v_in);
-    const Problem p = problem_of(q, k, causal, scale);
-    at::Tensor out = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
-    at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
-    fwd_packed(p, layout_of(q), layout_of(k), layout_of(v), out, lse.data_ptr<float>());
-    return {out, lse};
-  }
   const auto ct = compute_type(q_in.scalar_type());
   const at::Tensor q = rows_unit_stride(q_in.to(ct)), k = rows_unit_stride(k_in.to(ct)),
                    v = rows_unit_stride(v_in.to(ct));
   const Problem p = problem_of(q, k, causal, scale);
   at::Tensor out = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
-  at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "attention_fwd_cpu", [&] {
-    fwd_kernel<scalar_t>(p, layout_of(q), layout_of(k), layout_of(v), out.data_ptr<scalar_t>(),
-                         lse.data_ptr<scalar_t>());
-  });
+  at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(lse_type(ct)));
+  if (packed_kernels_available(ct)) {
+    fwd_packed(p, layout_of(q), layout_of(k), layout_of(v), out, lse.data_ptr<float>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(ct, "attention_fwd_cpu", [&] {
+      fwd_kernel<scalar_t>(p, layout_of(q), layout_of(k), layout_of(v), out.data_ptr<scalar_t>(),
+                           lse.data_ptr<scalar_t>());
+    });
+  }
   return {out.to(q_in.scalar_type()), lse};
 }
 
@@ -273,19 +278,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse_in,
     bool causal, double scale) {
   check_attention_backward_inputs(grad_out, grad_lse, q_in, k_in, v_in, out, lse_in, scale);
-  if (packed_kernels_available(q_in.scalar_type())) {
-    const at::Tensor q = rows_unit_stride(q_in), k = rows_unit_stride(k_in),
-                     v = rows_unit_stride(v_in), dout = rows_unit_stride(grad_out);
-    const at::Tensor lse = lse_in.contiguous();
-    const at::Tensor delta = compute_delta<float>(dout, out, grad_lse);
-    const Problem p = problem_of(q, k, causal, scale);
-    at::Tensor dq = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
-    at::Tensor dk = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
-    at::Tensor dv = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
-    bwd_packed(p, layout_of(q), layout_of(k), layout_of(v), layout_of(dout),
-               lse.data_ptr<float>(), delta.data_ptr<float>(), dq, dk, dv);
-    return {dq, dk, dv};
-  }
   const auto ct = compute_type(q_in.scalar_type());
   const at::Tensor q = rows_unit_stride(q_in.to(ct)), k = rows_unit_stride(k_in.to(ct)),
                    v = rows_unit_stride(v_in.to(ct)), dout = rows_unit_stride(grad_out.to(ct));
@@ -294,24 +286,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dq = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
   at::Tensor dk = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "attention_bwd_cpu", [&] {
-    const at::Tensor delta = compute_delta<scalar_t>(dout, out, grad_lse);
-    const BwdArgs<scalar_t> a{p,
-                              layout_of(q),
-                              layout_of(k),
-                              layout_of(v),
-                              layout_of(dout),
-                              lse.data_ptr<scalar_t>(),
-                              delta.data_ptr<scalar_t>()};
-    auto* dq_p = dq.data_ptr<scalar_t>();
-    auto* dk_p = dk.data_ptr<scalar_t>();
-    auto* dv_p = dv.data_ptr<scalar_t>();
-    if (p.B * p.Hkv >= 2 * at::get_num_threads()) {
-      bwd_by_kv_head(a, dq_p, dk_p, dv_p);
-    } else {
-      bwd_by_tile(a, dq_p, dk_p, dv_p);
-    }
-  });
+  if (packed_kernels_available(ct)) {
+    const at::Tensor delta = compute_delta<float>(dout, out, grad_lse);
+    bwd_packed(p, layout_of(q), layout_of(k), layout_of(v), layout_of(dout),
+               lse.data_ptr<float>(), delta.data_ptr<float>(), dq, dk, dv);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(ct, "attention_bwd_cpu", [&] {
+      const at::Tensor delta = compute_delta<scalar_t>(dout, out, grad_lse);
+      const BwdArgs<scalar_t> a{p,
+                                layout_of(q),
+                                layout_of(k),
+                                layout_of(v),
+                                layout_of(dout),
+                                lse.data_ptr<scalar_t>(),
+                                delta.data_ptr<scalar_t>()};
+      auto* dq_p = dq.data_ptr<scalar_t>();
+      auto* dk_p = dk.data_ptr<scalar_t>();
+      auto* dv_p = dv.data_ptr<scalar_t>();
+      if (p.B * p.Hkv >= 2 * at::get_num_threads()) {
+        bwd_by_kv_head(a, dq_p, dk_p, dv_p);
+      } else {
+        bwd_by_tile(a, dq_p, dk_p, dv_p);
+      }
+    });
+  }
   const auto t = q_in.scalar_type();
   return {dq.to(t), dk.to(t), dv.to(t)};
 }

@@ -111,7 +111,8 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
   const float scale = static_cast<float>(p.scale);
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s_buf(BM * BN), o_acc(BM * D), m_run(BM), l_run(BM), inv_l(BM);
-    std::vector<W> qa(BM * dw), pa(BM * BN / P);
+    // bf16 only: the Q tile and P packed as bf16 pairs (fp32 uses them as they are)
+    std::vector<W> qa(P != 1 ? BM * dw : 0), pa(P != 1 ? BM * BN / P : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, mt = t % n_mtiles;
       const int64_t hk = h / p.group(), m0 = mt * BM, rows = std::min(BM, p.Sq - m0);
@@ -160,14 +161,16 @@ struct BwdPacks {
   const float *lse, *delta;
 };
 
-// Per-thread tiles: fp32 S/P and dP/dS, and their packs.
+// Per-thread tiles: fp32 S/P and dP/dS, and (bf16 only: fp32 tiles are used as they are) their
+// bf16 packs.
 template <typename W>
 struct BwdTiles {
+  static constexpr bool kPacks = mk::kPack<W> != 1;
   std::vector<float> P, dS;
   std::vector<W> p_pairs, ds_pairs, ds_rows;
   BwdTiles(int64_t BM, int64_t BN)
-      : P(BM * BN), dS(BM * BN), p_pairs(mk::words<W>(BM) * BN), ds_pairs(mk::words<W>(BM) * BN),
-        ds_rows(BM * BN / mk::kPack<W>) {}
+      : P(BM * BN), dS(BM * BN), p_pairs(kPacks ? mk::words<W>(BM) * BN : 0),
+        ds_pairs(kPacks ? mk::words<W>(BM) * BN : 0), ds_rows(kPacks ? BM * BN / 2 : 0) {}
 };
 
 // One (query tile, key tile) pair of query head h: recomputes P and dS, then
