@@ -132,7 +132,18 @@ def fp16_compress(state, bucket):
 # ---- PowerSGD -----------------------------------------------------------------------------------
 
 
-class PowerSGDState:
+class _CppHookState:
+    """A state whose C++ hook object is made at registration (_make sets _cpp_hook)."""
+
+    _cpp_hook = None
+
+    @property
+    def iter(self):
+        """Steps seen so far by the hook this state was last registered with."""
+        return 0 if self._cpp_hook is None else self._cpp_hook.iter
+
+
+class PowerSGDState(_CppHookState):
     """Settings of the PowerSGD hook (torch's ``PowerSGDState`` without the process group).
 
     Arguments and defaults are torch's: ``rank`` is torch's ``matrix_approximation_rank``.
@@ -182,11 +193,6 @@ class PowerSGDState:
         )
         return self._cpp_hook
 
-    @property
-    def iter(self):
-        """Steps seen so far by the hook this state was last registered with."""
-        return 0 if self._cpp_hook is None else self._cpp_hook.iter
-
     def compression_stats(self):
         """(compression rate, elements before, elements after), as torch's state reports."""
         return (0, 0, 0) if self._cpp_hook is None else self._cpp_hook.compression_stats()
@@ -231,7 +237,7 @@ def powersgd(state, bucket):
 # ---- top-k --------------------------------------------------------------------------------------
 
 
-class TopKState:
+class TopKState(_CppHookState):
     """Settings of the top-k hook (top-k sparsification with error feedback).
 
     Each step, the largest-magnitude ``ratio`` of every bucket's compressed tensors (those with
@@ -282,11 +288,6 @@ class TopKState:
             layerwise=self.layerwise,
         )
         return self._cpp_hook
-
-    @property
-    def iter(self):
-        """Steps seen so far by the hook this state was last registered with."""
-        return 0 if self._cpp_hook is None else self._cpp_hook.iter
 
     def __repr__(self):
         return (
