@@ -60,9 +60,9 @@ Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64
   int64_t rows = 0;
   switch (how) {
     case Pack::Rows: rows = S, r.ld = mk::words<W>(D); break;
-    case Pack::PairsT: rows = mk::words<W>(D), r.ld = round_up(S, kNR); break;
+    case Pack::PairsT: rows = mk::words<W>(D), r.ld = mk::padded_ld(round_up(S, kNR)); break;
     case Pack::Pairs: rows = mk::words<W>(S), r.ld = round_up(D, kNR); break;
-    case Pack::RowsT: rows = D, r.ld = mk::words<W>(S); break;
+    case Pack::RowsT: rows = D, r.ld = mk::padded_ld(mk::words<W>(S)); break;
   }
   r.per_head = rows * r.ld;
   r.data.assign(B * heads * r.per_head, W(0));
@@ -104,15 +104,15 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
               float* lse) {
   using W = word_t<T>;
   constexpr int64_t P = mk::kPack<W>;
-  const int64_t BM = blocks().fwd_m, BN = round_up(blocks().fwd_n, kNR);
+  const int64_t BM = blocks().fwd_m, BN = round_up(blocks().fwd_n, kNR), lds = mk::padded_ld(BN);
   const int64_t D = p.D, dw = mk::words<W>(D), n_mtiles = (p.Sq + BM - 1) / BM;
   const auto kt = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::PairsT);
   const auto vn = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::Pairs);
   const float scale = static_cast<float>(p.scale);
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf(BM * BN), o_acc(BM * D), m_run(BM), l_run(BM), inv_l(BM);
+    std::vector<float> s_buf(BM * lds), o_acc(BM * D), m_run(BM), l_run(BM), inv_l(BM);
     // bf16 only: the Q tile and P packed as bf16 pairs (fp32 uses them as they are)
-    std::vector<W> qa(P != 1 ? BM * dw : 0), pa(P != 1 ? BM * BN / P : 0);
+    std::vector<W> qa(P != 1 ? BM * dw : 0), pa(P != 1 ? BM * lds / P : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, mt = t % n_mtiles;
       const int64_t hk = h / p.group(), m0 = mt * BM, rows = std::min(BM, p.Sq - m0);
@@ -132,15 +132,15 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         float* S = s_buf.data();
-        mk::gemm<W>(rows, cols, dw, scale, q_a, ldq, kt_h + n0, kt.ld, 0.0f, S, BN);
-        online_softmax_tile(p, S, BN, m0, rows, n0, cols, m_run.data(), l_run.data(),
+        mk::gemm<W>(rows, cols, dw, scale, q_a, ldq, kt_h + n0, kt.ld, 0.0f, S, lds);
+        online_softmax_tile(p, S, lds, m0, rows, n0, cols, m_run.data(), l_run.data(),
                             o_acc.data(), D);
         const W* pv_a = reinterpret_cast<const W*>(S);  // fp32: P is already in "rows" layout
         if constexpr (P != 1) {
-          mk::pack_rows(S, BN, rows, cols, pa.data(), BN / P);
+          mk::pack_rows(S, lds, rows, cols, pa.data(), lds / P);
           pv_a = pa.data();
         }
-        mk::gemm<W>(rows, D, mk::words<W>(cols), 1.0f, pv_a, BN / P, vn_h + (n0 / P) * vn.ld,
+        mk::gemm<W>(rows, D, mk::words<W>(cols), 1.0f, pv_a, lds / P, vn_h + (n0 / P) * vn.ld,
                     vn.ld, 1.0f, o_acc.data(), D);
       }
       float* lse_tile = lse + (b * p.H + h) * p.Sq + m0;
@@ -162,54 +162,57 @@ struct BwdPacks {
 };
 
 // Per-thread tiles: fp32 S/P and dP/dS, and (bf16 only: fp32 tiles are used as they are) their
-// bf16 packs.
+// bf16 packs; all with leading dimension ld (words).
 template <typename W>
 struct BwdTiles {
   static constexpr bool kPacks = mk::kPack<W> != 1;
+  int64_t ld;
   std::vector<float> P, dS;
   std::vector<W> p_pairs, ds_pairs, ds_rows;
   BwdTiles(int64_t BM, int64_t BN)
-      : P(BM * BN), dS(BM * BN), p_pairs(kPacks ? mk::words<W>(BM) * BN : 0),
-        ds_pairs(kPacks ? mk::words<W>(BM) * BN : 0), ds_rows(kPacks ? BM * BN / 2 : 0) {}
+      : ld(mk::padded_ld(BN)), P(BM * ld), dS(BM * ld),
+        p_pairs(kPacks ? mk::words<W>(BM) * ld : 0), ds_pairs(kPacks ? mk::words<W>(BM) * ld : 0),
+        ds_rows(kPacks ? BM * ld / 2 : 0) {}
 };
 
 // One (query tile, key tile) pair of query head h: recomputes P and dS, then
 //  dvT (D x cols, ld ldkv) += dO^T P,  dkT += scale Q^T dS   when dvT != nullptr,
 //  dq (rows x D)            += scale dS K                     when dq != nullptr.
 template <typename W>
-void tile_pair(const BwdPacks<W>& a, BwdTiles<W>& w, int64_t BN, int64_t b, int64_t h, int64_t hk,
+void tile_pair(const BwdPacks<W>& a, BwdTiles<W>& w, int64_t b, int64_t h, int64_t hk,
                int64_t m0, int64_t rows, int64_t n0, int64_t cols, float* dvT, float* dkT,
                int64_t ldkv, float* dq) {
   constexpr int64_t P = mk::kPack<W>;
   const Problem& p = a.p;
   const int64_t D = p.D, dw = mk::words<W>(D), bh = b * p.H + h, bhk = b * p.Hkv + hk;
   const float scale = static_cast<float>(p.scale);
+  const int64_t ld = w.ld;
   mk::gemm<W>(rows, cols, dw, scale, a.q_rows.head(bh) + m0 * a.q_rows.ld, a.q_rows.ld,
-              a.k_pt.head(bhk) + n0, a.k_pt.ld, 0.0f, w.P.data(), BN);
+              a.k_pt.head(bhk) + n0, a.k_pt.ld, 0.0f, w.P.data(), ld);
   mk::gemm<W>(rows, cols, dw, 1.0f, a.do_rows.head(bh) + m0 * a.do_rows.ld, a.do_rows.ld,
-              a.v_pt.head(bhk) + n0, a.v_pt.ld, 0.0f, w.dS.data(), BN);
-  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), BN, a.lse, a.delta, b, h, m0, rows, n0, cols);
+              a.v_pt.head(bhk) + n0, a.v_pt.ld, 0.0f, w.dS.data(), ld);
+  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), ld, a.lse, a.delta, b, h, m0, rows, n0, cols);
   if (dvT != nullptr) {
     // fp32: the P and dS tiles already are "pairs" (row-major) B operands
     const W* p_b = reinterpret_cast<const W*>(w.P.data());
     const W* ds_b = reinterpret_cast<const W*>(w.dS.data());
     if constexpr (P != 1) {
-      mk::pack_pairs(w.P.data(), BN, rows, cols, w.p_pairs.data(), BN);
-      mk::pack_pairs(w.dS.data(), BN, rows, cols, w.ds_pairs.data(), BN);
+      mk::pack_pairs(w.P.data(), ld, rows, cols, w.p_pairs.data(), ld);
+      mk::pack_pairs(w.dS.data(), ld, rows, cols, w.ds_pairs.data(), ld);
       p_b = w.p_pairs.data();
       ds_b = w.ds_pairs.data();
     }
     const int64_t rw = mk::words<W>(rows);
-    mk::gemm<W>(D, cols, rw, 1.0f, a.do_t.head(bh) + m0 / P, a.do_t.ld, p_b, BN, 1.0f, dvT, ldkv);
-    mk::gemm<W>(D, cols, rw, scale, a.q_t.head(bh) + m0 / P, a.q_t.ld, ds_b, BN, 1.0f, dkT, ldkv);
+    mk::gemm<W>(D, cols, rw, 1.0f, a.do_t.head(bh) + m0 / P, a.do_t.ld, p_b, ld, 1.0f, dvT, ldkv);
+    mk::gemm<W>(D, cols, rw, scale, a.q_t.head(bh) + m0 / P, a.q_t.ld, ds_b, ld, 1.0f, dkT, ldkv);
   }
   if (dq != nullptr) {
     const W* ds_a = reinterpret_cast<const W*>(w.dS.data());
     if constexpr (P != 1) {
-      mk::pack_rows(w.dS.data(), BN, rows, cols, w.ds_rows.data(), BN / P);
+      mk::pack_rows(w.dS.data(), ld, rows, cols, w.ds_rows.data(), ld / P);
       ds_a = w.ds_rows.data();
     }
-    mk::gemm<W>(rows, D, mk::words<W>(cols), scale, ds_a, BN / P,
+    mk::gemm<W>(rows, D, mk::words<W>(cols), scale, ds_a, ld / P,
                 a.k_pairs.head(bhk) + (n0 / P) * a.k_pairs.ld, a.k_pairs.ld, 1.0f, dq, D);
   }
 }
@@ -236,7 +239,8 @@ void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
     // query heads.
     at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
       BwdTiles<W> w(BM, BN);
-      std::vector<float> dq_acc(p.Sq * D), dkT(D * p.Sk), dvT(D * p.Sk);
+      const int64_t ldkv = mk::padded_ld(p.Sk);
+      std::vector<float> dq_acc(p.Sq * D), dkT(D * ldkv), dvT(D * ldkv);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / p.Hkv, hk = t % p.Hkv;
         std::fill(dkT.begin(), dkT.end(), 0.0f);
@@ -246,14 +250,14 @@ void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
           for (int64_t n0 = 0; n0 < p.Sk; n0 += BN) {
             const int64_t cols = std::min(BN, p.Sk - n0);
             for (int64_t m0 = p.causal ? (n0 / BM) * BM : 0; m0 < p.Sq; m0 += BM) {
-              tile_pair(a, w, BN, b, h, hk, m0, std::min(BM, p.Sq - m0), n0, cols,
-                        dvT.data() + n0, dkT.data() + n0, p.Sk, dq_acc.data() + m0 * D);
+              tile_pair(a, w, b, h, hk, m0, std::min(BM, p.Sq - m0), n0, cols, dvT.data() + n0,
+                        dkT.data() + n0, ldkv, dq_acc.data() + m0 * D);
             }
           }
           store_rows(dq_acc.data(), D, dq + (b * p.H + h) * p.Sq * D, p.Sq, D, nullptr);
         }
-        store_transposed(dkT.data(), p.Sk, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
-        store_transposed(dvT.data(), p.Sk, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+        store_transposed(dkT.data(), ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+        store_transposed(dvT.data(), ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
       }
     });
     return;
@@ -263,7 +267,8 @@ void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
   const int64_t n_ntiles = (p.Sk + BN - 1) / BN, n_mtiles = (p.Sq + BM - 1) / BM;
   at::parallel_for(0, p.B * p.Hkv * n_ntiles, 1, [&](int64_t begin, int64_t end) {
     BwdTiles<W> w(BM, BN);
-    std::vector<float> dkT(D * BN), dvT(D * BN);
+    const int64_t ldkv = mk::padded_ld(BN);
+    std::vector<float> dkT(D * ldkv), dvT(D * ldkv);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.Hkv * n_ntiles), hk = (t / n_ntiles) % p.Hkv;
       const int64_t n0 = (t % n_ntiles) * BN, cols = std::min(BN, p.Sk - n0);
@@ -271,12 +276,12 @@ void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       std::fill(dvT.begin(), dvT.end(), 0.0f);
       for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
         for (int64_t m0 = p.causal ? (n0 / BM) * BM : 0; m0 < p.Sq; m0 += BM) {
-          tile_pair(a, w, BN, b, h, hk, m0, std::min(BM, p.Sq - m0), n0, cols, dvT.data(),
-                    dkT.data(), BN, nullptr);
+          tile_pair(a, w, b, h, hk, m0, std::min(BM, p.Sq - m0), n0, cols, dvT.data(),
+                    dkT.data(), ldkv, nullptr);
         }
       }
-      store_transposed(dkT.data(), BN, dk + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
-      store_transposed(dvT.data(), BN, dv + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
+      store_transposed(dkT.data(), ldkv, dk + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
+      store_transposed(dvT.data(), ldkv, dv + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
     }
   });
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
@@ -288,7 +293,7 @@ void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
       const int64_t n_end = p.key_end(m0, rows);
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-        tile_pair(a, w, BN, b, h, hk, m0, rows, n0, std::min(BN, p.Sk - n0), nullptr, nullptr, 0,
+        tile_pair(a, w, b, h, hk, m0, rows, n0, std::min(BN, p.Sk - n0), nullptr, nullptr, 0,
                   dq_acc.data());
       }
       store_rows(dq_acc.data(), D, dq + ((b * p.H + h) * p.Sq + m0) * D, rows, D, nullptr);

@@ -44,6 +44,13 @@ constexpr int64_t words(int64_t k) {
 inline int64_t round_up(int64_t x, int64_t m) {
   return (x + m - 1) / m * m;
 }
+// A leading dimension of at least `words` 4-byte words (a multiple of 16 when `words` is) whose
+// rows do not all fall into the same L1 cache sets: row strides that are multiples of 4 KiB (K^T
+// packs of 1024 or 4096 keys, D x Sk accumulators) would make every row of a tile compete for
+// the same 8 ways.
+inline int64_t padded_ld(int64_t words) {
+  return words + 16;
+}
 
 // True when this build has the AVX-512 micro-kernels (W = float) / the AVX512-BF16 ones
 // (W = uint32_t); available(): and they are enabled (set_enabled, default on).
@@ -53,9 +60,6 @@ template <typename W>
 bool available() {
   return compiled<W>() && enabled();
 }
-// Selects the packed micro-kernels (true, the default) or the BLAS tile GEMMs (false) for the
-// CPU attention kernel; for tests and benchmarks. Not synchronised with running kernels.
-
 // C[M x N] = alpha * A B + beta * C, C row-major with leading dimension ldc (not read when
 // beta == 0). A: M rows of kw words, lda apart. B: kw rows of ldb words (ldb % 16 == 0).
 template <typename W>
