@@ -2,6 +2,7 @@
 // fp32 GEMMs, bf16 inputs with bf16 x bf16 -> fp32 GEMMs. See Note [Packed attention on the CPU].
 #include "attention/cpu_vec.h"  // first: selects the vector ISA, see its Note
 
+#include <memory>
 #include <vector>
 
 #include "attention/cpu_microkernel.h"
@@ -27,14 +28,14 @@ using mk::round_up;
 // layout) the input itself, at its batch and head strides.
 template <typename W>
 struct Packed {
-  std::vector<W> data;
+  std::unique_ptr<W[]> data;  // allocated uninitialised: see pack_heads
   int64_t per_head = 0, ld = 0;
   const W* input = nullptr;  // set when the input is used as is
   int64_t heads = 1, sb = 0, sh = 0;
   const W* head(int64_t bh) const {
     if (input != nullptr)
       return input + (bh / heads) * sb + (bh % heads) * sh;
-    return data.data() + bh * per_head;
+    return data.get() + bh * per_head;
   }
 };
 
@@ -57,25 +58,32 @@ Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64
       return r;
     }
   }
-  int64_t rows = 0;
+  int64_t rows = 0, written = 0;  // rows of the pack, words written per row
   switch (how) {
-    case Pack::Rows: rows = S, r.ld = mk::words<W>(D); break;
-    case Pack::PairsT: rows = mk::words<W>(D), r.ld = mk::padded_ld(round_up(S, kNR)); break;
-    case Pack::Pairs: rows = mk::words<W>(S), r.ld = round_up(D, kNR); break;
-    case Pack::RowsT: rows = D, r.ld = mk::padded_ld(mk::words<W>(S)); break;
+    case Pack::Rows: rows = S, written = r.ld = mk::words<W>(D); break;
+    case Pack::PairsT:
+      rows = mk::words<W>(D), written = S, r.ld = mk::padded_ld(round_up(S, kNR));
+      break;
+    case Pack::Pairs: rows = mk::words<W>(S), written = D, r.ld = round_up(D, kNR); break;
+    case Pack::RowsT: rows = D, written = mk::words<W>(S), r.ld = mk::padded_ld(written); break;
   }
   r.per_head = rows * r.ld;
-  r.data.assign(B * heads * r.per_head, W(0));
+  // Not zero-filled here: a serial fill of O(B H S D) fresh pages would take longer than the
+  // packing itself. Each task writes its heads (first touch in parallel) and zeroes the words past
+  // `written` in every row, which the micro-kernel may read as B columns past N.
+  r.data.reset(new W[B * heads * r.per_head]);
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const T* src = row_ptr<T>(t, bh / heads, bh % heads, 0);
-      W* dst = r.data.data() + bh * r.per_head;
+      W* dst = r.data.get() + bh * r.per_head;
       switch (how) {
         case Pack::Rows: mk::pack_rows(src, t.ss, S, D, dst, r.ld); break;
         case Pack::PairsT: mk::pack_pairs_t(src, t.ss, S, D, dst, r.ld); break;
         case Pack::Pairs: mk::pack_pairs(src, t.ss, S, D, dst, r.ld); break;
         case Pack::RowsT: mk::pack_rows_t(src, t.ss, S, D, dst, r.ld); break;
       }
+      for (int64_t i = 0; i < rows; ++i)
+        std::fill(dst + i * r.ld + written, dst + (i + 1) * r.ld, W(0));
     }
   });
   return r;
