@@ -41,49 +41,91 @@ struct Packed {
 
 enum class Pack { Rows, PairsT, Pairs, RowsT };
 
-// Packs every (b, head) S x D matrix of t (heads = its second dimension) in the given layout:
-//  Rows:   S rows of words(D)              (A operand, reduction over D)
-//  PairsT: words(D) rows of round_up(S)    (B operand, reduction over D, columns = positions)
-//  Pairs:  words(S) rows of round_up(D)    (B operand, reduction over positions, columns = D)
-//  RowsT:  D rows of words(S)              (A operand, reduction over positions, rows = D)
+// Words of one packed S x D matrix (S positions of a head, D features) in each layout:
+//  Rows:   S rows of words(D)                 (A operand, reduction over D)
+//  PairsT: words(D) rows of ~round_up(S)      (B operand, reduction over D, columns = positions)
+//  Pairs:  words(S) rows of round_up(D)       (B operand, reduction over positions, columns = D)
+//  RowsT:  D rows of ~words(S)                (A operand, reduction over positions, rows = D)
+// `written` words of every row hold data; the rest of the row (up to ld) is zeroed.
+struct PackShape {
+  int64_t rows, written, ld;
+};
+
+template <typename W>
+PackShape pack_shape(Pack how, int64_t S, int64_t D) {
+  switch (how) {
+    case Pack::Rows: return {S, mk::words<W>(D), mk::words<W>(D)};
+    case Pack::PairsT: return {mk::words<W>(D), S, mk::padded_ld(round_up(S, kNR))};
+    case Pack::Pairs: return {mk::words<W>(S), D, round_up(D, kNR)};
+    case Pack::RowsT: return {D, mk::words<W>(S), mk::padded_ld(mk::words<W>(S))};
+  }
+  return {0, 0, 0};
+}
+
+// True when the row-major fp32 input (row stride ss) already is the layout: the "rows" layout,
+// and the "pairs" layout when the micro-kernel may read whole 16-column vectors of every row
+// (Note [Packed tile GEMMs]).
+template <typename W, typename T>
+bool usable_as_is(Pack how, int64_t D, int64_t ss) {
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<T, float>)
+    return how == Pack::Rows || (how == Pack::Pairs && D % 16 == 0 && ss % 16 == 0);
+  return false;
+}
+
+// Packs the S x D matrix src (row stride ld_src) into dst with the given shape (sh.ld apart).
+template <typename W, typename T>
+void pack_matrix(const T* src, int64_t ld_src, int64_t S, int64_t D, Pack how,
+                 const PackShape& sh, W* dst) {
+  switch (how) {
+    case Pack::Rows: mk::pack_rows(src, ld_src, S, D, dst, sh.ld); break;
+    case Pack::PairsT: mk::pack_pairs_t(src, ld_src, S, D, dst, sh.ld); break;
+    case Pack::Pairs: mk::pack_pairs(src, ld_src, S, D, dst, sh.ld); break;
+    case Pack::RowsT: mk::pack_rows_t(src, ld_src, S, D, dst, sh.ld); break;
+  }
+  for (int64_t i = 0; i < sh.rows; ++i)
+    std::fill(dst + i * sh.ld + sh.written, dst + (i + 1) * sh.ld, W(0));
+}
+
+// A packed matrix or tile: word (row, col) at ptr[row * ld + col].
+template <typename W>
+struct View {
+  const W* ptr;
+  int64_t ld;
+};
+
+// The S x D matrix src in layout `how`: src itself where usable as is, else packed into buf
+// (grown as needed, reused across calls by the owning thread). For tiles packed once per task.
+template <typename W, typename T>
+View<W> pack_or_view(const T* src, int64_t ld_src, int64_t S, int64_t D, Pack how,
+                     std::vector<W>& buf) {
+  if (usable_as_is<W, T>(how, D, ld_src))
+    return {reinterpret_cast<const W*>(src), ld_src};
+  const PackShape sh = pack_shape<W>(how, S, D);
+  if (static_cast<int64_t>(buf.size()) < sh.rows * sh.ld)
+    buf.resize(sh.rows * sh.ld);
+  pack_matrix(src, ld_src, S, D, how, sh, buf.data());
+  return {buf.data(), sh.ld};
+}
+
+// Packs every (b, head) S x D matrix of t (heads = its second dimension) in the given layout.
 template <typename W, typename T>
 Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64_t D, Pack how) {
   Packed<W> r;
-  if constexpr (std::is_same_v<W, float> && std::is_same_v<T, float>) {
-    // Row-major fp32 rows are the "rows" layout, and the "pairs" layout when the micro-kernel
-    // may read whole 16-column vectors of every row (Note [Packed tile GEMMs]).
-    if (how == Pack::Rows || (how == Pack::Pairs && D % 16 == 0 && t.ss % 16 == 0)) {
-      r.input = static_cast<const float*>(t.base);
-      r.ld = t.ss, r.heads = heads, r.sb = t.sb, r.sh = t.sh;
-      return r;
-    }
+  if (usable_as_is<W, T>(how, D, t.ss)) {
+    r.input = static_cast<const W*>(t.base);
+    r.ld = t.ss, r.heads = heads, r.sb = t.sb, r.sh = t.sh;
+    return r;
   }
-  int64_t rows = 0, written = 0;  // rows of the pack, words written per row
-  switch (how) {
-    case Pack::Rows: rows = S, written = r.ld = mk::words<W>(D); break;
-    case Pack::PairsT:
-      rows = mk::words<W>(D), written = S, r.ld = mk::padded_ld(round_up(S, kNR));
-      break;
-    case Pack::Pairs: rows = mk::words<W>(S), written = D, r.ld = round_up(D, kNR); break;
-    case Pack::RowsT: rows = D, written = mk::words<W>(S), r.ld = mk::padded_ld(written); break;
-  }
-  r.per_head = rows * r.ld;
+  const PackShape sh = pack_shape<W>(how, S, D);
+  r.ld = sh.ld;
+  r.per_head = sh.rows * sh.ld;
   // Not zero-filled here: a serial fill of O(B H S D) fresh pages would take longer than the
-  // packing itself. Each task writes its heads (first touch in parallel) and zeroes the words past
-  // `written` in every row, which the micro-kernel may read as B columns past N.
+  // packing itself; every task writes (first touches) its heads, row tails included.
   r.data.reset(new W[B * heads * r.per_head]);
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      const T* src = row_ptr<T>(t, bh / heads, bh % heads, 0);
-      W* dst = r.data.get() + bh * r.per_head;
-      switch (how) {
-        case Pack::Rows: mk::pack_rows(src, t.ss, S, D, dst, r.ld); break;
-        case Pack::PairsT: mk::pack_pairs_t(src, t.ss, S, D, dst, r.ld); break;
-        case Pack::Pairs: mk::pack_pairs(src, t.ss, S, D, dst, r.ld); break;
-        case Pack::RowsT: mk::pack_rows_t(src, t.ss, S, D, dst, r.ld); break;
-      }
-      for (int64_t i = 0; i < rows; ++i)
-        std::fill(dst + i * r.ld + written, dst + (i + 1) * r.ld, W(0));
+      pack_matrix(row_ptr<T>(t, bh / heads, bh % heads, 0), t.ss, S, D, how, sh,
+                  r.data.get() + bh * r.per_head);
     }
   });
   return r;
@@ -161,14 +203,6 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
   });
 }
 
-template <typename W>
-struct BwdPacks {
-  Problem p;
-  Packed<W> q_rows, do_rows, q_t, do_t;  // per query head
-  Packed<W> k_pt, v_pt, k_pairs;         // per kv head
-  const float *lse, *delta;
-};
-
 // Per-thread tiles: fp32 S/P and dP/dS, and (bf16 only: fp32 tiles are used as they are) their
 // bf16 packs; all with leading dimension ld (words).
 template <typename W>
@@ -183,23 +217,29 @@ struct BwdTiles {
         ds_rows(kPacks ? BM * ld / 2 : 0) {}
 };
 
+// The GEMM operands of one (query tile m0, key tile n0) pair, each at the tile's first word:
+template <typename W>
+struct PairOperands {
+  View<W> q, dout;    // Q, dO rows m0..: "rows" layout, reduction over D
+  View<W> qT, doutT;  // Q^T, dO^T of the query tile: "rows" layout, reduction over query rows
+  View<W> kT, vT;     // K^T, V^T at key column n0: "pairs" layout, reduction over D
+  View<W> k;          // K at key n0: "pairs" layout, reduction over keys (dQ only)
+};
+
 // One (query tile, key tile) pair of query head h: recomputes P and dS, then
 //  dvT (D x cols, ld ldkv) += dO^T P,  dkT += scale Q^T dS   when dvT != nullptr,
 //  dq (rows x D)            += scale dS K                     when dq != nullptr.
 template <typename W>
-void tile_pair(const BwdPacks<W>& a, BwdTiles<W>& w, int64_t b, int64_t h, int64_t hk,
-               int64_t m0, int64_t rows, int64_t n0, int64_t cols, float* dvT, float* dkT,
-               int64_t ldkv, float* dq) {
+void tile_pair(const Problem& p, const float* lse, const float* delta, BwdTiles<W>& w,
+               const PairOperands<W>& o, int64_t b, int64_t h, int64_t m0, int64_t rows,
+               int64_t n0, int64_t cols, float* dvT, float* dkT, int64_t ldkv, float* dq) {
   constexpr int64_t P = mk::kPack<W>;
-  const Problem& p = a.p;
-  const int64_t D = p.D, dw = mk::words<W>(D), bh = b * p.H + h, bhk = b * p.Hkv + hk;
+  const int64_t D = p.D, dw = mk::words<W>(D), ld = w.ld;
   const float scale = static_cast<float>(p.scale);
-  const int64_t ld = w.ld;
-  mk::gemm<W>(rows, cols, dw, scale, a.q_rows.head(bh) + m0 * a.q_rows.ld, a.q_rows.ld,
-              a.k_pt.head(bhk) + n0, a.k_pt.ld, 0.0f, w.P.data(), ld);
-  mk::gemm<W>(rows, cols, dw, 1.0f, a.do_rows.head(bh) + m0 * a.do_rows.ld, a.do_rows.ld,
-              a.v_pt.head(bhk) + n0, a.v_pt.ld, 0.0f, w.dS.data(), ld);
-  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), ld, a.lse, a.delta, b, h, m0, rows, n0, cols);
+  mk::gemm<W>(rows, cols, dw, scale, o.q.ptr, o.q.ld, o.kT.ptr, o.kT.ld, 0.0f, w.P.data(), ld);
+  mk::gemm<W>(rows, cols, dw, 1.0f, o.dout.ptr, o.dout.ld, o.vT.ptr, o.vT.ld, 0.0f, w.dS.data(),
+              ld);
+  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), ld, lse, delta, b, h, m0, rows, n0, cols);
   if (dvT != nullptr) {
     // fp32: the P and dS tiles already are "pairs" (row-major) B operands
     const W* p_b = reinterpret_cast<const W*>(w.P.data());
@@ -211,8 +251,8 @@ void tile_pair(const BwdPacks<W>& a, BwdTiles<W>& w, int64_t b, int64_t h, int64
       ds_b = w.ds_pairs.data();
     }
     const int64_t rw = mk::words<W>(rows);
-    mk::gemm<W>(D, cols, rw, 1.0f, a.do_t.head(bh) + m0 / P, a.do_t.ld, p_b, ld, 1.0f, dvT, ldkv);
-    mk::gemm<W>(D, cols, rw, scale, a.q_t.head(bh) + m0 / P, a.q_t.ld, ds_b, ld, 1.0f, dkT, ldkv);
+    mk::gemm<W>(D, cols, rw, 1.0f, o.doutT.ptr, o.doutT.ld, p_b, ld, 1.0f, dvT, ldkv);
+    mk::gemm<W>(D, cols, rw, scale, o.qT.ptr, o.qT.ld, ds_b, ld, 1.0f, dkT, ldkv);
   }
   if (dq != nullptr) {
     const W* ds_a = reinterpret_cast<const W*>(w.dS.data());
@@ -220,58 +260,88 @@ void tile_pair(const BwdPacks<W>& a, BwdTiles<W>& w, int64_t b, int64_t h, int64
       mk::pack_rows(w.dS.data(), ld, rows, cols, w.ds_rows.data(), ld / P);
       ds_a = w.ds_rows.data();
     }
-    mk::gemm<W>(rows, D, mk::words<W>(cols), scale, ds_a, ld / P,
-                a.k_pairs.head(bhk) + (n0 / P) * a.k_pairs.ld, a.k_pairs.ld, 1.0f, dq, D);
+    mk::gemm<W>(rows, D, mk::words<W>(cols), scale, ds_a, ld / P, o.k.ptr, o.k.ld, 1.0f, dq, D);
   }
 }
 
+// By kv head (Note [CPU flash attention]): one task owns dK, dV of a kv head and dQ of its query
+// heads. Nothing is packed for the whole tensor: the task packs its kv head's K^T, V^T (and K) once,
+// and each query tile's Q^T, dO^T (and bf16 Q, dO) once for all its key tiles, into per-thread
+// buffers.
 template <typename T>
-void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
-              const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv) {
+void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
+                    const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv,
+                    int64_t BM, int64_t BN) {
   using W = word_t<T>;
-  // bf16: query tiles start at even rows, so that m0 / 2 addresses the Q^T / dO^T packs.
-  const int64_t BM = round_up(blocks().bwd_m, mk::kPack<W>), BN = round_up(blocks().bwd_n, kNR);
+  constexpr int64_t P = mk::kPack<W>;
   const int64_t D = p.D;
-  const BwdPacks<W> a{p,
-                      pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::Rows),
-                      pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::Rows),
-                      pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::RowsT),
-                      pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::RowsT),
-                      pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::PairsT),
-                      pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::PairsT),
-                      pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::Pairs),
-                      lse,
-                      delta};
-  if (p.B * p.Hkv >= 2 * at::get_num_threads()) {
-    // By kv head (Note [CPU flash attention]): one task owns dK, dV of a kv head and dQ of its
-    // query heads.
-    at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-      BwdTiles<W> w(BM, BN);
-      const int64_t ldkv = mk::padded_ld(p.Sk);
-      std::vector<float> dq_acc(p.Sq * D), dkT(D * ldkv), dvT(D * ldkv);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / p.Hkv, hk = t % p.Hkv;
-        std::fill(dkT.begin(), dkT.end(), 0.0f);
-        std::fill(dvT.begin(), dvT.end(), 0.0f);
-        for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    BwdTiles<W> w(BM, BN);
+    std::vector<W> kt_buf, vt_buf, kp_buf, q_buf, do_buf, qt_buf, dot_buf;
+    const int64_t ldkv = mk::padded_ld(p.Sk);
+    std::vector<float> dq_acc(BM * D), dkT(D * ldkv), dvT(D * ldkv);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+      PairOperands<W> o;
+      const View<W> kt = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, kt_buf);
+      const View<W> vt = pack_or_view(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, vt_buf);
+      const View<W> kp = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, kp_buf);
+      std::fill(dkT.begin(), dkT.end(), 0.0f);
+      std::fill(dvT.begin(), dvT.end(), 0.0f);
+      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+        for (int64_t m0 = 0; m0 < p.Sq; m0 += BM) {
+          const int64_t rows = std::min(BM, p.Sq - m0);
+          const T* q_src = row_ptr<T>(q, b, h, m0);
+          const T* do_src = row_ptr<T>(dout, b, h, m0);
+          o.q = pack_or_view(q_src, q.ss, rows, D, Pack::Rows, q_buf);
+          o.dout = pack_or_view(do_src, dout.ss, rows, D, Pack::Rows, do_buf);
+          o.qT = pack_or_view(q_src, q.ss, rows, D, Pack::RowsT, qt_buf);
+          o.doutT = pack_or_view(do_src, dout.ss, rows, D, Pack::RowsT, dot_buf);
           std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-          for (int64_t n0 = 0; n0 < p.Sk; n0 += BN) {
-            const int64_t cols = std::min(BN, p.Sk - n0);
-            for (int64_t m0 = p.causal ? (n0 / BM) * BM : 0; m0 < p.Sq; m0 += BM) {
-              tile_pair(a, w, b, h, hk, m0, std::min(BM, p.Sq - m0), n0, cols, dvT.data() + n0,
-                        dkT.data() + n0, ldkv, dq_acc.data() + m0 * D);
-            }
+          const int64_t n_end = p.key_end(m0, rows);
+          for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
+            o.kT = {kt.ptr + n0, kt.ld};
+            o.vT = {vt.ptr + n0, vt.ld};
+            o.k = {kp.ptr + (n0 / P) * kp.ld, kp.ld};
+            tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0),
+                      dvT.data() + n0, dkT.data() + n0, ldkv, dq_acc.data());
           }
-          store_rows(dq_acc.data(), D, dq + (b * p.H + h) * p.Sq * D, p.Sq, D, nullptr);
+          store_rows(dq_acc.data(), D, dq + ((b * p.H + h) * p.Sq + m0) * D, rows, D, nullptr);
         }
-        store_transposed(dkT.data(), ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
-        store_transposed(dvT.data(), ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
       }
-    });
-    return;
-  }
-  // By tile: a dK/dV pass over (batch, kv head, key tile), a dQ pass over (batch, head, query
-  // tile).
+      store_transposed(dkT.data(), ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+      store_transposed(dvT.data(), ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+    }
+  });
+}
+
+// By tile, for few (batch, kv head) pairs: a dK/dV pass over (batch, kv head, key tile), a dQ
+// pass over (batch, head, query tile), on operands packed once for the whole tensors.
+template <typename T>
+void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
+                 const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv,
+                 int64_t BM, int64_t BN) {
+  using W = word_t<T>;
+  constexpr int64_t P = mk::kPack<W>;
+  const int64_t D = p.D;
+  const auto q_rows = pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::Rows);
+  const auto do_rows = pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::Rows);
+  const auto q_t = pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::RowsT);
+  const auto do_t = pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::RowsT);
+  const auto k_pt = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::PairsT);
+  const auto v_pt = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::PairsT);
+  const auto k_pairs = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::Pairs);
+  auto operands = [&](int64_t bh, int64_t bhk, int64_t m0, int64_t n0) {
+    PairOperands<W> o;
+    o.q = {q_rows.head(bh) + m0 * q_rows.ld, q_rows.ld};
+    o.dout = {do_rows.head(bh) + m0 * do_rows.ld, do_rows.ld};
+    o.qT = {q_t.head(bh) + m0 / P, q_t.ld};
+    o.doutT = {do_t.head(bh) + m0 / P, do_t.ld};
+    o.kT = {k_pt.head(bhk) + n0, k_pt.ld};
+    o.vT = {v_pt.head(bhk) + n0, v_pt.ld};
+    o.k = {k_pairs.head(bhk) + (n0 / P) * k_pairs.ld, k_pairs.ld};
+    return o;
+  };
   const int64_t n_ntiles = (p.Sk + BN - 1) / BN, n_mtiles = (p.Sq + BM - 1) / BM;
   at::parallel_for(0, p.B * p.Hkv * n_ntiles, 1, [&](int64_t begin, int64_t end) {
     BwdTiles<W> w(BM, BN);
@@ -284,8 +354,8 @@ void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       std::fill(dvT.begin(), dvT.end(), 0.0f);
       for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
         for (int64_t m0 = p.causal ? (n0 / BM) * BM : 0; m0 < p.Sq; m0 += BM) {
-          tile_pair(a, w, b, h, hk, m0, std::min(BM, p.Sq - m0), n0, cols, dvT.data(),
-                    dkT.data(), ldkv, nullptr);
+          tile_pair(p, lse, delta, w, operands(b * p.H + h, b * p.Hkv + hk, m0, n0), b, h, m0,
+                    std::min(BM, p.Sq - m0), n0, cols, dvT.data(), dkT.data(), ldkv, nullptr);
         }
       }
       store_transposed(dkT.data(), ldkv, dk + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
@@ -301,12 +371,25 @@ void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
       const int64_t n_end = p.key_end(m0, rows);
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-        tile_pair(a, w, b, h, hk, m0, rows, n0, std::min(BN, p.Sk - n0), nullptr, nullptr, 0,
-                  dq_acc.data());
+        tile_pair(p, lse, delta, w, operands(b * p.H + h, b * p.Hkv + hk, m0, n0), b, h, m0,
+                  rows, n0, std::min(BN, p.Sk - n0), nullptr, nullptr, 0, dq_acc.data());
       }
       store_rows(dq_acc.data(), D, dq + ((b * p.H + h) * p.Sq + m0) * D, rows, D, nullptr);
     }
   });
+}
+
+template <typename T>
+void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
+              const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv) {
+  // bf16: query tiles start at even rows, so that m0 / 2 addresses the Q^T / dO^T packs.
+  const int64_t BM = round_up(blocks().bwd_m, mk::kPack<word_t<T>>);
+  const int64_t BN = round_up(blocks().bwd_n, kNR);
+  if (p.B * p.Hkv >= 2 * at::get_num_threads()) {
+    bwd_by_kv_head(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN);
+  } else {
+    bwd_by_tile(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN);
+  }
 }
 
 }  // namespace
