@@ -76,6 +76,11 @@ inline void micro(int64_t kw, const W* A, int64_t lda, const W* B, int64_t ldb, 
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v)
       acc[r][v] = _mm512_setzero_ps();
+  if (beta != 0.0f) {  // C is read after the K loop: fetch it meanwhile (it may be far from L1)
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v)
+        _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc + 16 * v), _MM_HINT_T0);
+  }
   for (int64_t kk = 0; kk < kw; ++kk) {
     decltype(load_b(B)) b[NV];
 #pragma GCC unroll 4
