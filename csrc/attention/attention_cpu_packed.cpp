@@ -265,9 +265,11 @@ void tile_pair(const Problem& p, const float* lse, const float* delta, BwdTiles<
 }
 
 // By kv head (Note [CPU flash attention]): one task owns dK, dV of a kv head and dQ of its query
-// heads. Nothing is packed for the whole tensor: the task packs its kv head's K^T, V^T (and K) once,
-// and each query tile's Q^T, dO^T (and bf16 Q, dO) once for all its key tiles, into per-thread
-// buffers.
+// heads. Nothing is packed for the whole tensors: the task packs its kv head's K^T, V^T (and K)
+// and each query head's Q^T, dO^T (and bf16 Q, dO) into per-thread buffers. Keys are taken in
+// chunks of KC (a multiple of BN): all query tiles meet one chunk before the next, so the chunk's
+// dK^T / dV^T accumulators and K^T / V^T tiles stay in cache. Every accumulator still sums in
+// the same order as the by-tile schedule (dK, dV over heads then query tiles, dQ over key tiles).
 template <typename T>
 void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
                     const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv,
@@ -275,39 +277,46 @@ void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const La
   using W = word_t<T>;
   constexpr int64_t P = mk::kPack<W>;
   const int64_t D = p.D;
+  const int64_t KC = std::max<int64_t>(BN, blocks().bwd_kc_floats / D / BN * BN);
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     BwdTiles<W> w(BM, BN);
     std::vector<W> kt_buf, vt_buf, kp_buf, q_buf, do_buf, qt_buf, dot_buf;
     const int64_t ldkv = mk::padded_ld(p.Sk);
-    std::vector<float> dq_acc(BM * D), dkT(D * ldkv), dvT(D * ldkv);
+    std::vector<float> dq_acc(p.Sq * D), dkT(D * ldkv), dvT(D * ldkv);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / p.Hkv, hk = t % p.Hkv;
-      PairOperands<W> o;
       const View<W> kt = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, kt_buf);
       const View<W> vt = pack_or_view(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, vt_buf);
       const View<W> kp = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, kp_buf);
       std::fill(dkT.begin(), dkT.end(), 0.0f);
       std::fill(dvT.begin(), dvT.end(), 0.0f);
       for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
-        for (int64_t m0 = 0; m0 < p.Sq; m0 += BM) {
-          const int64_t rows = std::min(BM, p.Sq - m0);
-          const T* q_src = row_ptr<T>(q, b, h, m0);
-          const T* do_src = row_ptr<T>(dout, b, h, m0);
-          o.q = pack_or_view(q_src, q.ss, rows, D, Pack::Rows, q_buf);
-          o.dout = pack_or_view(do_src, dout.ss, rows, D, Pack::Rows, do_buf);
-          o.qT = pack_or_view(q_src, q.ss, rows, D, Pack::RowsT, qt_buf);
-          o.doutT = pack_or_view(do_src, dout.ss, rows, D, Pack::RowsT, dot_buf);
-          std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-          const int64_t n_end = p.key_end(m0, rows);
-          for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-            o.kT = {kt.ptr + n0, kt.ld};
-            o.vT = {vt.ptr + n0, vt.ld};
-            o.k = {kp.ptr + (n0 / P) * kp.ld, kp.ld};
-            tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0),
-                      dvT.data() + n0, dkT.data() + n0, ldkv, dq_acc.data());
+        const T* q_src = row_ptr<T>(q, b, h, 0);
+        const T* do_src = row_ptr<T>(dout, b, h, 0);
+        const View<W> qr = pack_or_view(q_src, q.ss, p.Sq, D, Pack::Rows, q_buf);
+        const View<W> dor = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::Rows, do_buf);
+        const View<W> qt = pack_or_view(q_src, q.ss, p.Sq, D, Pack::RowsT, qt_buf);
+        const View<W> dot = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::RowsT, dot_buf);
+        std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+        for (int64_t kc0 = 0; kc0 < p.Sk; kc0 += KC) {
+          for (int64_t m0 = 0; m0 < p.Sq; m0 += BM) {
+            const int64_t rows = std::min(BM, p.Sq - m0);
+            const int64_t n_end = std::min(kc0 + KC, p.key_end(m0, rows));
+            PairOperands<W> o;
+            o.q = {qr.ptr + m0 * qr.ld, qr.ld};
+            o.dout = {dor.ptr + m0 * dor.ld, dor.ld};
+            o.qT = {qt.ptr + m0 / P, qt.ld};
+            o.doutT = {dot.ptr + m0 / P, dot.ld};
+            for (int64_t n0 = kc0; n0 < n_end; n0 += BN) {
+              o.kT = {kt.ptr + n0, kt.ld};
+              o.vT = {vt.ptr + n0, vt.ld};
+              o.k = {kp.ptr + (n0 / P) * kp.ld, kp.ld};
+              tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0),
+                        dvT.data() + n0, dkT.data() + n0, ldkv, dq_acc.data() + m0 * D);
+            }
           }
-          store_rows(dq_acc.data(), D, dq + ((b * p.H + h) * p.Sq + m0) * D, rows, D, nullptr);
         }
+        store_rows(dq_acc.data(), D, dq + (b * p.H + h) * p.Sq * D, p.Sq, D, nullptr);
       }
       store_transposed(dkT.data(), ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
       store_transposed(dvT.data(), ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);

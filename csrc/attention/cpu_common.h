@@ -20,19 +20,21 @@ template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Tile sizes: a kBlockM x kBlockN fp32 score tile plus the Q, K, V tiles stay within L2.
-// TORCHLANE_ATTN_CPU_BLOCKS="fwdM,fwdN,bwdM,bwdN" overrides them (for tuning only).
+// bwd_kc_floats: the packed backward's key chunk holds about this many floats of dK^T (and as
+// many of dV^T), so that the chunk's accumulators and K^T / V^T stay in L2 across query tiles.
+// TORCHLANE_ATTN_CPU_BLOCKS="fwdM,fwdN,bwdM,bwdN[,bwdKCfloats]" overrides them (for tuning only).
 struct Blocks {
-  int64_t fwd_m = 128, fwd_n = 256, bwd_m = 64, bwd_n = 128;
+  int64_t fwd_m = 128, fwd_n = 256, bwd_m = 64, bwd_n = 128, bwd_kc_floats = 65536;
 };
 
 inline const Blocks& blocks() {
   static const Blocks b = [] {
     Blocks r;
     if (const char* env = std::getenv("TORCHLANE_ATTN_CPU_BLOCKS")) {
-      long v[4];
-      if (std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4 && v[0] > 0 &&
-          v[1] > 0 && v[2] > 0 && v[3] > 0) {
-        r = {v[0], v[1], v[2], v[3]};
+      long v[5] = {0, 0, 0, 0, r.bwd_kc_floats};
+      const int n = std::sscanf(env, "%ld,%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3], &v[4]);
+      if (n >= 4 && v[0] > 0 && v[1] > 0 && v[2] > 0 && v[3] > 0 && v[4] > 0) {
+        r = {v[0], v[1], v[2], v[3], v[4]};
       }
     }
     return r;
