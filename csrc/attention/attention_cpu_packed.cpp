@@ -11,12 +11,16 @@
 // Note [Packed attention on the CPU]
 // Same tiles, online softmax, masking and schedules as Note [CPU flash attention], with the GEMMs
 // on the micro-kernels of Note [Packed tile GEMMs] instead of BLAS calls. The operands are packed
-// into the micro-kernel's layouts: Q, K, V (and dO) once per call, O(S D) each, and the P / dS
-// tiles as they are produced. dK and dV are accumulated transposed (dK^T += Q^T dS), so that the
+// into the micro-kernel's layouts, O(S D) each, and the P / dS tiles as they are produced; fp32
+// inputs already in a layout are used as they are. The forward and the by-tile backward pack K^T
+// and V (the latter also Q^T, dO^T, K) for the whole tensors once per call; the by-kv-head
+// backward packs one kv head / query head at a time into per-thread buffers and walks the keys in
+// chunks (see bwd_by_kv_head). dK and dV are accumulated transposed (dK^T += Q^T dS), so that the
 // tile packed with the reduction over query rows is the B operand and the per-head Q^T / dO^T
-// packs are the A operand. S, P, dP, dS and all accumulators are fp32. For bf16 inputs the GEMM
-// operands are bf16, as in FlashAttention on GPUs: P is rounded to bf16 before P V (and
-// dV += P^T dO), dS before dQ and dK.
+// packs are the A operand. Leading dimensions are padded (mk::padded_ld) so that the rows of a
+// tile do not compete for the same L1 sets. S, P, dP, dS and all accumulators are fp32. For bf16
+// inputs the GEMM operands are bf16, as in FlashAttention on GPUs: P is rounded to bf16 before
+// P V (and dV += P^T dO), dS before dQ and dK.
 
 namespace torchlane::attention::cpu {
 namespace {
