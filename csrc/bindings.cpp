@@ -331,6 +331,17 @@ PYBIND11_MODULE(_C, m) {
         return before;
       },
       py::arg("enabled") = py::none());
+  // Whether the bf16 micro-kernel GEMMs run on AMX tiles (Note [AMX tile GEMMs]); returns whether
+  // they did before the call (False where the CPU, OS or build has no AMX).
+  m.def(
+      "_attention_cpu_amx",
+      [](std::optional<bool> enabled) {
+        const bool before = torchlane::attention::mk::amx_available();
+        if (enabled.has_value())
+          torchlane::attention::mk::set_amx_enabled(*enabled);
+        return before;
+      },
+      py::arg("enabled") = py::none());
   m.def("_attention_cpu_microkernels_compiled", [] {
     namespace mk = torchlane::attention::mk;
     return py::make_tuple(mk::compiled<float>(), mk::compiled<uint32_t>());

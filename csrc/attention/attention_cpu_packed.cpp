@@ -111,6 +111,16 @@ View<W> pack_or_view(const T* src, int64_t ld_src, int64_t S, int64_t D, Pack ho
   return {buf.data(), sh.ld};
 }
 
+// Releases, at the end of a task, the AMX tiles its bf16 GEMMs may have configured (Note [AMX
+// tile GEMMs]).
+template <typename W>
+struct ReleaseTiles {
+  ~ReleaseTiles() {
+    if constexpr (!std::is_same_v<W, float>)
+      mk::release_tiles();
+  }
+};
+
 // Packs every (b, head) S x D matrix of t (heads = its second dimension) in the given layout.
 template <typename W, typename T>
 Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64_t D, Pack how) {
@@ -164,6 +174,7 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
   const auto vn = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::Pairs);
   const float scale = static_cast<float>(p.scale);
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
+    ReleaseTiles<W> release_tiles;
     std::vector<float> s_buf(BM * lds), o_acc(BM * D), m_run(BM), l_run(BM), inv_l(BM);
     // bf16 only: the Q tile and P packed as bf16 pairs (fp32 uses them as they are)
     std::vector<W> qa(P != 1 ? BM * dw : 0), pa(P != 1 ? BM * lds / P : 0);
@@ -283,6 +294,7 @@ void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const La
   const int64_t D = p.D;
   const int64_t KC = std::max<int64_t>(BN, blocks().bwd_kc_floats / D / BN * BN);
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
     std::vector<W> kt_buf, vt_buf, kp_buf, q_buf, do_buf, qt_buf, dot_buf;
     const int64_t ldkv = mk::padded_ld(p.Sk);
@@ -357,6 +369,7 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
   };
   const int64_t n_ntiles = (p.Sk + BN - 1) / BN, n_mtiles = (p.Sq + BM - 1) / BM;
   at::parallel_for(0, p.B * p.Hkv * n_ntiles, 1, [&](int64_t begin, int64_t end) {
+    ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
     const int64_t ldkv = mk::padded_ld(BN);
     std::vector<float> dkT(D * ldkv), dvT(D * ldkv);
@@ -376,6 +389,7 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
     }
   });
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
+    ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
     std::vector<float> dq_acc(BM * D);
     for (int64_t t = begin; t < end; ++t) {

@@ -18,11 +18,22 @@
 #else
 #define TORCHLANE_HAVE_AVX512_BF16 0
 #endif
+#if TORCHLANE_HAVE_AVX512_BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && \
+    defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstring>
+#define TORCHLANE_HAVE_AMX 1
+#else
+#define TORCHLANE_HAVE_AMX 0
+#endif
 
 namespace torchlane::attention::mk {
 namespace {
 
 std::atomic<bool> g_enabled{true};
+std::atomic<bool> g_amx_enabled{true};
 
 inline uint16_t bits_of(float x) {
   return c10::BFloat16(x).x;  // round to nearest even
@@ -133,6 +144,126 @@ inline __mmask16 first_n(int64_t n) {
 
 #endif  // TORCHLANE_HAVE_AVX512
 
+#if TORCHLANE_HAVE_AMX
+// Note [AMX tile GEMMs]
+// On CPUs with AMX (Sapphire Rapids and later), gemm<uint32_t> runs on the tile unit: the "rows"
+// layout is the A tile layout (16 rows of 16 words, lda apart) and the "pairs" layout the B tile
+// layout (16 rows of 16 bf16 pairs, ldb apart), so the operands need no repacking. Blocks of up
+// to 32 x 32 of C live in tiles 0-3 (tmm0 rows 0-15 / cols 0-15, tmm1 rows 0-15 / cols 16-31,
+// tmm2 and tmm3 rows 16-31), A in tmm4/5, B in tmm6/7, all configured 16 rows x 64 bytes; K is
+// taken 16 words (32 bf16) per tdpbf16ps. What the tiles do not cover (the last M % 16 rows,
+// N % 16 columns, kw % 16 words) goes to the AVX512-BF16 micro-kernels. Linux hands out the tile
+// state only on request (arch_prctl ARCH_REQ_XCOMP_PERM), asked once per process; without it the
+// AVX-512 path is used. The tile configuration is checked (sttilecfg) at every call, since other
+// code in the thread (oneDNN under torch) may have loaded its own, and released with
+// release_tiles() at the end of a kernel's parallel region.
+
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 0, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64);
+
+void configure_tiles() {
+  static const TileConfig want = [] {
+    TileConfig c;
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = 16;
+    }
+    return c;
+  }();
+  TileConfig now;
+  _tile_storeconfig(&now);
+  if (std::memcmp(&now, &want, sizeof(TileConfig)) != 0)
+    _tile_loadconfig(&want);
+}
+
+// C (16 MT x 16 NT, ldc) = alpha * A B + beta * C over kw words (a multiple of 16).
+template <int MT, int NT>
+void amx_block(int64_t kw, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
+               float alpha, float beta, float* C, int64_t ldc) {
+  const bool direct = alpha == 1.0f && (beta == 0.0f || beta == 1.0f);  // no epilogue needed
+  const int64_t sc = ldc * 4;
+  if (direct && beta == 1.0f) {
+    _tile_loadd(0, C, sc);
+    if constexpr (NT > 1) _tile_loadd(1, C + 16, sc);
+    if constexpr (MT > 1) _tile_loadd(2, C + 16 * ldc, sc);
+    if constexpr (MT > 1 && NT > 1) _tile_loadd(3, C + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (MT > 1) _tile_zero(2);
+    if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+  }
+  const int64_t sa = lda * 4, sb = ldb * 4;
+  for (int64_t kk = 0; kk < kw; kk += 16) {
+    _tile_loadd(4, A + kk, sa);
+    _tile_loadd(6, B + kk * ldb, sb);
+    if constexpr (NT > 1) _tile_loadd(7, B + kk * ldb + 16, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT > 1) {
+      _tile_loadd(5, A + 16 * lda + kk, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  if (direct) {
+    _tile_stored(0, C, sc);
+    if constexpr (NT > 1) _tile_stored(1, C + 16, sc);
+    if constexpr (MT > 1) _tile_stored(2, C + 16 * ldc, sc);
+    if constexpr (MT > 1 && NT > 1) _tile_stored(3, C + 16 * ldc + 16, sc);
+    return;
+  }
+  alignas(64) float t[4][256];
+  _tile_stored(0, t[0], 64);
+  if constexpr (NT > 1) _tile_stored(1, t[1], 64);
+  if constexpr (MT > 1) _tile_stored(2, t[2], 64);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, t[3], 64);
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int i = 0; i < MT; ++i) {
+    for (int j = 0; j < NT; ++j) {
+      for (int r = 0; r < 16; ++r) {
+        float* c = C + (16 * i + r) * ldc + 16 * j;
+        __m512 x = _mm512_mul_ps(_mm512_load_ps(&t[2 * i + j][16 * r]), va);
+        if (beta != 0.0f)  // C is not read when beta == 0
+          x = _mm512_fmadd_ps(_mm512_loadu_ps(c), vb, x);
+        _mm512_storeu_ps(c, x);
+      }
+    }
+  }
+}
+
+void amx_gemm(int64_t Ma, int64_t Na, int64_t Ka, float alpha, const uint32_t* A, int64_t lda,
+              const uint32_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  configure_tiles();
+  for (int64_t m = 0; m < Ma; m += 32) {
+    const bool two_m = Ma - m >= 32;
+    for (int64_t n = 0; n < Na; n += 32) {
+      const bool two_n = Na - n >= 32;
+      const uint32_t* a = A + m * lda;
+      const uint32_t* b = B + n;
+      float* c = C + m * ldc + n;
+      if (two_m && two_n) amx_block<2, 2>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
+      else if (two_m) amx_block<2, 1>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
+      else if (two_n) amx_block<1, 2>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
+      else amx_block<1, 1>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
+    }
+  }
+}
+#endif  // TORCHLANE_HAVE_AMX
+
 #if TORCHLANE_HAVE_AVX512_BF16
 // 16 fp32 or bf16 values as 16 bf16 bit patterns, zero-extended to 32-bit lanes.
 inline __m512i load16_bits(const float* p) {
@@ -163,6 +294,51 @@ bool compiled<uint32_t>() {
   return TORCHLANE_HAVE_AVX512_BF16;
 }
 
+bool amx_available() {
+#if TORCHLANE_HAVE_AMX
+  return g_amx_enabled && amx_permitted();
+#else
+  return false;
+#endif
+}
+
+void set_amx_enabled(bool enabled) {
+  g_amx_enabled = enabled;
+}
+
+void release_tiles() {
+#if TORCHLANE_HAVE_AMX
+  if (amx_available())
+    _tile_release();
+#endif
+}
+
+namespace {
+
+#if TORCHLANE_HAVE_AVX512
+// The AVX-512 micro-kernels over all of C (Note [Packed tile GEMMs]).
+template <typename W>
+void vector_gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda,
+                 const W* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+    const int64_t nv = std::min<int64_t>(kNR, N - n0 + 15) / 16;  // vectors in this block
+    __mmask16 mask[4];
+    for (int v = 0; v < 4; ++v)
+      mask[v] = first_n(N - n0 - 16 * v);
+    const W* b = B + n0;
+    float* c = C + n0;
+    switch (nv) {
+      case 4: column_block<4>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+      case 3: column_block<3>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+      case 2: column_block<2>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+      default: column_block<1>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+    }
+  }
+}
+#endif
+
+}  // namespace
+
 template <typename W>
 void gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda, const W* B,
           int64_t ldb, float beta, float* C, int64_t ldc) {
@@ -171,20 +347,23 @@ void gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda
 #if TORCHLANE_HAVE_AVX512
   if constexpr (compiled) {
     TORCH_INTERNAL_ASSERT(ldb % 16 == 0, "mk::gemm: ldb must be a multiple of 16");
-    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
-      const int64_t nv = std::min<int64_t>(kNR, N - n0 + 15) / 16;  // vectors in this block
-      __mmask16 mask[4];
-      for (int v = 0; v < 4; ++v)
-        mask[v] = first_n(N - n0 - 16 * v);
-      const W* b = B + n0;
-      float* c = C + n0;
-      switch (nv) {
-        case 4: column_block<4>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
-        case 3: column_block<3>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
-        case 2: column_block<2>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
-        default: column_block<1>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+#if TORCHLANE_HAVE_AMX
+    if constexpr (std::is_same_v<W, uint32_t>) {
+      // Whole 16 x 16 tiles of C over whole 16-word steps of K on AMX, the rest on AVX-512.
+      const int64_t Ma = M / 16 * 16, Na = N / 16 * 16, Ka = kw / 16 * 16;
+      if (Ma > 0 && Na > 0 && Ka > 0 && amx_available()) {
+        amx_gemm(Ma, Na, Ka, alpha, A, lda, B, ldb, beta, C, ldc);
+        if (Ka < kw)
+          vector_gemm(Ma, Na, kw - Ka, alpha, A + Ka, lda, B + Ka * ldb, ldb, 1.0f, C, ldc);
+        if (Na < N)
+          vector_gemm(Ma, N - Na, kw, alpha, A, lda, B + Na, ldb, beta, C + Na, ldc);
+        if (Ma < M)
+          vector_gemm(M - Ma, N, kw, alpha, A + Ma * lda, lda, B, ldb, beta, C + Ma * ldc, ldc);
+        return;
       }
     }
+#endif
+    vector_gemm(M, N, kw, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
 #endif

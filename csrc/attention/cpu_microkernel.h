@@ -60,6 +60,14 @@ template <typename W>
 bool available() {
   return compiled<W>() && enabled();
 }
+// bf16 only: whether gemm<uint32_t> runs on AMX tiles (Note [AMX tile GEMMs]): compiled in,
+// granted by the OS and enabled (set_amx_enabled, default on; for tests and benchmarks).
+bool amx_available();
+void set_amx_enabled(bool enabled);
+// Releases this thread's AMX tile state, if gemm may have used it; call at the end of a parallel
+// region's task that ran bf16 GEMMs.
+void release_tiles();
+
 // C[M x N] = alpha * A B + beta * C, C row-major with leading dimension ldc (not read when
 // beta == 0). A: M rows of kw words, lda apart. B: kw rows of ldb words (ldb % 16 == 0).
 template <typename W>
