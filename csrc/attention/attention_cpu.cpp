@@ -76,8 +76,8 @@ void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout
         acc_t* S = s_buf.data();
         tile_gemm(false, true, rows, cols, D, scale, q_tile, q.ss, row_ptr<scalar_t>(k, b, hk, n0),
                   k.ss, acc_t(0), S, BN);
-        online_softmax_tile(p, S, BN, m0, rows, n0, cols, m_run.data(), l_run.data(),
-                            o_acc.data(), D);
+        online_softmax_tile(p, S, BN, acc_t(1), m0, rows, n0, cols, m_run.data(), l_run.data(),
+                            o_acc.data(), D, S, BN);
         tile_gemm(false, false, rows, D, cols, acc_t(1), S, BN, row_ptr<scalar_t>(v, b, hk, n0),
                   v.ss, acc_t(1), o_acc.data(), D);
       }
@@ -128,8 +128,8 @@ std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scal
             acc_t(0), w.P.data(), BN);
   tile_gemm(false, true, rows, cols, p.D, acc_t(1), row_ptr<scalar_t>(a.dout, b, h, m0), a.dout.ss,
             row_ptr<scalar_t>(a.v, b, hk, n0), a.v.ss, acc_t(0), w.dS.data(), BN);
-  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), BN, a.lse, a.delta, b, h, m0, rows, n0,
-                        cols);
+  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), BN, acc_t(1), a.lse, a.delta, b, h, m0,
+                         rows, n0, cols);
   return {w.P.data(), w.dS.data()};
 }
 

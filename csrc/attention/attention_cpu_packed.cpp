@@ -172,7 +172,10 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
   const int64_t D = p.D, dw = mk::words<W>(D), n_mtiles = (p.Sq + BM - 1) / BM;
   const auto kt = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::PairsT);
   const auto vn = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::Pairs);
+  // The softmax applies a positive scale to the raw scores (the GEMM's tiles need no epilogue);
+  // a negative one goes into the GEMM, since the row max of scale * S is no longer scale * max.
   const float scale = static_cast<float>(p.scale);
+  const float s_alpha = scale > 0.0f ? 1.0f : scale, s_scale = scale > 0.0f ? scale : 1.0f;
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     std::vector<float> s_buf(BM * lds), o_acc(BM * D), m_run(BM), l_run(BM), inv_l(BM);
@@ -197,13 +200,17 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         float* S = s_buf.data();
-        mk::gemm<W>(rows, cols, dw, scale, q_a, ldq, kt_h + n0, kt.ld, 0.0f, S, lds);
-        online_softmax_tile(p, S, lds, m0, rows, n0, cols, m_run.data(), l_run.data(),
-                            o_acc.data(), D);
-        const W* pv_a = reinterpret_cast<const W*>(S);  // fp32: P is already in "rows" layout
+        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + n0, kt.ld, 0.0f, S, lds);
+        // P in place of S (fp32, already in "rows" layout), or straight into its bf16 pack
+        const W* pv_a = reinterpret_cast<const W*>(S);
         if constexpr (P != 1) {
-          mk::pack_rows(S, lds, rows, cols, pa.data(), lds / P);
+          auto* pb = reinterpret_cast<c10::BFloat16*>(pa.data());
+          online_softmax_tile(p, S, lds, s_scale, m0, rows, n0, cols, m_run.data(), l_run.data(),
+                              o_acc.data(), D, pb, lds);
           pv_a = pa.data();
+        } else {
+          online_softmax_tile(p, S, lds, s_scale, m0, rows, n0, cols, m_run.data(), l_run.data(),
+                              o_acc.data(), D, S, lds);
         }
         mk::gemm<W>(rows, D, mk::words<W>(cols), 1.0f, pv_a, lds / P, vn_h + (n0 / P) * vn.ld,
                     vn.ld, 1.0f, o_acc.data(), D);
@@ -251,10 +258,11 @@ void tile_pair(const Problem& p, const float* lse, const float* delta, BwdTiles<
   constexpr int64_t P = mk::kPack<W>;
   const int64_t D = p.D, dw = mk::words<W>(D), ld = w.ld;
   const float scale = static_cast<float>(p.scale);
-  mk::gemm<W>(rows, cols, dw, scale, o.q.ptr, o.q.ld, o.kT.ptr, o.kT.ld, 0.0f, w.P.data(), ld);
+  mk::gemm<W>(rows, cols, dw, 1.0f, o.q.ptr, o.q.ld, o.kT.ptr, o.kT.ld, 0.0f, w.P.data(), ld);
   mk::gemm<W>(rows, cols, dw, 1.0f, o.dout.ptr, o.dout.ld, o.vT.ptr, o.vT.ld, 0.0f, w.dS.data(),
               ld);
-  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), ld, lse, delta, b, h, m0, rows, n0, cols);
+  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), ld, scale, lse, delta, b, h, m0, rows, n0,
+                         cols);
   if (dvT != nullptr) {
     // fp32: the P and dS tiles already are "pairs" (row-major) B operands
     const W* p_b = reinterpret_cast<const W*>(w.P.data());

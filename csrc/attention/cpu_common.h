@@ -74,10 +74,32 @@ struct Problem {
   }
 };
 
+// max_j x[j], -inf for n == 0. NaNs may be skipped: a NaN score still makes its exp, and with it
+// the row's sum and output, NaN.
 template <typename acc_t>
 inline acc_t row_max(const acc_t* x, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
   acc_t m = -std::numeric_limits<acc_t>::infinity();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // vmaxps alone (at::vec::maximum adds a NaN test per vector), four independent chains
+    __m512 m0 = _mm512_set1_ps(m), m1 = m0, m2 = m0, m3 = m0;
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+      m0 = _mm512_max_ps(_mm512_loadu_ps(x + j), m0);
+      m1 = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), m1);
+      m2 = _mm512_max_ps(_mm512_loadu_ps(x + j + 32), m2);
+      m3 = _mm512_max_ps(_mm512_loadu_ps(x + j + 48), m3);
+    }
+    for (; j + 16 <= n; j += 16)
+      m0 = _mm512_max_ps(_mm512_loadu_ps(x + j), m0);
+    if (j < n) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
+      m1 = _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(m), tail, x + j), m1);
+    }
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  }
+#endif
   int64_t j = 0;
   if (n >= Vec::size()) {
     Vec vm(m);
@@ -101,24 +123,53 @@ inline Vec fast_exp(const Vec& x) {
   }
 }
 
-// x[j] = exp(x[j] - sub) for j < n, returns the sum.
-template <typename acc_t>
-acc_t exp_sub_sum(acc_t* x, int64_t n, acc_t sub) {
+// Stores the vector e at y, converted to y's type (bf16: rounded to nearest even).
+template <typename acc_t, typename out_t>
+inline void store_vec(const at::vec::Vectorized<acc_t>& e, out_t* y) {
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    e.store(y);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<out_t, c10::BFloat16>) {
+      // one instruction instead of ATen's portable rounding sequence
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(e));
+      return;
+    }
+#endif
+    at::vec::convert_from_float<out_t>(e, e).store(y, at::vec::Vectorized<acc_t>::size());
+  }
+}
+
+// y[j] = exp(scale * x[j] - sub) for j < n, returns the sum (of the values before y's rounding
+// when y is bf16). y may be x.
+template <typename acc_t, typename out_t>
+acc_t exp_sub_sum(const acc_t* x, int64_t n, acc_t sub, acc_t scale, out_t* y) {
   using Vec = at::vec::Vectorized<acc_t>;
   int64_t j = 0;
   acc_t sum = 0;
   if (n >= Vec::size()) {
-    Vec vs(sub), acc(0);
+    const Vec vs(sub), vscale(scale);
+    Vec acc(0), acc2(0);  // two vectors per step, two sums: the exps of a step overlap
+    for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
+      const Vec e = fast_exp(at::vec::fmsub(Vec::loadu(x + j), vscale, vs));
+      const Vec e2 = fast_exp(at::vec::fmsub(Vec::loadu(x + j + Vec::size()), vscale, vs));
+      store_vec(e, y + j);
+      store_vec(e2, y + j + Vec::size());
+      acc = acc + e;
+      acc2 = acc2 + e2;
+    }
     for (; j + Vec::size() <= n; j += Vec::size()) {
-      Vec e = fast_exp(Vec::loadu(x + j) - vs);
-      e.store(x + j);
+      const Vec e = fast_exp(at::vec::fmsub(Vec::loadu(x + j), vscale, vs));
+      store_vec(e, y + j);
       acc = acc + e;
     }
+    acc = acc + acc2;
     sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
   }
   for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - sub);
-    sum += x[j];
+    const acc_t e = std::exp(std::fma(scale, x[j], -sub));
+    y[j] = static_cast<out_t>(e);
+    sum += e;
   }
   return sum;
 }
@@ -136,24 +187,29 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t s) {
 }
 
 // Online softmax over one S tile (rows x cols, leading dimension lds) of query rows m0.. against
-// keys n0..: updates the running max m_run and sum l_run, rescales the output accumulator rows
-// (o_acc, rows x D) when the max grows, and leaves P = exp(S - m) in S with masked and fully
-// masked entries zero. See Note [CPU flash attention].
-template <typename acc_t>
-void online_softmax_tile(const Problem& p, acc_t* S, int64_t lds, int64_t m0, int64_t rows,
-                         int64_t n0, int64_t cols, acc_t* m_run, acc_t* l_run, acc_t* o_acc,
-                         int64_t D) {
+// keys n0.., the scores being scale * S (scale > 0): updates the running max m_run and sum l_run,
+// rescales the output accumulator rows (o_acc, rows x D) when the max grows, and writes
+// P = exp(scale * S - m) to P (leading dimension ldp; may be S, or a bf16 copy) with masked and
+// fully masked entries zero (bf16: up to an even column count, the pairs' padding). See
+// Note [CPU flash attention].
+template <typename acc_t, typename out_t>
+void online_softmax_tile(const Problem& p, const acc_t* S, int64_t lds, acc_t scale, int64_t m0,
+                         int64_t rows, int64_t n0, int64_t cols, acc_t* m_run, acc_t* l_run,
+                         acc_t* o_acc, int64_t D, out_t* P, int64_t ldp) {
+  const int64_t fill_end = sizeof(out_t) == 2 ? (cols + 1) / 2 * 2 : cols;
   for (int64_t r = 0; r < rows; ++r) {
-    acc_t* s_row = S + r * lds;
+    const acc_t* s_row = S + r * lds;
+    out_t* p_row = P + r * ldp;
     const int64_t vis = p.visible(m0 + r, n0, cols);
     if (vis == 0) {  // only when causal: the whole row is masked in this tile
-      std::fill(s_row, s_row + cols, acc_t(0));
+      std::fill(p_row, p_row + fill_end, out_t(0));
       continue;
     }
-    const acc_t m_new = std::max(m_run[r], row_max(s_row, vis));
-    const acc_t alpha = std::exp(m_run[r] - m_new);  // exp(-inf) = 0 on the first tile
-    const acc_t sum = exp_sub_sum(s_row, vis, m_new);
-    std::fill(s_row + vis, s_row + cols, acc_t(0));
+    const acc_t m_new = std::max(m_run[r], scale * row_max(s_row, vis));
+    // exp(-inf) = 0 on the first tile; no exp when the max stays (a -inf max: the sum is NaN)
+    const acc_t alpha = m_new == m_run[r] ? acc_t(1) : std::exp(m_run[r] - m_new);
+    const acc_t sum = exp_sub_sum(s_row, vis, m_new, scale, p_row);
+    std::fill(p_row + vis, p_row + fill_end, out_t(0));
     l_run[r] = l_run[r] * alpha + sum;
     m_run[r] = m_new;
     if (alpha != acc_t(1))
@@ -161,13 +217,13 @@ void online_softmax_tile(const Problem& p, acc_t* S, int64_t lds, int64_t m0, in
   }
 }
 
-// Turns the S tile into P = exp(S - lse) (masked entries zero) and the dP tile into
+// Turns the S tile into P = exp(scale * S - lse) (masked entries zero) and the dP tile into
 // dS = P * (dP - delta), for query rows m0.. of (b, h) against keys n0.. (both tiles rows x cols,
 // leading dimension ld; lse and delta are (B, H, Sq)).
 template <typename acc_t>
-void probs_and_dscores_rows(const Problem& p, acc_t* P, acc_t* dS, int64_t ld, const acc_t* lse,
-                            const acc_t* delta, int64_t b, int64_t h, int64_t m0, int64_t rows,
-                            int64_t n0, int64_t cols) {
+void probs_and_dscores_rows(const Problem& p, acc_t* P, acc_t* dS, int64_t ld, acc_t scale,
+                            const acc_t* lse, const acc_t* delta, int64_t b, int64_t h, int64_t m0,
+                            int64_t rows, int64_t n0, int64_t cols) {
   using Vec = at::vec::Vectorized<acc_t>;
   lse += (b * p.H + h) * p.Sq + m0;
   delta += (b * p.H + h) * p.Sq + m0;
@@ -175,7 +231,7 @@ void probs_and_dscores_rows(const Problem& p, acc_t* P, acc_t* dS, int64_t ld, c
     acc_t* p_row = P + r * ld;
     acc_t* ds_row = dS + r * ld;
     const int64_t vis = p.visible(m0 + r, n0, cols);
-    exp_sub_sum(p_row, vis, lse[r]);
+    exp_sub_sum(p_row, vis, lse[r], scale, p_row);
     std::fill(p_row + vis, p_row + cols, acc_t(0));
     const Vec d(delta[r]);
     at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row, p_row, ds_row, cols);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // gcc 12 reports the _mm512_undefined_* operands inside its own intrinsics as maybe-uninitialised.
@@ -424,6 +425,22 @@ void pack_pairs(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, in
 template <typename W, typename T>
 void pack_pairs_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw) {
   constexpr int64_t P = kPack<W>;
+  if constexpr (std::is_same_v<W, uint32_t> && std::is_same_v<T, c10::BFloat16>) {
+    if (cols % 2 == 0) {  // a transpose of 32-bit words, 16 source rows at a time
+      const int64_t cw = cols / 2;
+      for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        const int64_t r1 = std::min(rows, r0 + 16);
+        for (int64_t c = 0; c < cw; ++c) {
+          for (int64_t r = r0; r < r1; ++r) {
+            uint32_t w;
+            std::memcpy(&w, src + r * ld + 2 * c, sizeof(w));
+            dst[c * lddw + r] = w;
+          }
+        }
+      }
+      return;
+    }
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * ld;
     for (int64_t c = 0; c < cols; c += P)
