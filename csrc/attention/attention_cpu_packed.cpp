@@ -34,6 +34,7 @@ template <typename W>
 struct Packed {
   std::unique_ptr<W[]> data;  // allocated uninitialised: see pack_heads
   int64_t per_head = 0, ld = 0;
+  int64_t per_block = 0;  // pack_heads_t_blocked: words from one key block to the next
   const W* input = nullptr;  // set when the input is used as is
   int64_t heads = 1, sb = 0, sh = 0;
   const W* head(int64_t bh) const {
@@ -145,6 +146,33 @@ Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64
   return r;
 }
 
+// K^T ("pairs" layout, reduction over D) of every (b, head) in blocks of BN keys: block j holds
+// keys j * BN.. as words(D) rows of ld ~ BN words, per_block apart. A tile's rows are then ~BN
+// words apart instead of ~Sk: rows of a long sequence (16 KiB at Sk = 4096) put every row of a
+// tile on its own page.
+template <typename W, typename T>
+Packed<W> pack_heads_t_blocked(const Layout& t, int64_t B, int64_t heads, int64_t S, int64_t D,
+                               int64_t BN) {
+  Packed<W> r;
+  const PackShape sh = pack_shape<W>(Pack::PairsT, BN, D);
+  const int64_t n_blocks = (S + BN - 1) / BN;
+  r.ld = sh.ld;
+  r.per_block = sh.rows * sh.ld;
+  r.per_head = n_blocks * r.per_block;
+  r.data.reset(new W[B * heads * r.per_head]);  // every word written below, as in pack_heads
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      for (int64_t j = 0; j < n_blocks; ++j) {
+        PackShape block = sh;
+        block.written = std::min(BN, S - j * BN);
+        pack_matrix(row_ptr<T>(t, bh / heads, bh % heads, j * BN), t.ss, block.written, D,
+                    Pack::PairsT, block, r.data.get() + bh * r.per_head + j * r.per_block);
+      }
+    }
+  });
+  return r;
+}
+
 template <typename T>
 void store_rows(const float* src, int64_t lds, T* dst, int64_t rows, int64_t D, const float* s) {
   for (int64_t r = 0; r < rows; ++r)
@@ -170,7 +198,7 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
   constexpr int64_t P = mk::kPack<W>;
   const int64_t BM = blocks().fwd_m, BN = round_up(blocks().fwd_n, kNR), lds = mk::padded_ld(BN);
   const int64_t D = p.D, dw = mk::words<W>(D), n_mtiles = (p.Sq + BM - 1) / BM;
-  const auto kt = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::PairsT);
+  const auto kt = pack_heads_t_blocked<W, T>(k, p.B, p.Hkv, p.Sk, D, BN);
   const auto vn = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::Pairs);
   // The softmax applies a positive scale to the raw scores (the GEMM's tiles need no epilogue);
   // a negative one goes into the GEMM, since the row max of scale * S is no longer scale * max.
@@ -200,7 +228,8 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         float* S = s_buf.data();
-        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + n0, kt.ld, 0.0f, S, lds);
+        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + (n0 / BN) * kt.per_block, kt.ld, 0.0f,
+                    S, lds);
         // P in place of S (fp32, already in "rows" layout), or straight into its bf16 pack
         const W* pv_a = reinterpret_cast<const W*>(S);
         if constexpr (P != 1) {

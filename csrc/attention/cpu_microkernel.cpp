@@ -249,10 +249,12 @@ void amx_block(int64_t kw, const uint32_t* A, int64_t lda, const uint32_t* B, in
 void amx_gemm(int64_t Ma, int64_t Na, int64_t Ka, float alpha, const uint32_t* A, int64_t lda,
               const uint32_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   configure_tiles();
-  for (int64_t m = 0; m < Ma; m += 32) {
-    const bool two_m = Ma - m >= 32;
-    for (int64_t n = 0; n < Na; n += 32) {
-      const bool two_n = Na - n >= 32;
+  // Column blocks outer: one block's B tiles are reused across all of A, which (a query tile's
+  // Q or P of up to ~32 KiB) then stays in L1.
+  for (int64_t n = 0; n < Na; n += 32) {
+    const bool two_n = Na - n >= 32;
+    for (int64_t m = 0; m < Ma; m += 32) {
+      const bool two_m = Ma - m >= 32;
       const uint32_t* a = A + m * lda;
       const uint32_t* b = B + n;
       float* c = C + m * ldc + n;
