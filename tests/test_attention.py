@@ -38,9 +38,9 @@ def _torchlane_grads(q, k, v, causal, scale, do):
     return (out.detach(), lse.detach(), *grads)
 
 
-def check_against_reference(B, H, Hkv, Sq, Sk, D, causal, dtype, seed=0):
+def check_against_reference(B, H, Hkv, Sq, Sk, D, causal, dtype, seed=0, scale=None):
     q, k, v, do = _inputs(B, H, Hkv, Sq, Sk, D, dtype, seed)
-    scale = 1.0 / math.sqrt(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     ref = math_attention_grads(q, k, v, causal, scale, torch.float64, do)
     pt = math_attention_grads(q, k, v, causal, scale, dtype, do)
     ours = _torchlane_grads(q, k, v, causal, scale, do)
@@ -114,6 +114,43 @@ def test_packed_and_blas_kernels_agree(blas_tile_gemms):
     packed = _torchlane_grads(q, k, v, True, 0.2, do)
     for a, b in zip(blas, packed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def no_amx():
+    """Runs the bf16 micro-kernel GEMMs on AVX512-BF16 even where AMX tiles are available."""
+    before = torchlane._C._attention_cpu_amx(False)
+    yield before
+    torchlane._C._attention_cpu_amx(before)
+
+
+def test_bf16_without_amx_against_float64(no_amx):
+    # Where the CPU has AMX the grid above ran the bf16 GEMMs on tiles (whole 16 x 16 blocks,
+    # AVX512-BF16 for the edges); this keeps the all-AVX512 path covered there too. D = 40 and
+    # 203 keys: tile edges in K, N and M.
+    print(f"AMX available: {no_amx}")
+    for (H, Hkv), causal in zip(HEADS, [False, True, True], strict=True):
+        check_against_reference(2, H, Hkv, 113, 203, 40, causal, torch.bfloat16)
+        check_against_reference(1, H, Hkv, 256, 128, 128, causal, torch.bfloat16)
+
+
+def test_amx_and_avx512_bf16_agree(no_amx):
+    if not no_amx:
+        pytest.skip("no AMX here (CPU, kernel or build): the grid ran the AVX512-BF16 kernels")
+    q, k, v, do = _inputs(2, 4, 2, 150, 130, 64, torch.bfloat16)
+    vector = _torchlane_grads(q, k, v, True, 0.2, do)
+    torchlane._C._attention_cpu_amx(True)
+    tiles = _torchlane_grads(q, k, v, True, 0.2, do)
+    for a, b in zip(vector, tiles, strict=True):  # same bf16 operands, fp32 sums in another order
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_zero_and_negative_scale(dtype):
+    # A positive scale is applied inside the softmax's exp; others go through the GEMM.
+    for scale in (-0.3, 0.0):
+        check_against_reference(1, 4, 2, 70, 90, 64, True, dtype, scale=scale)
+        check_against_reference(1, 4, 4, 33, 33, 40, False, dtype, scale=scale)
 
 
 def test_both_backward_schedules_agree():

@@ -25,7 +25,8 @@ namespace torchlane::attention::mk {
 // finite in the other). Columns of B at or past N are read up to the next multiple of 16 but
 // only reach columns of C that are never stored, so they need not be initialised.
 // Packing routines convert fp32 or bf16 sources into these layouts (fp32 -> bf16 rounds to
-// nearest even).
+// nearest even). Where the CPU has AMX, bf16 GEMMs run on its tiles instead, on the same layouts
+// (Note [AMX tile GEMMs] in cpu_microkernel.cpp).
 
 constexpr int64_t kNR = 64;  // columns of C per micro-kernel block
 
