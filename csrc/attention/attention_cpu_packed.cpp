@@ -21,9 +21,8 @@
 // tile do not compete for the same L1 sets; the forward's K^T is packed in blocks of BN keys.
 // The GEMMs producing S leave it unscaled when the scale is positive: the softmax applies it in
 // its exp, and (bf16) writes P straight into its bf16 pack. S, P, dP, dS and all accumulators are
-// fp32. For bf16
-// inputs the GEMM operands are bf16, as in FlashAttention on GPUs: P is rounded to bf16 before
-// P V (and dV += P^T dO), dS before dQ and dK.
+// fp32. For bf16 inputs the GEMM operands are bf16, as in FlashAttention on GPUs: P is rounded to
+// bf16 before P V (and dV += P^T dO), dS before dQ and dK.
 
 namespace torchlane::attention::cpu {
 namespace {
