@@ -46,8 +46,8 @@ def _finish(proc, tmp_path, name, timeout):
 
 def test_sigkilled_worker_restarts_and_matches_uninterrupted_run(tmp_path):
     pid_file = tmp_path / "victim.pid"
-    # Both jobs at once: most of their time is process start-up.
-    reference = _torchrun(tmp_path, "reference")
+    # One job at a time: two --standalone jobs started together can race for the same free
+    # port, and the loser's restart made the reference run flaky (attempt 1 instead of 0).
     victim = _torchrun(tmp_path, "victim", "--stall-at", "7", "--pid-file", str(pid_file))
     deadline = time.monotonic() + 120
     while not pid_file.exists():
@@ -56,8 +56,8 @@ def test_sigkilled_worker_restarts_and_matches_uninterrupted_run(tmp_path):
         time.sleep(0.1)
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
-    ref, _ = _finish(reference, tmp_path, "reference", timeout=120)
     got, log = _finish(victim, tmp_path, "victim", timeout=120)
+    ref, _ = _finish(_torchrun(tmp_path, "reference"), tmp_path, "reference", timeout=120)
     assert (ref["attempt"], ref["resumed_from"]) == (0, 0)
     # Restarted once, from the checkpoint written after step 5 (saves every 3 steps).
     assert got["attempt"] == 1 and got["resumed_from"] == 6, log[-4000:]
