@@ -77,7 +77,7 @@ void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout
         tile_gemm(false, true, rows, cols, D, scale, q_tile, q.ss, row_ptr<scalar_t>(k, b, hk, n0),
                   k.ss, acc_t(0), S, BN);
         online_softmax_tile(p, S, BN, acc_t(1), m0, rows, n0, cols, m_run.data(), l_run.data(),
-                            o_acc.data(), D, S, BN);
+                            o_acc.data(), D, D, S, BN);
         tile_gemm(false, false, rows, D, cols, acc_t(1), S, BN, row_ptr<scalar_t>(v, b, hk, n0),
                   v.ss, acc_t(1), o_acc.data(), D);
       }

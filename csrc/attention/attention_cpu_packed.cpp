@@ -2,6 +2,9 @@
 // fp32 GEMMs, bf16 inputs with bf16 x bf16 -> fp32 GEMMs. See Note [Packed attention on the CPU].
 #include "attention/cpu_vec.h"  // first: selects the vector ISA, see its Note
 
+#include <sys/mman.h>
+
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -36,7 +39,6 @@ template <typename W>
 struct Packed {
   std::unique_ptr<W[]> data;  // allocated uninitialised: see pack_heads
   int64_t per_head = 0, ld = 0;
-  int64_t per_block = 0;  // pack_heads_t_blocked: words from one key block to the next
   const W* input = nullptr;  // set when the input is used as is
   int64_t heads = 1, sb = 0, sh = 0;
   const W* head(int64_t bh) const {
@@ -63,7 +65,7 @@ PackShape pack_shape(Pack how, int64_t S, int64_t D) {
   switch (how) {
     case Pack::Rows: return {S, mk::words<W>(D), mk::words<W>(D)};
     case Pack::PairsT: return {mk::words<W>(D), S, mk::padded_ld(round_up(S, kNR))};
-    case Pack::Pairs: return {mk::words<W>(S), D, round_up(D, kNR)};
+    case Pack::Pairs: return {mk::words<W>(S), D, mk::padded_ld(round_up(D, kNR))};
     case Pack::RowsT: return {D, mk::words<W>(S), mk::padded_ld(mk::words<W>(S))};
   }
   return {0, 0, 0};
@@ -100,18 +102,108 @@ struct View {
   int64_t ld;
 };
 
+// Note [Per-thread buffers]
+// The packed operands of one head and the per-task tiles live in buffers owned by the thread and
+// kept from one call to the next (up to kKeepBytes each; larger ones are freed at the end of the
+// task), allocated in whole 2 MiB units at 2 MiB alignment with a request for transparent huge
+// pages (madvise; the kernel may decline). Two costs are avoided:
+//  - malloc hands out large blocks as fresh pages (mmap), and the first touch of every 4 KiB page
+//    costs a fault and a zero fill: for whole-tensor packs of K^T and V (32 MiB each at B=4 H=8
+//    S=4096 D=128 bf16) that took about 15% of the forward on the 2-core Xeon;
+//  - the L2 cache is indexed by physical address bits above the 4 KiB page, so 4 KiB pages land
+//    on its sets unevenly, differently in every process: the PV GEMM's time varied by a third
+//    from one run to the next. A huge page maps 2 MiB contiguously.
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kKeepBytes = size_t(32) << 20;
+
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() {
+    std::free(data_);
+  }
+  // At least n elements of type X, 64-byte aligned; contents unspecified.
+  template <typename X>
+  X* get(int64_t n) {
+    const size_t bytes = static_cast<size_t>(n) * sizeof(X);
+    if (bytes > bytes_) {
+      std::free(data_);
+      bytes_ = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+      data_ = std::aligned_alloc(kHugePage, bytes_);
+      if (data_ == nullptr) {
+        bytes_ = 0;
+        TORCH_CHECK(false, "torchlane.attention: cannot allocate ", bytes, " bytes of workspace");
+      }
+#ifdef MADV_HUGEPAGE
+      madvise(data_, bytes_, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
+    }
+    return static_cast<X*>(data_);
+  }
+  void trim() {
+    if (bytes_ > kKeepBytes) {
+      std::free(data_);
+      data_ = nullptr;
+      bytes_ = 0;
+    }
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// The calling thread's buffer number `slot`.
+inline Buffer& thread_buffer(int slot) {
+  constexpr int kSlots = 16;
+  thread_local Buffer buffers[kSlots];
+  TORCH_INTERNAL_ASSERT(slot >= 0 && slot < kSlots);
+  return buffers[slot];
+}
+
+// Trims, at the end of a task, the thread buffers it used (Buffer::trim).
+struct TrimBuffers {
+  int first, count;
+  ~TrimBuffers() {
+    for (int i = first; i < first + count; ++i)
+      thread_buffer(i).trim();
+  }
+};
+
+// Carves consecutive arrays, each 64-byte aligned, out of one buffer: sizes first, then get().
+class Carver {
+ public:
+  template <typename X>
+  int64_t add(int64_t n) {
+    const int64_t at = bytes_;
+    bytes_ += (n * static_cast<int64_t>(sizeof(X)) + 63) / 64 * 64;
+    return at;
+  }
+  template <typename X>
+  X* at(char* base, int64_t offset) const {
+    return reinterpret_cast<X*>(base + offset);
+  }
+  int64_t bytes() const {
+    return bytes_;
+  }
+
+ private:
+  int64_t bytes_ = 0;
+};
+
 // The S x D matrix src in layout `how`: src itself where usable as is, else packed into buf
-// (grown as needed, reused across calls by the owning thread). For tiles packed once per task.
+// (a thread buffer, Note [Per-thread buffers]).
 template <typename W, typename T>
 View<W> pack_or_view(const T* src, int64_t ld_src, int64_t S, int64_t D, Pack how,
-                     std::vector<W>& buf) {
+                     Buffer& buf) {
   if (usable_as_is<W, T>(how, D, ld_src))
     return {reinterpret_cast<const W*>(src), ld_src};
   const PackShape sh = pack_shape<W>(how, S, D);
-  if (static_cast<int64_t>(buf.size()) < sh.rows * sh.ld)
-    buf.resize(sh.rows * sh.ld);
-  pack_matrix(src, ld_src, S, D, how, sh, buf.data());
-  return {buf.data(), sh.ld};
+  W* dst = buf.get<W>(sh.rows * sh.ld);
+  pack_matrix(src, ld_src, S, D, how, sh, dst);
+  return {dst, sh.ld};
 }
 
 // Releases, at the end of a task, the AMX tiles its bf16 GEMMs may have configured (Note [AMX
@@ -148,31 +240,23 @@ Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64
   return r;
 }
 
-// K^T ("pairs" layout, reduction over D) of every (b, head) in blocks of BN keys: block j holds
-// keys j * BN.. as words(D) rows of ld ~ BN words, per_block apart. A tile's rows are then ~BN
-// words apart instead of ~Sk: rows of a long sequence (16 KiB at Sk = 4096) put every row of a
-// tile on its own page.
+// K^T ("pairs" layout, reduction over D) of one head's S x D matrix src (row stride ss) in blocks
+// of BN keys: block j holds keys j * BN.. as words(D) rows of ld ~ BN words, *per_block words
+// apart. A tile's rows are then ~BN words apart instead of ~S: rows of a long sequence (16 KiB at
+// S = 4096) would put every row of a tile on its own page.
 template <typename W, typename T>
-Packed<W> pack_heads_t_blocked(const Layout& t, int64_t B, int64_t heads, int64_t S, int64_t D,
-                               int64_t BN) {
-  Packed<W> r;
+View<W> pack_t_blocked(const T* src, int64_t ss, int64_t S, int64_t D, int64_t BN,
+                       Buffer& buf, int64_t* per_block) {
   const PackShape sh = pack_shape<W>(Pack::PairsT, BN, D);
   const int64_t n_blocks = (S + BN - 1) / BN;
-  r.ld = sh.ld;
-  r.per_block = sh.rows * sh.ld;
-  r.per_head = n_blocks * r.per_block;
-  r.data.reset(new W[B * heads * r.per_head]);  // every word written below, as in pack_heads
-  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      for (int64_t j = 0; j < n_blocks; ++j) {
-        PackShape block = sh;
-        block.written = std::min(BN, S - j * BN);
-        pack_matrix(row_ptr<T>(t, bh / heads, bh % heads, j * BN), t.ss, block.written, D,
-                    Pack::PairsT, block, r.data.get() + bh * r.per_head + j * r.per_block);
-      }
-    }
-  });
-  return r;
+  *per_block = sh.rows * sh.ld;
+  W* dst = buf.get<W>(n_blocks * *per_block);
+  for (int64_t j = 0; j < n_blocks; ++j) {
+    PackShape block = sh;
+    block.written = std::min(BN, S - j * BN);
+    pack_matrix(src + j * BN * ss, ss, block.written, D, Pack::PairsT, block, dst + j * *per_block);
+  }
+  return {dst, sh.ld};
 }
 
 template <typename T>
@@ -200,58 +284,81 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
   constexpr int64_t P = mk::kPack<W>;
   const int64_t BM = blocks().fwd_m, BN = round_up(blocks().fwd_n, kNR), lds = mk::padded_ld(BN);
   const int64_t D = p.D, dw = mk::words<W>(D), n_mtiles = (p.Sq + BM - 1) / BM;
-  const auto kt = pack_heads_t_blocked<W, T>(k, p.B, p.Hkv, p.Sk, D, BN);
-  const auto vn = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::Pairs);
+  const int64_t ldo = mk::padded_ld(D);  // o_acc
   // The softmax applies a positive scale to the raw scores (the GEMM's tiles need no epilogue);
   // a negative one goes into the GEMM, since the row max of scale * S is no longer scale * max.
   const float scale = static_cast<float>(p.scale);
   const float s_alpha = scale > 0.0f ? 1.0f : scale, s_scale = scale > 0.0f ? scale : 1.0f;
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
-    std::vector<float> s_buf(BM * lds), o_acc(BM * D), m_run(BM), l_run(BM), inv_l(BM);
-    // bf16 only: the Q tile and P packed as bf16 pairs (fp32 uses them as they are)
-    std::vector<W> qa(P != 1 ? BM * dw : 0), pa(P != 1 ? BM * lds / P : 0);
+    TrimBuffers trim_buffers{0, 3};
+    // o_acc, S, m_run, l_run, inv_l; bf16 only: the Q tile and P packed as bf16 pairs (fp32
+    // uses them as they are)
+    Carver c;
+    const int64_t o_off = c.add<float>(BM * ldo), s_off = c.add<float>(BM * lds);
+    const int64_t m_off = c.add<float>(BM), l_off = c.add<float>(BM), i_off = c.add<float>(BM);
+    const int64_t qa_off = c.add<W>(P != 1 ? BM * dw : 0);
+    const int64_t pa_off = c.add<W>(P != 1 ? BM * lds / P : 0);
+    char* base = thread_buffer(2).get<char>(c.bytes());
+    float* o_acc = c.at<float>(base, o_off);
+    float* s_buf = c.at<float>(base, s_off);
+    float* m_run = c.at<float>(base, m_off);
+    float* l_run = c.at<float>(base, l_off);
+    float* inv_l = c.at<float>(base, i_off);
+    W* qa = c.at<W>(base, qa_off);
+    W* pa = c.at<W>(base, pa_off);
+    // K^T and V of one (batch, kv head), packed when a task of another one comes up: a thread's
+    // tasks are a contiguous range, so each is packed about once per thread.
+    int64_t packed = -1, kt_block = 0;
+    View<W> kt{nullptr, 0}, vn{nullptr, 0};
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, mt = t % n_mtiles;
       const int64_t hk = h / p.group(), m0 = mt * BM, rows = std::min(BM, p.Sq - m0);
+      if (b * p.Hkv + hk != packed) {
+        packed = b * p.Hkv + hk;
+        kt = pack_t_blocked<W>(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, BN, thread_buffer(0),
+                               &kt_block);
+        vn = pack_or_view<W>(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::Pairs,
+                             thread_buffer(1));
+      }
       const W* q_a = reinterpret_cast<const W*>(row_ptr<T>(q, b, h, m0));  // fp32: as is
       int64_t ldq = q.ss;
       if constexpr (P != 1) {
-        mk::pack_rows(row_ptr<T>(q, b, h, m0), q.ss, rows, D, qa.data(), dw);
-        q_a = qa.data();
+        mk::pack_rows(row_ptr<T>(q, b, h, m0), q.ss, rows, D, qa, dw);
+        q_a = qa;
         ldq = dw;
       }
-      const W* kt_h = kt.head(b * p.Hkv + hk);
-      const W* vn_h = vn.head(b * p.Hkv + hk);
-      std::fill(o_acc.begin(), o_acc.begin() + rows * D, 0.0f);
-      std::fill(m_run.begin(), m_run.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l_run.begin(), l_run.end(), 0.0f);
+      const W* kt_h = kt.ptr;
+      const W* vn_h = vn.ptr;
+      std::fill(o_acc, o_acc + rows * ldo, 0.0f);
+      std::fill(m_run, m_run + BM, -std::numeric_limits<float>::infinity());
+      std::fill(l_run, l_run + BM, 0.0f);
       const int64_t n_end = p.key_end(m0, rows);
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
-        float* S = s_buf.data();
-        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + (n0 / BN) * kt.per_block, kt.ld, 0.0f,
-                    S, lds);
+        float* S = s_buf;
+        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + (n0 / BN) * kt_block, kt.ld, 0.0f, S,
+                    lds);
         // P in place of S (fp32, already in "rows" layout), or straight into its bf16 pack
         const W* pv_a = reinterpret_cast<const W*>(S);
         if constexpr (P != 1) {
-          auto* pb = reinterpret_cast<c10::BFloat16*>(pa.data());
-          online_softmax_tile(p, S, lds, s_scale, m0, rows, n0, cols, m_run.data(), l_run.data(),
-                              o_acc.data(), D, pb, lds);
-          pv_a = pa.data();
+          auto* pb = reinterpret_cast<c10::BFloat16*>(pa);
+          online_softmax_tile(p, S, lds, s_scale, m0, rows, n0, cols, m_run, l_run, o_acc, D, ldo,
+                              pb, lds);
+          pv_a = pa;
         } else {
-          online_softmax_tile(p, S, lds, s_scale, m0, rows, n0, cols, m_run.data(), l_run.data(),
-                              o_acc.data(), D, S, lds);
+          online_softmax_tile(p, S, lds, s_scale, m0, rows, n0, cols, m_run, l_run, o_acc, D, ldo,
+                              S, lds);
         }
         mk::gemm<W>(rows, D, mk::words<W>(cols), 1.0f, pv_a, lds / P, vn_h + (n0 / P) * vn.ld,
-                    vn.ld, 1.0f, o_acc.data(), D);
+                    vn.ld, 1.0f, o_acc, ldo);
       }
       float* lse_tile = lse + (b * p.H + h) * p.Sq + m0;
       for (int64_t r = 0; r < rows; ++r) {
         inv_l[r] = 1.0f / l_run[r];
         lse_tile[r] = m_run[r] + std::log(l_run[r]);
       }
-      store_rows(o_acc.data(), D, out + ((b * p.H + h) * p.Sq + m0) * D, rows, D, inv_l.data());
+      store_rows(o_acc, ldo, out + ((b * p.H + h) * p.Sq + m0) * D, rows, D, inv_l);
     }
   });
 }
@@ -335,24 +442,29 @@ void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const La
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
-    std::vector<W> kt_buf, vt_buf, kp_buf, q_buf, do_buf, qt_buf, dot_buf;
+    TrimBuffers trim_buffers{0, 10};
+    Buffer &kt_buf = thread_buffer(0), &vt_buf = thread_buffer(1), &kp_buf = thread_buffer(2);
+    Buffer &q_buf = thread_buffer(3), &do_buf = thread_buffer(4), &qt_buf = thread_buffer(5);
+    Buffer& dot_buf = thread_buffer(6);
     const int64_t ldkv = mk::padded_ld(p.Sk);
-    std::vector<float> dq_acc(p.Sq * D), dkT(D * ldkv), dvT(D * ldkv);
+    float* dq_acc = thread_buffer(7).get<float>(p.Sq * D);
+    float* dkT = thread_buffer(8).get<float>(D * ldkv);
+    float* dvT = thread_buffer(9).get<float>(D * ldkv);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / p.Hkv, hk = t % p.Hkv;
-      const View<W> kt = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, kt_buf);
-      const View<W> vt = pack_or_view(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, vt_buf);
-      const View<W> kp = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, kp_buf);
-      std::fill(dkT.begin(), dkT.end(), 0.0f);
-      std::fill(dvT.begin(), dvT.end(), 0.0f);
+      const View<W> kt = pack_or_view<W>(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, kt_buf);
+      const View<W> vt = pack_or_view<W>(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, vt_buf);
+      const View<W> kp = pack_or_view<W>(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, kp_buf);
+      std::fill(dkT, dkT + D * ldkv, 0.0f);
+      std::fill(dvT, dvT + D * ldkv, 0.0f);
       for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
         const T* q_src = row_ptr<T>(q, b, h, 0);
         const T* do_src = row_ptr<T>(dout, b, h, 0);
-        const View<W> qr = pack_or_view(q_src, q.ss, p.Sq, D, Pack::Rows, q_buf);
-        const View<W> dor = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::Rows, do_buf);
-        const View<W> qt = pack_or_view(q_src, q.ss, p.Sq, D, Pack::RowsT, qt_buf);
-        const View<W> dot = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::RowsT, dot_buf);
-        std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+        const View<W> qr = pack_or_view<W>(q_src, q.ss, p.Sq, D, Pack::Rows, q_buf);
+        const View<W> dor = pack_or_view<W>(do_src, dout.ss, p.Sq, D, Pack::Rows, do_buf);
+        const View<W> qt = pack_or_view<W>(q_src, q.ss, p.Sq, D, Pack::RowsT, qt_buf);
+        const View<W> dot = pack_or_view<W>(do_src, dout.ss, p.Sq, D, Pack::RowsT, dot_buf);
+        std::fill(dq_acc, dq_acc + p.Sq * D, 0.0f);
         for (int64_t kc0 = 0; kc0 < p.Sk; kc0 += KC) {
           for (int64_t m0 = 0; m0 < p.Sq; m0 += BM) {
             const int64_t rows = std::min(BM, p.Sq - m0);
@@ -367,14 +479,14 @@ void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const La
               o.vT = {vt.ptr + n0, vt.ld};
               o.k = {kp.ptr + (n0 / P) * kp.ld, kp.ld};
               tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0),
-                        dvT.data() + n0, dkT.data() + n0, ldkv, dq_acc.data() + m0 * D);
+                        dvT + n0, dkT + n0, ldkv, dq_acc + m0 * D);
             }
           }
         }
-        store_rows(dq_acc.data(), D, dq + (b * p.H + h) * p.Sq * D, p.Sq, D, nullptr);
+        store_rows(dq_acc, D, dq + (b * p.H + h) * p.Sq * D, p.Sq, D, nullptr);
       }
-      store_transposed(dkT.data(), ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
-      store_transposed(dvT.data(), ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+      store_transposed(dkT, ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+      store_transposed(dvT, ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
     }
   });
 }
