@@ -103,31 +103,30 @@ struct View {
 };
 
 // Note [Per-thread buffers]
-// The packed operands of one head and the per-task tiles live in buffers owned by the thread and
-// kept from one call to the next (up to kKeepBytes each; larger ones are freed at the end of the
-// task), allocated in whole 2 MiB units at 2 MiB alignment with a request for transparent huge
-// pages (madvise; the kernel may decline). Two costs are avoided:
+// The packed operands of a head and the per-task tiles are carved out of one arena per thread
+// (workspace()), allocated in whole 2 MiB units at 2 MiB alignment with a request for
+// transparent huge pages (madvise; the kernel may decline), and kept from one call to the next
+// unless larger than kKeepBytes. Measured on the 2-core Xeon (B=4 H=8, bf16):
+//  - the L2 cache is indexed by physical address bits above the 4 KiB page, and AMX tile loads
+//    read 16 rows up to ~1 KiB apart, across pages: with 4 KiB pages the GEMMs' time varied by a
+//    third from one process to the next, and both GEMMs of the forward ran about twice as fast
+//    from huge pages (S=2048 D=128: 88 -> 50 ms, with the two items below);
 //  - malloc hands out large blocks as fresh pages (mmap), and the first touch of every 4 KiB page
-//    costs a fault and a zero fill: for whole-tensor packs of K^T and V (32 MiB each at B=4 H=8
-//    S=4096 D=128 bf16) that took about 15% of the forward on the 2-core Xeon;
-//  - the L2 cache is indexed by physical address bits above the 4 KiB page, so 4 KiB pages land
-//    on its sets unevenly, differently in every process: the PV GEMM's time varied by a third
-//    from one run to the next. A huge page maps 2 MiB contiguously.
+//    costs a fault and a zero fill: whole-tensor packs of K^T and V, 32 MiB each at S=4096
+//    D=128, took about 15% of the forward. The forward now packs one kv head at a time.
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kKeepBytes = size_t(32) << 20;
+constexpr size_t kKeepBytes = size_t(16) << 20;
 
-class Buffer {
+class Arena {
  public:
-  Buffer() = default;
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() {
+  Arena() = default;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  ~Arena() {
     std::free(data_);
   }
-  // At least n elements of type X, 64-byte aligned; contents unspecified.
-  template <typename X>
-  X* get(int64_t n) {
-    const size_t bytes = static_cast<size_t>(n) * sizeof(X);
+  // At least `bytes` bytes, 2 MiB aligned; contents unspecified.
+  char* get(size_t bytes) {
     if (bytes > bytes_) {
       std::free(data_);
       bytes_ = (bytes + kHugePage - 1) / kHugePage * kHugePage;
@@ -140,8 +139,9 @@ class Buffer {
       madvise(data_, bytes_, MADV_HUGEPAGE);  // advice only: failure changes nothing
 #endif
     }
-    return static_cast<X*>(data_);
+    return static_cast<char*>(data_);
   }
+  // Frees the arena if it grew beyond kKeepBytes.
   void trim() {
     if (bytes_ > kKeepBytes) {
       std::free(data_);
@@ -155,53 +155,55 @@ class Buffer {
   size_t bytes_ = 0;
 };
 
-// The calling thread's buffer number `slot`.
-inline Buffer& thread_buffer(int slot) {
-  constexpr int kSlots = 16;
-  thread_local Buffer buffers[kSlots];
-  TORCH_INTERNAL_ASSERT(slot >= 0 && slot < kSlots);
-  return buffers[slot];
+// The calling thread's arena.
+inline Arena& workspace() {
+  thread_local Arena arena;
+  return arena;
 }
 
-// Trims, at the end of a task, the thread buffers it used (Buffer::trim).
-struct TrimBuffers {
-  int first, count;
-  ~TrimBuffers() {
-    for (int i = first; i < first + count; ++i)
-      thread_buffer(i).trim();
-  }
-};
-
-// Carves consecutive arrays, each 64-byte aligned, out of one buffer: sizes first, then get().
-class Carver {
+// Lays out arrays, each 64-byte aligned, in the calling thread's arena: reserve() them all, then
+// allocate() once (which trims the arena at the end of the task: Arena::trim), then at().
+class Workspace {
  public:
   template <typename X>
-  int64_t add(int64_t n) {
-    const int64_t at = bytes_;
+  int64_t reserve(int64_t n) {
+    const int64_t offset = bytes_;
     bytes_ += (n * static_cast<int64_t>(sizeof(X)) + 63) / 64 * 64;
-    return at;
+    return offset;
+  }
+  void allocate() {
+    base_ = workspace().get(static_cast<size_t>(bytes_));
   }
   template <typename X>
-  X* at(char* base, int64_t offset) const {
-    return reinterpret_cast<X*>(base + offset);
+  X* at(int64_t offset) const {
+    return reinterpret_cast<X*>(base_ + offset);
   }
-  int64_t bytes() const {
-    return bytes_;
+  ~Workspace() {
+    if (base_ != nullptr)
+      workspace().trim();
   }
 
  private:
   int64_t bytes_ = 0;
+  char* base_ = nullptr;
 };
 
-// The S x D matrix src in layout `how`: src itself where usable as is, else packed into buf
-// (a thread buffer, Note [Per-thread buffers]).
+// Words pack_or_view needs for the S x D matrix (row stride ld_src) in layout `how`.
 template <typename W, typename T>
-View<W> pack_or_view(const T* src, int64_t ld_src, int64_t S, int64_t D, Pack how,
-                     Buffer& buf) {
+int64_t pack_words(Pack how, int64_t S, int64_t D, int64_t ld_src) {
+  if (usable_as_is<W, T>(how, D, ld_src))
+    return 0;
+  const PackShape sh = pack_shape<W>(how, S, D);
+  return sh.rows * sh.ld;
+}
+
+// The S x D matrix src in layout `how`: src itself where usable as is, else packed into dst
+// (pack_words words).
+template <typename W, typename T>
+View<W> pack_or_view(const T* src, int64_t ld_src, int64_t S, int64_t D, Pack how, W* dst) {
   if (usable_as_is<W, T>(how, D, ld_src))
     return {reinterpret_cast<const W*>(src), ld_src};
   const PackShape sh = pack_shape<W>(how, S, D);
-  W* dst = buf.get<W>(sh.rows * sh.ld);
   pack_matrix(src, ld_src, S, D, how, sh, dst);
   return {dst, sh.ld};
 }
@@ -240,24 +242,35 @@ Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64
   return r;
 }
 
-// K^T ("pairs" layout, reduction over D) of one head's S x D matrix src (row stride ss) in blocks
-// of BN keys: block j holds keys j * BN.. as words(D) rows of ld ~ BN words, *per_block words
-// apart. A tile's rows are then ~BN words apart instead of ~S: rows of a long sequence (16 KiB at
-// S = 4096) would put every row of a tile on its own page.
-template <typename W, typename T>
-View<W> pack_t_blocked(const T* src, int64_t ss, int64_t S, int64_t D, int64_t BN,
-                       Buffer& buf, int64_t* per_block) {
-  const PackShape sh = pack_shape<W>(Pack::PairsT, BN, D);
-  const int64_t n_blocks = (S + BN - 1) / BN;
-  *per_block = sh.rows * sh.ld;
-  W* dst = buf.get<W>(n_blocks * *per_block);
-  for (int64_t j = 0; j < n_blocks; ++j) {
-    PackShape block = sh;
-    block.written = std::min(BN, S - j * BN);
-    pack_matrix(src + j * BN * ss, ss, block.written, D, Pack::PairsT, block, dst + j * *per_block);
+// K^T ("pairs" layout, reduction over D) of one head's S x D matrix in blocks of BN keys: block
+// j holds keys j * BN.. as words(D) rows of ld ~ BN words, block_words() apart. A tile's rows are
+// then ~BN words apart instead of ~S: rows of a long sequence (16 KiB at S = 4096) would put
+// every row of a tile on its own page.
+template <typename W>
+struct BlockedT {
+  int64_t S, D, BN;
+  PackShape block_shape() const {
+    return pack_shape<W>(Pack::PairsT, BN, D);
   }
-  return {dst, sh.ld};
-}
+  int64_t block_words() const {
+    return block_shape().rows * block_shape().ld;
+  }
+  int64_t words() const {
+    return (S + BN - 1) / BN * block_words();
+  }
+  // Packs src (row stride ss) into dst (words() words).
+  template <typename T>
+  View<W> pack(const T* src, int64_t ss, W* dst) const {
+    const PackShape sh = block_shape();
+    for (int64_t j = 0; j * BN < S; ++j) {
+      PackShape block = sh;
+      block.written = std::min(BN, S - j * BN);
+      pack_matrix(src + j * BN * ss, ss, block.written, D, Pack::PairsT, block,
+                  dst + j * block_words());
+    }
+    return {dst, sh.ld};
+  }
+};
 
 template <typename T>
 void store_rows(const float* src, int64_t lds, T* dst, int64_t rows, int64_t D, const float* s) {
@@ -291,35 +304,36 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
   const float s_alpha = scale > 0.0f ? 1.0f : scale, s_scale = scale > 0.0f ? scale : 1.0f;
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
-    TrimBuffers trim_buffers{0, 3};
     // o_acc, S, m_run, l_run, inv_l; bf16 only: the Q tile and P packed as bf16 pairs (fp32
-    // uses them as they are)
-    Carver c;
-    const int64_t o_off = c.add<float>(BM * ldo), s_off = c.add<float>(BM * lds);
-    const int64_t m_off = c.add<float>(BM), l_off = c.add<float>(BM), i_off = c.add<float>(BM);
-    const int64_t qa_off = c.add<W>(P != 1 ? BM * dw : 0);
-    const int64_t pa_off = c.add<W>(P != 1 ? BM * lds / P : 0);
-    char* base = thread_buffer(2).get<char>(c.bytes());
-    float* o_acc = c.at<float>(base, o_off);
-    float* s_buf = c.at<float>(base, s_off);
-    float* m_run = c.at<float>(base, m_off);
-    float* l_run = c.at<float>(base, l_off);
-    float* inv_l = c.at<float>(base, i_off);
-    W* qa = c.at<W>(base, qa_off);
-    W* pa = c.at<W>(base, pa_off);
-    // K^T and V of one (batch, kv head), packed when a task of another one comes up: a thread's
-    // tasks are a contiguous range, so each is packed about once per thread.
-    int64_t packed = -1, kt_block = 0;
+    // uses them as they are); K^T and V of one (batch, kv head)
+    const BlockedT<W> kt_shape{p.Sk, D, BN};
+    Workspace ws;
+    const int64_t o_off = ws.reserve<float>(BM * ldo), s_off = ws.reserve<float>(BM * lds);
+    const int64_t m_off = ws.reserve<float>(BM), l_off = ws.reserve<float>(BM);
+    const int64_t i_off = ws.reserve<float>(BM);
+    const int64_t qa_off = ws.reserve<W>(P != 1 ? BM * dw : 0);
+    const int64_t pa_off = ws.reserve<W>(P != 1 ? BM * lds / P : 0);
+    const int64_t kt_off = ws.reserve<W>(kt_shape.words());
+    const int64_t vn_off = ws.reserve<W>(pack_words<W, T>(Pack::Pairs, p.Sk, D, v.ss));
+    ws.allocate();
+    float* o_acc = ws.at<float>(o_off);
+    float* s_buf = ws.at<float>(s_off);
+    float* m_run = ws.at<float>(m_off);
+    float* l_run = ws.at<float>(l_off);
+    float* inv_l = ws.at<float>(i_off);
+    W* qa = ws.at<W>(qa_off);
+    W* pa = ws.at<W>(pa_off);
+    // K^T and V are packed when a task of another (batch, kv head) comes up: a thread's tasks are
+    // a contiguous range, so each is packed about once per thread.
+    int64_t packed = -1;
     View<W> kt{nullptr, 0}, vn{nullptr, 0};
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, mt = t % n_mtiles;
       const int64_t hk = h / p.group(), m0 = mt * BM, rows = std::min(BM, p.Sq - m0);
       if (b * p.Hkv + hk != packed) {
         packed = b * p.Hkv + hk;
-        kt = pack_t_blocked<W>(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, BN, thread_buffer(0),
-                               &kt_block);
-        vn = pack_or_view<W>(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::Pairs,
-                             thread_buffer(1));
+        kt = kt_shape.pack(row_ptr<T>(k, b, hk, 0), k.ss, ws.at<W>(kt_off));
+        vn = pack_or_view(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::Pairs, ws.at<W>(vn_off));
       }
       const W* q_a = reinterpret_cast<const W*>(row_ptr<T>(q, b, h, m0));  // fp32: as is
       int64_t ldq = q.ss;
@@ -337,7 +351,7 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         float* S = s_buf;
-        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + (n0 / BN) * kt_block, kt.ld, 0.0f, S,
+        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + (n0 / BN) * kt_shape.block_words(), kt.ld, 0.0f, S,
                     lds);
         // P in place of S (fp32, already in "rows" layout), or straight into its bf16 pack
         const W* pv_a = reinterpret_cast<const W*>(S);
@@ -442,28 +456,35 @@ void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const La
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
-    TrimBuffers trim_buffers{0, 10};
-    Buffer &kt_buf = thread_buffer(0), &vt_buf = thread_buffer(1), &kp_buf = thread_buffer(2);
-    Buffer &q_buf = thread_buffer(3), &do_buf = thread_buffer(4), &qt_buf = thread_buffer(5);
-    Buffer& dot_buf = thread_buffer(6);
     const int64_t ldkv = mk::padded_ld(p.Sk);
-    float* dq_acc = thread_buffer(7).get<float>(p.Sq * D);
-    float* dkT = thread_buffer(8).get<float>(D * ldkv);
-    float* dvT = thread_buffer(9).get<float>(D * ldkv);
+    Workspace ws;
+    const int64_t kt_off = ws.reserve<W>(pack_words<W, T>(Pack::PairsT, p.Sk, D, k.ss));
+    const int64_t vt_off = ws.reserve<W>(pack_words<W, T>(Pack::PairsT, p.Sk, D, v.ss));
+    const int64_t kp_off = ws.reserve<W>(pack_words<W, T>(Pack::Pairs, p.Sk, D, k.ss));
+    const int64_t q_off = ws.reserve<W>(pack_words<W, T>(Pack::Rows, p.Sq, D, q.ss));
+    const int64_t do_off = ws.reserve<W>(pack_words<W, T>(Pack::Rows, p.Sq, D, dout.ss));
+    const int64_t qt_off = ws.reserve<W>(pack_words<W, T>(Pack::RowsT, p.Sq, D, q.ss));
+    const int64_t dot_off = ws.reserve<W>(pack_words<W, T>(Pack::RowsT, p.Sq, D, dout.ss));
+    const int64_t dq_off = ws.reserve<float>(p.Sq * D);
+    const int64_t dk_off = ws.reserve<float>(D * ldkv), dv_off = ws.reserve<float>(D * ldkv);
+    ws.allocate();
+    float* dq_acc = ws.at<float>(dq_off);
+    float* dkT = ws.at<float>(dk_off);
+    float* dvT = ws.at<float>(dv_off);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / p.Hkv, hk = t % p.Hkv;
-      const View<W> kt = pack_or_view<W>(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, kt_buf);
-      const View<W> vt = pack_or_view<W>(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, vt_buf);
-      const View<W> kp = pack_or_view<W>(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, kp_buf);
+      const View<W> kt = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, ws.at<W>(kt_off));
+      const View<W> vt = pack_or_view(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, ws.at<W>(vt_off));
+      const View<W> kp = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, ws.at<W>(kp_off));
       std::fill(dkT, dkT + D * ldkv, 0.0f);
       std::fill(dvT, dvT + D * ldkv, 0.0f);
       for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
         const T* q_src = row_ptr<T>(q, b, h, 0);
         const T* do_src = row_ptr<T>(dout, b, h, 0);
-        const View<W> qr = pack_or_view<W>(q_src, q.ss, p.Sq, D, Pack::Rows, q_buf);
-        const View<W> dor = pack_or_view<W>(do_src, dout.ss, p.Sq, D, Pack::Rows, do_buf);
-        const View<W> qt = pack_or_view<W>(q_src, q.ss, p.Sq, D, Pack::RowsT, qt_buf);
-        const View<W> dot = pack_or_view<W>(do_src, dout.ss, p.Sq, D, Pack::RowsT, dot_buf);
+        const View<W> qr = pack_or_view(q_src, q.ss, p.Sq, D, Pack::Rows, ws.at<W>(q_off));
+        const View<W> dor = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::Rows, ws.at<W>(do_off));
+        const View<W> qt = pack_or_view(q_src, q.ss, p.Sq, D, Pack::RowsT, ws.at<W>(qt_off));
+        const View<W> dot = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::RowsT, ws.at<W>(dot_off));
         std::fill(dq_acc, dq_acc + p.Sq * D, 0.0f);
         for (int64_t kc0 = 0; kc0 < p.Sk; kc0 += KC) {
           for (int64_t m0 = 0; m0 < p.Sq; m0 += BM) {
