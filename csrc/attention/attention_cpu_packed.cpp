@@ -281,9 +281,23 @@ void store_rows(const float* src, int64_t lds, T* dst, int64_t rows, int64_t D, 
 // dst (cols x D) = src^T, src D x cols with leading dimension lds.
 template <typename T>
 void store_transposed(const float* src, int64_t lds, T* dst, int64_t cols, int64_t D) {
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t d = 0; d < D; ++d)
-      dst[c * D + d] = static_cast<T>(src[d * lds + c]);
+  const auto* s = reinterpret_cast<const uint32_t*>(src);
+  if constexpr (std::is_same_v<T, float>) {
+    mk::transpose_words(s, lds, D, cols, reinterpret_cast<uint32_t*>(dst), D);
+  } else {  // 16 columns at a time through an fp32 block
+    float block[16 * 256];
+    const int64_t d_step = 256;
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, cols - c0);
+      for (int64_t d0 = 0; d0 < D; d0 += d_step) {
+        const int64_t nd = std::min(d_step, D - d0);
+        mk::transpose_words(s + d0 * lds + c0, lds, nd, nc, reinterpret_cast<uint32_t*>(block),
+                            d_step);
+        for (int64_t c = 0; c < nc; ++c)
+          store_row(block + c * d_step, dst + (c0 + c) * D + d0, nd, 1.0f);
+      }
+    }
+  }
 }
 
 // The micro-kernel word for inputs of type T: fp32 words, or bf16 pairs.

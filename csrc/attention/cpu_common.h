@@ -216,7 +216,15 @@ void scale_row(acc_t* x, int64_t n, acc_t s) {
 
 template <typename scalar_t, typename acc_t>
 void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t s) {
-  for (int64_t j = 0; j < n; ++j)
+  int64_t j = 0;
+  if constexpr (std::is_same_v<acc_t, float> &&
+                (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>)) {
+    using Vec = at::vec::Vectorized<float>;
+    const Vec vs(s);
+    for (; j + Vec::size() <= n; j += Vec::size())
+      store_vec(Vec::loadu(src + j) * vs, dst + j);
+  }
+  for (; j < n; ++j)
     dst[j] = static_cast<scalar_t>(src[j] * s);
 }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // gcc 12 reports the _mm512_undefined_* operands inside its own intrinsics as maybe-uninitialised.
@@ -375,6 +376,62 @@ void gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda
               std::is_same_v<W, float> ? "fp32" : "bf16");
 }
 
+namespace {
+#if TORCHLANE_HAVE_AVX512
+// Transposes the 16 x 16 block of 32-bit words in r (row i in r[i]) in place: three rounds of
+// shuffles, within 128-bit lanes (32- then 64-bit interleaves), then across them.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // t[i]: rows i & ~1 and i | 1 interleaved, elements 0,1 / 4,5 / ... (lo) or 2,3 / 6,7 (hi)
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4g + j]: column j (+ 4 lane) of rows 4g..4g+3, one 128-bit lane per group of 4 columns
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
+}  // namespace
+
+void transpose_words(const uint32_t* src, int64_t lds, int64_t rows, int64_t cols, uint32_t* dst,
+                     int64_t ldd) {
+  int64_t r0 = 0;
+#if TORCHLANE_HAVE_AVX512
+  for (; r0 + 16 <= rows; r0 += 16) {
+    int64_t c0 = 0;
+    for (; c0 + 16 <= cols; c0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = _mm512_loadu_si512(src + (r0 + i) * lds + c0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i)
+        _mm512_storeu_si512(dst + (c0 + i) * ldd + r0, r[i]);
+    }
+    for (int64_t c = c0; c < cols; ++c)
+      for (int64_t r = r0; r < r0 + 16; ++r)
+        dst[c * ldd + r] = src[r * lds + c];
+  }
+#endif
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      dst[c * ldd + r] = src[r * lds + c];
+}
+
 template <typename W, typename T>
 void pack_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw) {
   constexpr int64_t P = kPack<W>;
@@ -427,19 +484,14 @@ void pack_pairs(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, in
 template <typename W, typename T>
 void pack_pairs_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw) {
   constexpr int64_t P = kPack<W>;
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<T, float>) {
+    transpose_words(reinterpret_cast<const uint32_t*>(src), ld, rows, cols,
+                    reinterpret_cast<uint32_t*>(dst), lddw);
+    return;
+  }
   if constexpr (std::is_same_v<W, uint32_t> && std::is_same_v<T, c10::BFloat16>) {
-    if (cols % 2 == 0) {  // a transpose of 32-bit words, 16 source rows at a time
-      const int64_t cw = cols / 2;
-      for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-        const int64_t r1 = std::min(rows, r0 + 16);
-        for (int64_t c = 0; c < cw; ++c) {
-          for (int64_t r = r0; r < r1; ++r) {
-            uint32_t w;
-            std::memcpy(&w, src + r * ld + 2 * c, sizeof(w));
-            dst[c * lddw + r] = w;
-          }
-        }
-      }
+    if (cols % 2 == 0 && ld % 2 == 0) {  // a transpose of 32-bit words (bf16 pairs)
+      transpose_words(reinterpret_cast<const uint32_t*>(src), ld / 2, rows, cols / 2, dst, lddw);
       return;
     }
   }
@@ -453,11 +505,19 @@ void pack_pairs_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, 
 template <typename W, typename T>
 void pack_rows_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw) {
   constexpr int64_t P = kPack<W>;
-  for (int64_t kk = 0; kk < words<W>(rows); ++kk) {
-    const T* s0 = src + P * kk * ld;
-    const T* s1 = (P == 2 && P * kk + 1 < rows) ? s0 + ld : nullptr;
-    for (int64_t c = 0; c < cols; ++c)
-      dst[c * lddw + kk] = word_at<W>(s0, s1, c);
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<T, float>) {
+    transpose_words(reinterpret_cast<const uint32_t*>(src), ld, rows, cols,
+                    reinterpret_cast<uint32_t*>(dst), lddw);
+    return;
+  }
+  // bf16: "pairs" of 32 source rows (16 words) at a time, transposed
+  constexpr int64_t kRowsPerBlock = 16 * P;
+  std::vector<W> pairs(16 * cols);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerBlock) {
+    const int64_t n = std::min(kRowsPerBlock, rows - r0);
+    pack_pairs(src + r0 * ld, ld, n, cols, pairs.data(), cols);
+    transpose_words(reinterpret_cast<const uint32_t*>(pairs.data()), cols, words<W>(n), cols,
+                    reinterpret_cast<uint32_t*>(dst + r0 / P), lddw);
   }
 }
 

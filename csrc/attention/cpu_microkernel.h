@@ -94,4 +94,9 @@ void pack_pairs_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, 
 template <typename W, typename T>
 void pack_rows_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, int64_t lddw);
 
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: a transpose of 32-bit words (fp32
+// values or bf16 pairs), in 16 x 16 blocks of AVX-512 shuffles where compiled.
+void transpose_words(const uint32_t* src, int64_t lds, int64_t rows, int64_t cols, uint32_t* dst,
+                     int64_t ldd);
+
 }  // namespace torchlane::attention::mk
