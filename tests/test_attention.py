@@ -153,9 +153,10 @@ def test_zero_and_negative_scale(dtype):
         check_against_reference(1, 4, 4, 33, 33, 40, False, dtype, scale=scale)
 
 
-def test_both_backward_schedules_agree():
-    # B * Hkv = 2: the "by kv head" schedule with 1 thread, "by tile" with 2 (Note [CPU flash
-    # attention]); the tile pairs are summed in the same order, so the results are identical.
+def test_backward_schedule_follows_thread_count():
+    # B * Hkv = 2, B * H = 8: the "by kv head" schedule with 1 thread, "by query head" with 2
+    # (Note [CPU flash attention]); both add in the same order (Note [Backward summation order]),
+    # so the results are identical.
     q, k, v, do = _inputs(2, 4, 1, 150, 130, 32, torch.float32)
     threads = torch.get_num_threads()
     try:
@@ -167,6 +168,25 @@ def test_both_backward_schedules_agree():
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(4, 1), (6, 2), (2, 2)])
+def test_backward_schedules_agree_bitwise(monkeypatch, dtype, heads):
+    # The packed kernels' three backward schedules, forced (Note [Backward summation order]).
+    fp32, bf16 = torchlane._C._attention_cpu_microkernels_compiled()
+    if not (fp32 if dtype == torch.float32 else bf16):
+        pytest.skip("no packed micro-kernels for this dtype in this build")
+    H, Hkv = heads
+    q, k, v, do = _inputs(2, H, Hkv, 150, 130, 40, dtype)
+    results = {}
+    for schedule in ("kv_head", "q_head", "tile"):
+        monkeypatch.setenv("TORCHLANE_ATTN_CPU_BWD", schedule)
+        results[schedule] = _torchlane_grads(q, k, v, True, 0.2, do)[2:]
+        check_against_reference(2, H, Hkv, 150, 130, 40, True, dtype, scale=0.2)
+    for schedule in ("q_head", "tile"):
+        for a, b in zip(results["kv_head"], results[schedule], strict=True):
+            assert torch.equal(a, b), schedule
 
 
 def test_deterministic():

@@ -27,9 +27,12 @@
 // Backward recomputes P = exp(S - lse) tile by tile from the saved logsumexp, with
 // delta_i = rowsum(dO_i * O_i) (minus the lse gradient, see Note [Attention op contract]):
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
-// It is deterministic (a fixed summation order, no atomics) and has two schedules:
+// It is deterministic (a fixed summation order, no atomics) and has these schedules:
 //  - by kv head: one task per (batch, kv head) owns dK, dV of that head and dQ of its query heads.
 //    Five GEMMs per tile pair; used when there are enough (batch, kv head) pairs for all threads.
+//  - by query head (packed kernels only, attention_cpu_packed.cpp): one task per (batch, query
+//    head) owns its dQ and partial sums of dK, dV, added up per group afterwards; five GEMMs per
+//    tile pair, for GQA / MQA with fewer kv heads than threads.
 //  - by tile: a dK/dV pass with one task per (batch, kv head, key tile) and a dQ pass with one
 //    task per (batch, query head, query tile). S and dP are computed in both passes (seven GEMMs
 //    per tile pair instead of five) but the work splits over as many tasks as there are tiles,

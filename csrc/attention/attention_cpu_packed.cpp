@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "attention/cpu_microkernel.h"
@@ -15,10 +16,11 @@
 // Same tiles, online softmax, masking and schedules as Note [CPU flash attention], with the GEMMs
 // on the micro-kernels of Note [Packed tile GEMMs] instead of BLAS calls. The operands are packed
 // into the micro-kernel's layouts, O(S D) each, and the P / dS tiles as they are produced; fp32
-// inputs already in a layout are used as they are. The forward and the by-tile backward pack K^T
-// and V (the latter also Q^T, dO^T, K) for the whole tensors once per call; the by-kv-head
-// backward packs one kv head / query head at a time into per-thread buffers and walks the keys in
-// chunks (see bwd_by_kv_head). dK and dV are accumulated transposed (dK^T += Q^T dS), so that the
+// inputs already in a layout are used as they are. The forward and the by-head backward schedules
+// pack one kv head / query head at a time into per-thread workspaces (Note [Per-thread buffers]),
+// the backward walking the keys in chunks (see bwd_by_head); the by-tile backward packs K^T, V^T,
+// K, Q^T, dO^T for the whole tensors once per call. dK and dV are accumulated transposed
+// (dK^T += Q^T dS), so that the
 // tile packed with the reduction over query rows is the B operand and the per-head Q^T / dO^T
 // packs are the A operand. Leading dimensions are padded (mk::padded_ld) so that the rows of a
 // tile do not compete for the same L1 sets; the forward's K^T is packed in blocks of BN keys.
@@ -33,11 +35,40 @@ namespace {
 using mk::kNR;
 using mk::round_up;
 
+// n elements of W, uninitialised, 2 MiB aligned with a request for transparent huge pages (see
+// Note [Per-thread buffers]).
+template <typename W>
+class HugeArray {
+ public:
+  HugeArray() = default;
+  explicit HugeArray(int64_t n) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(W) + kHuge - 1) / kHuge * kHuge;
+    data_.reset(static_cast<W*>(std::aligned_alloc(kHuge, bytes)));
+    TORCH_CHECK(data_ != nullptr, "torchlane.attention: cannot allocate ", bytes,
+                " bytes of workspace");
+#ifdef MADV_HUGEPAGE
+    madvise(data_.get(), bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
+  }
+  W* get() const {
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(W* p) const {
+      std::free(p);
+    }
+  };
+  std::unique_ptr<W, Free> data_;
+};
+
 // Per-(batch, head) operands: packed copies, heads back to back, or (fp32 inputs already in the
 // layout) the input itself, at its batch and head strides.
 template <typename W>
 struct Packed {
-  std::unique_ptr<W[]> data;  // allocated uninitialised: see pack_heads
+  HugeArray<W> data;  // allocated uninitialised: see pack_heads
   int64_t per_head = 0, ld = 0;
   const W* input = nullptr;  // set when the input is used as is
   int64_t heads = 1, sb = 0, sh = 0;
@@ -232,7 +263,7 @@ Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64
   r.per_head = sh.rows * sh.ld;
   // Not zero-filled here: a serial fill of O(B H S D) fresh pages would take longer than the
   // packing itself; every task writes (first touches) its heads, row tails included.
-  r.data.reset(new W[B * heads * r.per_head]);
+  r.data = HugeArray<W>(B * heads * r.per_head);
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       pack_matrix(row_ptr<T>(t, bh / heads, bh % heads, 0), t.ss, S, D, how, sh,
@@ -453,24 +484,42 @@ void tile_pair(const Problem& p, const float* lse, const float* delta, BwdTiles<
   }
 }
 
-// By kv head (Note [CPU flash attention]): one task owns dK, dV of a kv head and dQ of its query
-// heads. Nothing is packed for the whole tensors: the task packs its kv head's K^T, V^T (and K)
-// and each query head's Q^T, dO^T (and bf16 Q, dO) into per-thread buffers. Keys are taken in
-// chunks of KC (a multiple of BN): all query tiles meet one chunk before the next, so the chunk's
-// dK^T / dV^T accumulators and K^T / V^T tiles stay in cache. Every accumulator still sums in
-// the same order as the by-tile schedule (dK, dV over heads then query tiles, dQ over key tiles).
+// acc[i] += part[i], i < n.
+inline void add_into(float* acc, const float* part, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    acc[i] += part[i];
+}
+
+// Note [Backward summation order]
+// All three backward schedules (Note [CPU flash attention]; bwd_impl picks one) add the same
+// numbers in the same order, so their results are bitwise identical:
+//  - dQ of a query tile: over key tiles in increasing order;
+//  - dK, dV of a kv head: each query head's contribution (over query tiles in increasing order)
+//    as a partial sum from zero, then the partial sums over the group's query heads in
+//    increasing order (for MHA the one partial sum is the result).
+
+// By head: with per_q_head false, one task per (batch, kv head) owns dK, dV of that kv head and
+// dQ of its query heads; with per_q_head true (GQA / MQA with fewer kv heads than threads), one
+// task per (batch, query head) owns its dQ and its partial sums of dK, dV, reduced over each
+// group afterwards. Nothing is packed for the whole tensors: a task packs the kv head's K^T, V^T
+// (and K) and the query head's Q^T, dO^T (and bf16 Q, dO) into its thread's workspace (Note
+// [Per-thread buffers]). Keys are taken in chunks of KC (a multiple of BN): all query tiles meet
+// one chunk before the next, so the chunk's dK^T / dV^T accumulators and K^T / V^T tiles stay in
+// cache.
 template <typename T>
-void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
-                    const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv,
-                    int64_t BM, int64_t BN) {
+void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
+                 const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv,
+                 int64_t BM, int64_t BN, bool per_q_head) {
   using W = word_t<T>;
   constexpr int64_t P = mk::kPack<W>;
-  const int64_t D = p.D;
+  const int64_t D = p.D, G = p.group();
   const int64_t KC = std::max<int64_t>(BN, blocks().bwd_kc_floats / D / BN * BN);
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ldkv = mk::padded_ld(p.Sk), acc_n = D * ldkv;  // one dK^T or dV^T accumulator
+  // per_q_head: dK^T, dV^T partial sums of every (batch, query head), 2 * acc_n floats each
+  HugeArray<float> partials(per_q_head ? p.B * p.H * 2 * acc_n : 0);
+  at::parallel_for(0, per_q_head ? p.B * p.H : p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
-    const int64_t ldkv = mk::padded_ld(p.Sk);
     Workspace ws;
     const int64_t kt_off = ws.reserve<W>(pack_words<W, T>(Pack::PairsT, p.Sk, D, k.ss));
     const int64_t vt_off = ws.reserve<W>(pack_words<W, T>(Pack::PairsT, p.Sk, D, v.ss));
@@ -480,19 +529,30 @@ void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const La
     const int64_t qt_off = ws.reserve<W>(pack_words<W, T>(Pack::RowsT, p.Sq, D, q.ss));
     const int64_t dot_off = ws.reserve<W>(pack_words<W, T>(Pack::RowsT, p.Sq, D, dout.ss));
     const int64_t dq_off = ws.reserve<float>(p.Sq * D);
-    const int64_t dk_off = ws.reserve<float>(D * ldkv), dv_off = ws.reserve<float>(D * ldkv);
+    // by kv head: dK^T, dV^T of the kv head, and (GQA) one query head's partial sums of them
+    const int64_t acc_off = ws.reserve<float>(per_q_head ? 0 : (G > 1 ? 4 : 2) * acc_n);
     ws.allocate();
     float* dq_acc = ws.at<float>(dq_off);
-    float* dkT = ws.at<float>(dk_off);
-    float* dvT = ws.at<float>(dv_off);
+    int64_t packed = -1;
+    View<W> kt{nullptr, 0}, vt{nullptr, 0}, kp{nullptr, 0};
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / p.Hkv, hk = t % p.Hkv;
-      const View<W> kt = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, ws.at<W>(kt_off));
-      const View<W> vt = pack_or_view(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, ws.at<W>(vt_off));
-      const View<W> kp = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, ws.at<W>(kp_off));
-      std::fill(dkT, dkT + D * ldkv, 0.0f);
-      std::fill(dvT, dvT + D * ldkv, 0.0f);
-      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+      const int64_t b = per_q_head ? t / p.H : t / p.Hkv;
+      const int64_t hk = per_q_head ? (t % p.H) / G : t % p.Hkv;
+      const int64_t h_begin = per_q_head ? t % p.H : hk * G;
+      const int64_t h_end = per_q_head ? h_begin + 1 : h_begin + G;
+      float* dkT = per_q_head ? partials.get() + t * 2 * acc_n : ws.at<float>(acc_off);
+      float* dvT = dkT + acc_n;
+      if (b * p.Hkv + hk != packed) {  // a thread's tasks are a contiguous range
+        packed = b * p.Hkv + hk;
+        kt = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, ws.at<W>(kt_off));
+        vt = pack_or_view(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, ws.at<W>(vt_off));
+        kp = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, ws.at<W>(kp_off));
+      }
+      for (int64_t h = h_begin; h < h_end; ++h) {
+        // the first query head adds into the result, the others into partial sums added to it
+        float* pk = h == h_begin ? dkT : dkT + 2 * acc_n;
+        float* pv = pk + acc_n;
+        std::fill(pk, pk + 2 * acc_n, 0.0f);
         const T* q_src = row_ptr<T>(q, b, h, 0);
         const T* do_src = row_ptr<T>(dout, b, h, 0);
         const View<W> qr = pack_or_view(q_src, q.ss, p.Sq, D, Pack::Rows, ws.at<W>(q_off));
@@ -514,14 +574,38 @@ void bwd_by_kv_head(const Problem& p, const Layout& q, const Layout& k, const La
               o.vT = {vt.ptr + n0, vt.ld};
               o.k = {kp.ptr + (n0 / P) * kp.ld, kp.ld};
               tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0),
-                        dvT + n0, dkT + n0, ldkv, dq_acc + m0 * D);
+                        pv + n0, pk + n0, ldkv, dq_acc + m0 * D);
             }
           }
         }
+        if (pk != dkT)
+          add_into(dkT, pk, 2 * acc_n);  // dK^T and dV^T are adjacent
         store_rows(dq_acc, D, dq + (b * p.H + h) * p.Sq * D, p.Sq, D, nullptr);
       }
-      store_transposed(dkT, ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
-      store_transposed(dvT, ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+      if (!per_q_head) {
+        store_transposed(dkT, ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+        store_transposed(dvT, ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+      }
+    }
+  });
+  if (!per_q_head)
+    return;
+  // Each group's partial sums, in query head order, into its first one, then stored: tasks of
+  // (batch, kv head, block of key columns).
+  constexpr int64_t kCols = 256;
+  const int64_t n_col_blocks = (p.Sk + kCols - 1) / kCols;
+  at::parallel_for(0, p.B * p.Hkv * n_col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bhk = t / n_col_blocks, c0 = (t % n_col_blocks) * kCols;
+      const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, nc = std::min(kCols, p.Sk - c0);
+      float* first = partials.get() + (b * p.H + hk * G) * 2 * acc_n;
+      for (int64_t g = 1; g < G; ++g) {
+        const float* part = first + g * 2 * acc_n;
+        for (int64_t r = 0; r < 2 * D; ++r)  // the D rows of dK^T, then those of dV^T
+          add_into(first + r * ldkv + c0, part + r * ldkv + c0, nc);
+      }
+      store_transposed(first + c0, ldkv, dk + (bhk * p.Sk + c0) * D, nc, D);
+      store_transposed(first + acc_n + c0, ldkv, dv + (bhk * p.Sk + c0) * D, nc, D);
     }
   });
 }
@@ -557,21 +641,27 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
   at::parallel_for(0, p.B * p.Hkv * n_ntiles, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
-    const int64_t ldkv = mk::padded_ld(BN);
-    std::vector<float> dkT(D * ldkv), dvT(D * ldkv);
+    const int64_t ldkv = mk::padded_ld(BN), acc_n = D * ldkv;
+    // dK^T, dV^T of the key tile, then (GQA) one query head's partial sums of them (Note
+    // [Backward summation order])
+    std::vector<float> acc((p.group() > 1 ? 4 : 2) * acc_n);
+    float *dkT = acc.data(), *dvT = dkT + acc_n;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.Hkv * n_ntiles), hk = (t / n_ntiles) % p.Hkv;
       const int64_t n0 = (t % n_ntiles) * BN, cols = std::min(BN, p.Sk - n0);
-      std::fill(dkT.begin(), dkT.end(), 0.0f);
-      std::fill(dvT.begin(), dvT.end(), 0.0f);
-      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+      const int64_t h_begin = hk * p.group(), h_end = h_begin + p.group();
+      for (int64_t h = h_begin; h < h_end; ++h) {
+        float* pk = h == h_begin ? dkT : dkT + 2 * acc_n;
+        std::fill(pk, pk + 2 * acc_n, 0.0f);
         for (int64_t m0 = p.causal ? (n0 / BM) * BM : 0; m0 < p.Sq; m0 += BM) {
           tile_pair(p, lse, delta, w, operands(b * p.H + h, b * p.Hkv + hk, m0, n0), b, h, m0,
-                    std::min(BM, p.Sq - m0), n0, cols, dvT.data(), dkT.data(), ldkv, nullptr);
+                    std::min(BM, p.Sq - m0), n0, cols, pk + acc_n, pk, ldkv, nullptr);
         }
+        if (pk != dkT)
+          add_into(dkT, pk, 2 * acc_n);
       }
-      store_transposed(dkT.data(), ldkv, dk + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
-      store_transposed(dvT.data(), ldkv, dv + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
+      store_transposed(dkT, ldkv, dk + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
+      store_transposed(dvT, ldkv, dv + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
     }
   });
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
@@ -592,16 +682,48 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
   });
 }
 
+enum class BwdSchedule { KvHead, QHead, Tile };
+
+// The by-kv-head schedule when there are enough (batch, kv head) tasks for all threads; else by
+// query head when there are enough (batch, query head) tasks and their dK / dV partial sums take
+// at most kMaxPartialBytes; else by tile. TORCHLANE_ATTN_CPU_BWD=kv_head|q_head|tile overrides
+// the choice (tests, benchmarks).
+BwdSchedule backward_schedule(const Problem& p) {
+  if (const char* env = std::getenv("TORCHLANE_ATTN_CPU_BWD")) {
+    const std::string s(env);
+    if (s == "kv_head")
+      return BwdSchedule::KvHead;
+    if (s == "q_head")
+      return BwdSchedule::QHead;
+    if (s == "tile")
+      return BwdSchedule::Tile;
+  }
+  constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
+  const int64_t threads = at::get_num_threads();
+  if (p.B * p.Hkv >= 2 * threads)
+    return BwdSchedule::KvHead;
+  const int64_t partial_bytes = p.B * p.H * 2 * p.D * mk::padded_ld(p.Sk) * 4;
+  if (p.B * p.H >= 2 * threads && partial_bytes <= kMaxPartialBytes)
+    return BwdSchedule::QHead;
+  return BwdSchedule::Tile;
+}
+
 template <typename T>
 void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
               const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv) {
   // bf16: query tiles start at even rows, so that m0 / 2 addresses the Q^T / dO^T packs.
   const int64_t BM = round_up(blocks().bwd_m, mk::kPack<word_t<T>>);
   const int64_t BN = round_up(blocks().bwd_n, kNR);
-  if (p.B * p.Hkv >= 2 * at::get_num_threads()) {
-    bwd_by_kv_head(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN);
-  } else {
-    bwd_by_tile(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN);
+  switch (backward_schedule(p)) {
+    case BwdSchedule::KvHead:
+      bwd_by_head(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN, false);
+      break;
+    case BwdSchedule::QHead:
+      bwd_by_head(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN, true);
+      break;
+    case BwdSchedule::Tile:
+      bwd_by_tile(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN);
+      break;
   }
 }
 
