@@ -9,7 +9,8 @@
         --causal yes --batch 1 --heads 4 --threads 1 --rounds 5 --stat median --memory-seq 0 \\
         --no-math --out benchmarks/results/attention_seq.json
 
-torchlane, SDPA, math and a --matmul-size^3 matmul in the same dtype are run alternately,
+torchlane, SDPA, math and a --matmul-size^3 matmul in the same dtype (and one in fp32 for other
+dtypes) are run alternately,
 --rounds times per configuration (after one warm-up call each when S < 2048); each round times up
 to 5 calls of each (stopping after 0.2 s) and --stat keeps the best (default) or the median of
 all of them. On cuda, inputs live on the GPU and every timed call is bracketed by
@@ -17,7 +18,8 @@ torch.cuda.synchronize().
 
 Prints, per configuration, the time in ms, GFLOP/s (forward 4*B*H*Sq*Sk*D, halved when causal;
 backward 2.5x forward) and the ratio of SDPA's time to torchlane's (> 1: torchlane is faster),
-and torchlane's GFLOP/s as a fraction of the matmul's (tl/matmul). Then the
+and torchlane's GFLOP/s as a fraction of the fp32 matmul's (tl/mm32, the rate the issue's target
+refers to) and of the same-dtype matmul's (tl/mm). Then the
 peak extra memory of one forward and one forward+backward at S=8192 (B=1, H=4, D=64), each
 implementation in a fresh process (CPU: resident set growth; cuda: CUDA allocator peak growth).
 Writes benchmarks/results/attention.json (--out).
@@ -115,6 +117,9 @@ def bench_config(impls, S, D, dtype, causal, backward, a):
     if a.matmul_size:
         x = torch.randn(a.matmul_size, a.matmul_size).to(a.device, dtype)
         steps["matmul"] = lambda: x @ x
+        if dtype != torch.float32:  # the issue's reference rate is fp32's
+            x32 = x.float()
+            steps["matmul_fp32"] = lambda: x32 @ x32
     if S < 2048:  # longer calls are timed cold: a warm-up would double the run time
         for step in steps.values():
             step()
@@ -208,10 +213,10 @@ def main(argv=None):
     causals = {"both": [False, True], "yes": [True], "no": [False]}[a.causal]
     print(
         f"torch {torch.__version__}, {a.device}, {a.threads} threads, B={a.batch} H={a.heads}, "
-        f"{a.stat} of {a.rounds} rounds; tl/matmul: torchlane GFLOP/s over a {a.matmul_size}^3 "
-        "matmul in the same dtype, same rounds"
+        f"{a.stat} of {a.rounds} rounds; tl/mm32, tl/mm: torchlane GFLOP/s over that of a "
+        f"{a.matmul_size}^3 matmul in fp32 / in the same dtype, same rounds"
     )
-    hdr = f"{'dtype':5} {'S':>5} {'D':>4} {'causal':6} {'pass':7} | {'torchlane ms':>12} {'sdpa ms':>9} {'math ms':>9} | {'tl GF/s':>8} {'sdpa GF/s':>9} | {'sdpa/tl':>7} {'tl/matmul':>9}"
+    hdr = f"{'dtype':5} {'S':>5} {'D':>4} {'causal':6} {'pass':7} | {'torchlane ms':>12} {'sdpa ms':>9} {'math ms':>9} | {'tl GF/s':>8} {'sdpa GF/s':>9} | {'sdpa/tl':>7} {'tl/mm32':>7} {'tl/mm':>6}"
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -228,7 +233,9 @@ def main(argv=None):
                         impls = ["torchlane", "sdpa"] + ([] if a.no_math or big else ["math"])
                         t = bench_config(impls, S, D, DTYPES[dt], causal, backward, a)
                         mm = t.pop("matmul", None)
+                        mm32 = t.pop("matmul_fp32", mm)
                         mm_gf = 2 * a.matmul_size**3 / mm / 1e9 if mm else None
+                        mm32_gf = 2 * a.matmul_size**3 / mm32 / 1e9 if mm32 else None
                         gf = {k: flops / v / 1e9 for k, v in t.items()}
                         row = dict(
                             dtype=dt,
@@ -241,13 +248,16 @@ def main(argv=None):
                             ratio_sdpa=t["sdpa"] / t["torchlane"],
                             matmul_gflops=mm_gf,
                             frac_matmul=gf["torchlane"] / mm_gf if mm_gf else None,
+                            matmul_fp32_gflops=mm32_gf,
+                            frac_matmul_fp32=gf["torchlane"] / mm32_gf if mm32_gf else None,
                         )
                         rows.append(row)
                         print(
                             f"{dt:5} {S:5d} {D:4d} {str(causal):6} {'fwd+bwd' if backward else 'fwd':7} | "
                             f"{t['torchlane'] * 1e3:12.1f} {t['sdpa'] * 1e3:9.1f} {t.get('math', math.nan) * 1e3:9.1f} | "
                             f"{gf['torchlane']:8.1f} {gf['sdpa']:9.1f} | {row['ratio_sdpa']:7.2f} "
-                            f"{row['frac_matmul'] or math.nan:9.2f}",
+                            f"{row['frac_matmul_fp32'] or math.nan:7.2f} "
+                            f"{row['frac_matmul'] or math.nan:6.2f}",
                             flush=True,
                         )
     memory = {}

@@ -233,6 +233,11 @@ def test_attention_end_to_end(tiny_attention_run):
         assert all(v > 0 for v in r["ms"].values())
         assert r["ratio_sdpa"] == pytest.approx(r["ms"]["sdpa"] / r["ms"]["torchlane"])
         assert r["frac_matmul"] == pytest.approx(r["gflops"]["torchlane"] / r["matmul_gflops"])
+        assert r["frac_matmul_fp32"] == pytest.approx(
+            r["gflops"]["torchlane"] / r["matmul_fp32_gflops"]
+        )
+        if r["dtype"] == "fp32":  # the one matmul serves both
+            assert r["matmul_fp32_gflops"] == r["matmul_gflops"]
     assert (res["peak_extra_mib_S"], res["peak_extra_mib"]) == (0, {})
 
 
