@@ -20,14 +20,13 @@
 // pack one kv head / query head at a time into per-thread workspaces (Note [Per-thread buffers]),
 // the backward walking the keys in chunks (see bwd_by_head); the by-tile backward packs K^T, V^T,
 // K, Q^T, dO^T for the whole tensors once per call. dK and dV are accumulated transposed
-// (dK^T += Q^T dS), so that the
-// tile packed with the reduction over query rows is the B operand and the per-head Q^T / dO^T
-// packs are the A operand. Leading dimensions are padded (mk::padded_ld) so that the rows of a
-// tile do not compete for the same L1 sets; the forward's K^T is packed in blocks of BN keys.
-// The GEMMs producing S leave it unscaled when the scale is positive: the softmax applies it in
-// its exp, and (bf16) writes P straight into its bf16 pack. S, P, dP, dS and all accumulators are
-// fp32. For bf16 inputs the GEMM operands are bf16, as in FlashAttention on GPUs: P is rounded to
-// bf16 before P V (and dV += P^T dO), dS before dQ and dK.
+// (dK^T += Q^T dS), so that the tile packed with the reduction over query rows is the B operand
+// and the per-head Q^T / dO^T packs are the A operand. Leading dimensions are padded
+// (mk::padded_ld) so that the rows of a tile do not compete for the same L1 sets; the forward's
+// K^T is packed in blocks of BN keys. The GEMMs producing S leave it unscaled when the scale is
+// positive: the softmax applies it in its exp, and (bf16) writes P straight into its bf16 pack.
+// S, P, dP, dS and all accumulators are fp32. For bf16 inputs the GEMM operands are bf16, as in
+// FlashAttention on GPUs: P is rounded to bf16 before P V (and dV += P^T dO), dS before dQ and dK.
 
 namespace torchlane::attention::cpu {
 namespace {
@@ -35,21 +34,30 @@ namespace {
 using mk::kNR;
 using mk::round_up;
 
-// n elements of W, uninitialised, 2 MiB aligned with a request for transparent huge pages (see
-// Note [Per-thread buffers]).
+// At least `bytes` bytes (*bytes is rounded up to whole 2 MiB), 2 MiB aligned, with a request
+// for transparent huge pages (Note [Per-thread buffers]); released with std::free.
+void* huge_alloc(size_t* bytes) {
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t asked = *bytes;
+  *bytes = (asked + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = std::aligned_alloc(kHugePage, *bytes);
+  TORCH_CHECK(p != nullptr, "torchlane.attention: cannot allocate ", asked,
+              " bytes of workspace");
+#ifdef MADV_HUGEPAGE
+  madvise(p, *bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
+  return p;
+}
+
+// n elements of W, uninitialised, from huge_alloc.
 template <typename W>
 class HugeArray {
  public:
   HugeArray() = default;
   explicit HugeArray(int64_t n) {
-    constexpr size_t kHuge = size_t(2) << 20;
-    const size_t bytes = (static_cast<size_t>(n) * sizeof(W) + kHuge - 1) / kHuge * kHuge;
-    data_.reset(static_cast<W*>(std::aligned_alloc(kHuge, bytes)));
-    TORCH_CHECK(data_ != nullptr, "torchlane.attention: cannot allocate ", bytes,
-                " bytes of workspace");
-#ifdef MADV_HUGEPAGE
-    madvise(data_.get(), bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
-#endif
+    size_t bytes = static_cast<size_t>(n) * sizeof(W);
+    if (bytes > 0)
+      data_.reset(static_cast<W*>(huge_alloc(&bytes)));
   }
   W* get() const {
     return data_.get();
@@ -145,7 +153,6 @@ struct View {
 //  - malloc hands out large blocks as fresh pages (mmap), and the first touch of every 4 KiB page
 //    costs a fault and a zero fill: whole-tensor packs of K^T and V, 32 MiB each at S=4096
 //    D=128, took about 15% of the forward. The forward now packs one kv head at a time.
-constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kKeepBytes = size_t(16) << 20;
 
 class Arena {
@@ -160,15 +167,11 @@ class Arena {
   char* get(size_t bytes) {
     if (bytes > bytes_) {
       std::free(data_);
-      bytes_ = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-      data_ = std::aligned_alloc(kHugePage, bytes_);
-      if (data_ == nullptr) {
-        bytes_ = 0;
-        TORCH_CHECK(false, "torchlane.attention: cannot allocate ", bytes, " bytes of workspace");
-      }
-#ifdef MADV_HUGEPAGE
-      madvise(data_, bytes_, MADV_HUGEPAGE);  // advice only: failure changes nothing
-#endif
+      data_ = nullptr;
+      bytes_ = 0;
+      size_t rounded = bytes;
+      data_ = huge_alloc(&rounded);
+      bytes_ = rounded;
     }
     return static_cast<char*>(data_);
   }
@@ -396,8 +399,8 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         float* S = s_buf;
-        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + (n0 / BN) * kt_shape.block_words(), kt.ld, 0.0f, S,
-                    lds);
+        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + (n0 / BN) * kt_shape.block_words(),
+                    kt.ld, 0.0f, S, lds);
         // P in place of S (fp32, already in "rows" layout), or straight into its bf16 pack
         const W* pv_a = reinterpret_cast<const W*>(S);
         if constexpr (P != 1) {

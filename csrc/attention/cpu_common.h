@@ -233,9 +233,9 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t n, acc_t s) {
 
 // Online softmax over one S tile (rows x cols, leading dimension lds) of query rows m0.. against
 // keys n0.., the scores being scale * S (scale > 0): updates the running max m_run and sum l_run,
-// rescales the output accumulator rows (o_acc, rows x D, leading dimension ldo) when the max grows, and writes
-// P = exp(scale * S - m) to P (leading dimension ldp; may be S, or a bf16 copy) with masked and
-// fully masked entries zero (bf16: up to an even column count, the pairs' padding). See
+// rescales the output accumulator rows (o_acc, rows x D, leading dimension ldo) when the max grows,
+// and writes P = exp(scale * S - m) to P (leading dimension ldp; may be S, or a bf16 copy) with
+// masked and fully masked entries zero (bf16: up to an even column count, the pairs' padding). See
 // Note [CPU flash attention].
 template <typename acc_t, typename out_t>
 void online_softmax_tile(const Problem& p, const acc_t* S, int64_t lds, acc_t scale, int64_t m0,
