@@ -531,7 +531,9 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
     const int64_t do_off = ws.reserve<W>(pack_words<W, T>(Pack::Rows, p.Sq, D, dout.ss));
     const int64_t qt_off = ws.reserve<W>(pack_words<W, T>(Pack::RowsT, p.Sq, D, q.ss));
     const int64_t dot_off = ws.reserve<W>(pack_words<W, T>(Pack::RowsT, p.Sq, D, dout.ss));
-    const int64_t dq_off = ws.reserve<float>(p.Sq * D);
+    // fp32: dQ accumulates in the output itself
+    constexpr bool kDqInPlace = std::is_same_v<T, float>;
+    const int64_t dq_off = ws.reserve<float>(kDqInPlace ? 0 : p.Sq * D);
     // by kv head: dK^T, dV^T of the kv head, and (GQA) one query head's partial sums of them
     const int64_t acc_off = ws.reserve<float>(per_q_head ? 0 : (G > 1 ? 4 : 2) * acc_n);
     ws.allocate();
@@ -562,7 +564,9 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
         const View<W> dor = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::Rows, ws.at<W>(do_off));
         const View<W> qt = pack_or_view(q_src, q.ss, p.Sq, D, Pack::RowsT, ws.at<W>(qt_off));
         const View<W> dot = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::RowsT, ws.at<W>(dot_off));
-        std::fill(dq_acc, dq_acc + p.Sq * D, 0.0f);
+        T* dq_h = dq + (b * p.H + h) * p.Sq * D;
+        float* dq_sum = kDqInPlace ? reinterpret_cast<float*>(dq_h) : dq_acc;
+        std::fill(dq_sum, dq_sum + p.Sq * D, 0.0f);
         for (int64_t kc0 = 0; kc0 < p.Sk; kc0 += KC) {
           for (int64_t m0 = 0; m0 < p.Sq; m0 += BM) {
             const int64_t rows = std::min(BM, p.Sq - m0);
@@ -577,13 +581,14 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
               o.vT = {vt.ptr + n0, vt.ld};
               o.k = {kp.ptr + (n0 / P) * kp.ld, kp.ld};
               tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0),
-                        pv + n0, pk + n0, ldkv, dq_acc + m0 * D);
+                        pv + n0, pk + n0, ldkv, dq_sum + m0 * D);
             }
           }
         }
         if (pk != dkT)
           add_into(dkT, pk, 2 * acc_n);  // dK^T and dV^T are adjacent
-        store_rows(dq_acc, D, dq + (b * p.H + h) * p.Sq * D, p.Sq, D, nullptr);
+        if constexpr (!kDqInPlace)
+          store_rows(dq_acc, D, dq_h, p.Sq, D, nullptr);
       }
       if (!per_q_head) {
         store_transposed(dkT, ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);

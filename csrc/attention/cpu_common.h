@@ -276,10 +276,17 @@ void probs_and_dscores_rows(const Problem& p, acc_t* P, acc_t* dS, int64_t ld, a
     acc_t* p_row = P + r * ld;
     acc_t* ds_row = dS + r * ld;
     const int64_t vis = p.visible(m0 + r, n0, cols);
-    exp_sub_sum(p_row, vis, lse[r], scale, p_row);
+    const Vec d(delta[r]), vlse(lse[r]), vscale(scale);
+    int64_t j = 0;
+    for (; j + Vec::size() <= vis; j += Vec::size()) {  // one pass: P, then dS from it
+      const Vec pv = exp_scaled(Vec::loadu(p_row + j), vscale, vlse);
+      pv.store(p_row + j);
+      (pv * (Vec::loadu(ds_row + j) - d)).store(ds_row + j);
+    }
+    exp_sub_sum(p_row + j, vis - j, lse[r], scale, p_row + j);  // the tail
     std::fill(p_row + vis, p_row + cols, acc_t(0));
-    const Vec d(delta[r]);
-    at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row, p_row, ds_row, cols);
+    at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row + j, p_row + j,
+                  ds_row + j, cols - j);
   }
 }
 
