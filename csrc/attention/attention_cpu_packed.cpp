@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -70,6 +71,33 @@ class HugeArray {
     }
   };
   std::unique_ptr<W, Free> data_;
+};
+
+// n zeroed elements of X at a 64-byte boundary: vectors of a row then never straddle two cache
+// lines (std::vector's storage is 16-byte aligned: every 64-byte load and store of a tile row
+// would be split in two).
+template <typename X>
+class AlignedArray {
+ public:
+  explicit AlignedArray(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(X) + 63) / 64 * 64;
+    if (bytes == 0)
+      return;
+    data_.reset(static_cast<X*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(data_ != nullptr, "torchlane.attention: cannot allocate ", bytes, " bytes");
+    std::memset(data_.get(), 0, bytes);
+  }
+  X* data() const {
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(X* p) const {
+      std::free(p);
+    }
+  };
+  std::unique_ptr<X, Free> data_;
 };
 
 // Per-(batch, head) operands: packed copies, heads back to back, or (fp32 inputs already in the
@@ -431,8 +459,8 @@ template <typename W>
 struct BwdTiles {
   static constexpr bool kPacks = mk::kPack<W> != 1;
   int64_t ld;
-  std::vector<float> P, dS;
-  std::vector<W> p_pairs, ds_pairs, ds_rows;
+  AlignedArray<float> P, dS;
+  AlignedArray<W> p_pairs, ds_pairs, ds_rows;
   BwdTiles(int64_t BM, int64_t BN)
       : ld(mk::padded_ld(BN)), P(BM * ld), dS(BM * ld),
         p_pairs(kPacks ? mk::words<W>(BM) * ld : 0), ds_pairs(kPacks ? mk::words<W>(BM) * ld : 0),
@@ -652,7 +680,7 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
     const int64_t ldkv = mk::padded_ld(BN), acc_n = D * ldkv;
     // dK^T, dV^T of the key tile, then (GQA) one query head's partial sums of them (Note
     // [Backward summation order])
-    std::vector<float> acc((p.group() > 1 ? 4 : 2) * acc_n);
+    AlignedArray<float> acc((p.group() > 1 ? 4 : 2) * acc_n);
     float *dkT = acc.data(), *dvT = dkT + acc_n;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.Hkv * n_ntiles), hk = (t / n_ntiles) % p.Hkv;
@@ -675,11 +703,11 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
-    std::vector<float> dq_acc(BM * D);
+    AlignedArray<float> dq_acc(BM * D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, hk = h / p.group();
       const int64_t m0 = (t % n_mtiles) * BM, rows = std::min(BM, p.Sq - m0);
-      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+      std::fill(dq_acc.data(), dq_acc.data() + BM * D, 0.0f);
       const int64_t n_end = p.key_end(m0, rows);
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         tile_pair(p, lse, delta, w, operands(b * p.H + h, b * p.Hkv + hk, m0, n0), b, h, m0,
