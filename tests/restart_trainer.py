@@ -66,7 +66,7 @@ def main():
         torch.save({"params": params, "attempt": attempt, "resumed_from": start}, args.out)
     # Release the DDP model before the process group. With the model outliving
     # destroy_process_group (freed when main returns), a restarted attempt aborted at exit in
-    # 4 of 43 runs here ("terminate called without an active exception", after every line
+    # 5 of 44 runs here ("terminate called without an active exception", after every line
     # of main had run); see the README's "Not done yet".
     del model, opt
     gc.collect()
