@@ -50,39 +50,23 @@ void* huge_alloc(size_t* bytes) {
   return p;
 }
 
-// n elements of W, uninitialised, from huge_alloc.
-template <typename W>
-class HugeArray {
- public:
-  HugeArray() = default;
-  explicit HugeArray(int64_t n) {
-    size_t bytes = static_cast<size_t>(n) * sizeof(W);
-    if (bytes > 0)
-      data_.reset(static_cast<W*>(huge_alloc(&bytes)));
-  }
-  W* get() const {
-    return data_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(W* p) const {
-      std::free(p);
-    }
-  };
-  std::unique_ptr<W, Free> data_;
-};
-
-// n zeroed elements of X at a 64-byte boundary: vectors of a row then never straddle two cache
+// n elements of X at a 64-byte boundary, so that the vectors of a row never straddle two cache
 // lines (std::vector's storage is 16-byte aligned: every 64-byte load and store of a tile row
-// would be split in two).
+// would be split in two): Huge::kNo zeroed, Huge::kYes uninitialised from huge_alloc.
+enum class Huge { kNo, kYes };
+
 template <typename X>
 class AlignedArray {
  public:
-  explicit AlignedArray(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(n) * sizeof(X) + 63) / 64 * 64;
+  AlignedArray() = default;
+  AlignedArray(int64_t n, Huge huge) {
+    size_t bytes = (static_cast<size_t>(n) * sizeof(X) + 63) / 64 * 64;
     if (bytes == 0)
       return;
+    if (huge == Huge::kYes) {
+      data_.reset(static_cast<X*>(huge_alloc(&bytes)));
+      return;
+    }
     data_.reset(static_cast<X*>(std::aligned_alloc(64, bytes)));
     TORCH_CHECK(data_ != nullptr, "torchlane.attention: cannot allocate ", bytes, " bytes");
     std::memset(data_.get(), 0, bytes);
@@ -104,14 +88,14 @@ class AlignedArray {
 // layout) the input itself, at its batch and head strides.
 template <typename W>
 struct Packed {
-  HugeArray<W> data;  // allocated uninitialised: see pack_heads
+  AlignedArray<W> data;  // allocated uninitialised: see pack_heads
   int64_t per_head = 0, ld = 0;
   const W* input = nullptr;  // set when the input is used as is
   int64_t heads = 1, sb = 0, sh = 0;
   const W* head(int64_t bh) const {
     if (input != nullptr)
       return input + (bh / heads) * sb + (bh % heads) * sh;
-    return data.get() + bh * per_head;
+    return data.data() + bh * per_head;
   }
 };
 
@@ -294,11 +278,11 @@ Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64
   r.per_head = sh.rows * sh.ld;
   // Not zero-filled here: a serial fill of O(B H S D) fresh pages would take longer than the
   // packing itself; every task writes (first touches) its heads, row tails included.
-  r.data = HugeArray<W>(B * heads * r.per_head);
+  r.data = AlignedArray<W>(B * heads * r.per_head, Huge::kYes);
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       pack_matrix(row_ptr<T>(t, bh / heads, bh % heads, 0), t.ss, S, D, how, sh,
-                  r.data.get() + bh * r.per_head);
+                  r.data.data() + bh * r.per_head);
     }
   });
   return r;
@@ -462,9 +446,12 @@ struct BwdTiles {
   AlignedArray<float> P, dS;
   AlignedArray<W> p_pairs, ds_pairs, ds_rows;
   BwdTiles(int64_t BM, int64_t BN)
-      : ld(mk::padded_ld(BN)), P(BM * ld), dS(BM * ld),
-        p_pairs(kPacks ? mk::words<W>(BM) * ld : 0), ds_pairs(kPacks ? mk::words<W>(BM) * ld : 0),
-        ds_rows(kPacks ? BM * ld / 2 : 0) {}
+      : ld(mk::padded_ld(BN)),
+        P(BM * ld, Huge::kNo),
+        dS(BM * ld, Huge::kNo),
+        p_pairs(kPacks ? mk::words<W>(BM) * ld : 0, Huge::kNo),
+        ds_pairs(kPacks ? mk::words<W>(BM) * ld : 0, Huge::kNo),
+        ds_rows(kPacks ? BM * ld / 2 : 0, Huge::kNo) {}
 };
 
 // The GEMM operands of one (query tile m0, key tile n0) pair, each at the tile's first word:
@@ -547,7 +534,7 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
   const int64_t KC = std::max<int64_t>(BN, blocks().bwd_kc_floats / D / BN * BN);
   const int64_t ldkv = mk::padded_ld(p.Sk), acc_n = D * ldkv;  // one dK^T or dV^T accumulator
   // per_q_head: dK^T, dV^T partial sums of every (batch, query head), 2 * acc_n floats each
-  HugeArray<float> partials(per_q_head ? p.B * p.H * 2 * acc_n : 0);
+  AlignedArray<float> partials(per_q_head ? p.B * p.H * 2 * acc_n : 0, Huge::kYes);
   at::parallel_for(0, per_q_head ? p.B * p.H : p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
@@ -573,7 +560,7 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
       const int64_t hk = per_q_head ? (t % p.H) / G : t % p.Hkv;
       const int64_t h_begin = per_q_head ? t % p.H : hk * G;
       const int64_t h_end = per_q_head ? h_begin + 1 : h_begin + G;
-      float* dkT = per_q_head ? partials.get() + t * 2 * acc_n : ws.at<float>(acc_off);
+      float* dkT = per_q_head ? partials.data() + t * 2 * acc_n : ws.at<float>(acc_off);
       float* dvT = dkT + acc_n;
       if (b * p.Hkv + hk != packed) {  // a thread's tasks are a contiguous range
         packed = b * p.Hkv + hk;
@@ -634,7 +621,7 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bhk = t / n_col_blocks, c0 = (t % n_col_blocks) * kCols;
       const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, nc = std::min(kCols, p.Sk - c0);
-      float* first = partials.get() + (b * p.H + hk * G) * 2 * acc_n;
+      float* first = partials.data() + (b * p.H + hk * G) * 2 * acc_n;
       for (int64_t g = 1; g < G; ++g) {
         const float* part = first + g * 2 * acc_n;
         for (int64_t r = 0; r < 2 * D; ++r)  // the D rows of dK^T, then those of dV^T
@@ -680,7 +667,7 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
     const int64_t ldkv = mk::padded_ld(BN), acc_n = D * ldkv;
     // dK^T, dV^T of the key tile, then (GQA) one query head's partial sums of them (Note
     // [Backward summation order])
-    AlignedArray<float> acc((p.group() > 1 ? 4 : 2) * acc_n);
+    AlignedArray<float> acc((p.group() > 1 ? 4 : 2) * acc_n, Huge::kNo);
     float *dkT = acc.data(), *dvT = dkT + acc_n;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.Hkv * n_ntiles), hk = (t / n_ntiles) % p.Hkv;
@@ -703,7 +690,7 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
   at::parallel_for(0, p.B * p.H * n_mtiles, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
-    AlignedArray<float> dq_acc(BM * D);
+    AlignedArray<float> dq_acc(BM * D, Huge::kNo);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.H * n_mtiles), h = (t / n_mtiles) % p.H, hk = h / p.group();
       const int64_t m0 = (t % n_mtiles) * BM, rows = std::min(BM, p.Sq - m0);
