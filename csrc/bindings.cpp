@@ -320,28 +320,27 @@ PYBIND11_MODULE(_C, m) {
       .def("buckets", &buckets_to_list)
       .def("stats", &stats_to_dict);
 
-  // Which tile GEMMs the CPU attention kernel uses (Note [Low precision on the CPU]); for tests
-  // and benchmarks. Returns whether the packed micro-kernels were selected before the call.
-  m.def(
-      "_attention_cpu_microkernels",
-      [](std::optional<bool> enabled) {
-        const bool before = torchlane::attention::mk::enabled();
-        if (enabled.has_value())
-          torchlane::attention::mk::set_enabled(*enabled);
-        return before;
-      },
-      py::arg("enabled") = py::none());
-  // Whether the bf16 micro-kernel GEMMs run on AMX tiles (Note [AMX tile GEMMs]); returns whether
-  // they did before the call (False where the CPU, OS or build has no AMX).
-  m.def(
-      "_attention_cpu_amx",
-      [](std::optional<bool> enabled) {
-        const bool before = torchlane::attention::mk::amx_available();
-        if (enabled.has_value())
-          torchlane::attention::mk::set_amx_enabled(*enabled);
-        return before;
-      },
-      py::arg("enabled") = py::none());
+  // A private switch of the CPU attention kernel, for tests and benchmarks: name(enabled=None)
+  // sets it when given and returns its state before the call.
+  auto def_switch = [&m](const char* name, bool (*get)(), void (*set)(bool)) {
+    m.def(
+        name,
+        [get, set](std::optional<bool> enabled) {
+          const bool before = get();
+          if (enabled.has_value())
+            set(*enabled);
+          return before;
+        },
+        py::arg("enabled") = py::none());
+  };
+  // Which tile GEMMs the CPU attention kernel uses (Note [Low precision on the CPU]): the packed
+  // micro-kernels (True) or the BLAS ones.
+  def_switch("_attention_cpu_microkernels", &torchlane::attention::mk::enabled,
+             &torchlane::attention::mk::set_enabled);
+  // Whether the bf16 micro-kernel GEMMs run on AMX tiles (Note [AMX tile GEMMs]); the state read
+  // back is False where the CPU, OS or build has no AMX.
+  def_switch("_attention_cpu_amx", &torchlane::attention::mk::amx_available,
+             &torchlane::attention::mk::set_amx_enabled);
   m.def("_attention_cpu_microkernels_compiled", [] {
     namespace mk = torchlane::attention::mk;
     return py::make_tuple(mk::compiled<float>(), mk::compiled<uint32_t>());
