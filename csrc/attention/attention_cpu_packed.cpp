@@ -264,59 +264,73 @@ struct ReleaseTiles {
   }
 };
 
-// Packs every (b, head) S x D matrix of t (heads = its second dimension) in the given layout.
+// Note [Blocked packs]
+// One head's S x D matrix packed in blocks of BS positions (keys or queries), each block in
+// layout `how` on its own (S = BS), block_words() apart: K^T / V^T ("pairs" of the transpose,
+// reduction over D) in blocks of the key tile, Q^T / dO^T ("rows" of the transpose, reduction
+// over query rows) in blocks of the query tile. A GEMM then reads a tile's rows ~BS words apart
+// instead of ~S. With rows S apart (8 KiB at S = 2048) every row of a tile is on its own 4 KiB
+// page: the hardware prefetchers do not follow such strides (the L2 streamer stays within a
+// page), and each micro-kernel step waited on L2. Measured on the 2-core Xeon, the backward's
+// GEMM sequence for one head (S = 2048, D = 128, fp32, a harness around mk::gemm): S and dP
+// GEMMs 121-128 -> 141-150 GFLOP/s with blocked K^T / V^T, the dK^T / dV^T GEMMs 120 -> 140-154
+// with blocked Q^T / dO^T and the dK^T / dV^T accumulators also kept in blocks of the key tile
+// (D rows of ~BN words each, see bwd_by_head); for AMX tile loads (bf16) the same spread cost a
+// third of the forward's GEMM time (Note [Per-thread buffers]).
+template <typename W>
+struct Blocked {
+  Pack how;
+  int64_t S, D, BS;
+  PackShape block_shape() const {
+    return pack_shape<W>(how, BS, D);
+  }
+  int64_t block_words() const {
+    return block_shape().rows * block_shape().ld;
+  }
+  int64_t words() const {
+    return (S + BS - 1) / BS * block_words();
+  }
+  // Packs src (row stride ss) into dst (words() words); the view's ptr is block 0.
+  template <typename T>
+  View<W> pack(const T* src, int64_t ss, W* dst) const {
+    const PackShape full = block_shape();
+    for (int64_t j = 0; j * BS < S; ++j) {
+      const int64_t n = std::min(BS, S - j * BS);
+      PackShape block = pack_shape<W>(how, n, D);
+      block.ld = full.ld;
+      pack_matrix(src + j * BS * ss, ss, n, D, how, block, dst + j * block_words());
+    }
+    return {dst, full.ld};
+  }
+  // The block holding position i (a multiple of BS) of the packed view v.
+  const W* block(const View<W>& v, int64_t i) const {
+    return v.ptr + (i / BS) * block_words();
+  }
+};
+
+// Packs every (b, head) S x D matrix of t (heads = its second dimension) in the given layout, in
+// blocks of `block` positions (Note [Blocked packs]; 0: one block).
 template <typename W, typename T>
-Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64_t D, Pack how) {
+Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64_t D, Pack how,
+                     int64_t block = 0) {
   Packed<W> r;
   if (usable_as_is<W, T>(how, D, t.ss)) {
     r.input = static_cast<const W*>(t.base);
     r.ld = t.ss, r.heads = heads, r.sb = t.sb, r.sh = t.sh;
     return r;
   }
-  const PackShape sh = pack_shape<W>(how, S, D);
-  r.ld = sh.ld;
-  r.per_head = sh.rows * sh.ld;
+  const Blocked<W> shape{how, S, D, block > 0 ? block : S};
+  r.ld = shape.block_shape().ld;
+  r.per_head = shape.words();
   // Not zero-filled here: a serial fill of O(B H S D) fresh pages would take longer than the
   // packing itself; every task writes (first touches) its heads, row tails included.
   r.data = AlignedArray<W>(B * heads * r.per_head, Huge::kYes);
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      pack_matrix(row_ptr<T>(t, bh / heads, bh % heads, 0), t.ss, S, D, how, sh,
-                  r.data.data() + bh * r.per_head);
-    }
+    for (int64_t bh = begin; bh < end; ++bh)
+      shape.pack(row_ptr<T>(t, bh / heads, bh % heads, 0), t.ss, r.data.data() + bh * r.per_head);
   });
   return r;
 }
-
-// K^T ("pairs" layout, reduction over D) of one head's S x D matrix in blocks of BN keys: block
-// j holds keys j * BN.. as words(D) rows of ld ~ BN words, block_words() apart. A tile's rows are
-// then ~BN words apart instead of ~S: rows of a long sequence (16 KiB at S = 4096) would put
-// every row of a tile on its own page.
-template <typename W>
-struct BlockedT {
-  int64_t S, D, BN;
-  PackShape block_shape() const {
-    return pack_shape<W>(Pack::PairsT, BN, D);
-  }
-  int64_t block_words() const {
-    return block_shape().rows * block_shape().ld;
-  }
-  int64_t words() const {
-    return (S + BN - 1) / BN * block_words();
-  }
-  // Packs src (row stride ss) into dst (words() words).
-  template <typename T>
-  View<W> pack(const T* src, int64_t ss, W* dst) const {
-    const PackShape sh = block_shape();
-    for (int64_t j = 0; j * BN < S; ++j) {
-      PackShape block = sh;
-      block.written = std::min(BN, S - j * BN);
-      pack_matrix(src + j * BN * ss, ss, block.written, D, Pack::PairsT, block,
-                  dst + j * block_words());
-    }
-    return {dst, sh.ld};
-  }
-};
 
 template <typename T>
 void store_rows(const float* src, int64_t lds, T* dst, int64_t rows, int64_t D, const float* s) {
@@ -366,7 +380,7 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
     ReleaseTiles<W> release_tiles;
     // o_acc, S, m_run, l_run, inv_l; bf16 only: the Q tile and P packed as bf16 pairs (fp32
     // uses them as they are); K^T and V of one (batch, kv head)
-    const BlockedT<W> kt_shape{p.Sk, D, BN};
+    const Blocked<W> kt_shape{Pack::PairsT, p.Sk, D, BN};
     Workspace ws;
     const int64_t o_off = ws.reserve<float>(BM * ldo), s_off = ws.reserve<float>(BM * lds);
     const int64_t m_off = ws.reserve<float>(BM), l_off = ws.reserve<float>(BM);
@@ -402,7 +416,6 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
         q_a = qa;
         ldq = dw;
       }
-      const W* kt_h = kt.ptr;
       const W* vn_h = vn.ptr;
       std::fill(o_acc, o_acc + rows * ldo, 0.0f);
       std::fill(m_run, m_run + BM, -std::numeric_limits<float>::infinity());
@@ -411,7 +424,7 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         float* S = s_buf;
-        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_h + (n0 / BN) * kt_shape.block_words(),
+        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_shape.block(kt, n0),
                     kt.ld, 0.0f, S, lds);
         // P in place of S (fp32, already in "rows" layout), or straight into its bf16 pack
         const W* pv_a = reinterpret_cast<const W*>(S);
@@ -529,23 +542,27 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
                  const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv,
                  int64_t BM, int64_t BN, bool per_q_head) {
   using W = word_t<T>;
-  constexpr int64_t P = mk::kPack<W>;
   const int64_t D = p.D, G = p.group();
   const int64_t KC = std::max<int64_t>(BN, blocks().bwd_kc_floats / D / BN * BN);
-  const int64_t ldkv = mk::padded_ld(p.Sk), acc_n = D * ldkv;  // one dK^T or dV^T accumulator
+  // dK^T and dV^T of a head in blocks of BN keys (Note [Blocked packs]): block j, D rows of ldb
+  // floats, holds keys j * BN..; acc_n floats for each of dK^T, dV^T
+  const int64_t n_ntiles = (p.Sk + BN - 1) / BN, ldb = mk::padded_ld(BN);
+  const int64_t blk_n = D * ldb, acc_n = n_ntiles * blk_n;
+  const Blocked<W> t_shape{Pack::PairsT, p.Sk, D, BN};   // K^T, V^T
+  const Blocked<W> qt_shape{Pack::RowsT, p.Sq, D, BM};   // Q^T, dO^T
   // per_q_head: dK^T, dV^T partial sums of every (batch, query head), 2 * acc_n floats each
   AlignedArray<float> partials(per_q_head ? p.B * p.H * 2 * acc_n : 0, Huge::kYes);
   at::parallel_for(0, per_q_head ? p.B * p.H : p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     ReleaseTiles<W> release_tiles;
     BwdTiles<W> w(BM, BN);
     Workspace ws;
-    const int64_t kt_off = ws.reserve<W>(pack_words<W, T>(Pack::PairsT, p.Sk, D, k.ss));
-    const int64_t vt_off = ws.reserve<W>(pack_words<W, T>(Pack::PairsT, p.Sk, D, v.ss));
+    const int64_t kt_off = ws.reserve<W>(t_shape.words());
+    const int64_t vt_off = ws.reserve<W>(t_shape.words());
     const int64_t kp_off = ws.reserve<W>(pack_words<W, T>(Pack::Pairs, p.Sk, D, k.ss));
     const int64_t q_off = ws.reserve<W>(pack_words<W, T>(Pack::Rows, p.Sq, D, q.ss));
     const int64_t do_off = ws.reserve<W>(pack_words<W, T>(Pack::Rows, p.Sq, D, dout.ss));
-    const int64_t qt_off = ws.reserve<W>(pack_words<W, T>(Pack::RowsT, p.Sq, D, q.ss));
-    const int64_t dot_off = ws.reserve<W>(pack_words<W, T>(Pack::RowsT, p.Sq, D, dout.ss));
+    const int64_t qt_off = ws.reserve<W>(qt_shape.words());
+    const int64_t dot_off = ws.reserve<W>(qt_shape.words());
     // fp32: dQ accumulates in the output itself
     constexpr bool kDqInPlace = std::is_same_v<T, float>;
     const int64_t dq_off = ws.reserve<float>(kDqInPlace ? 0 : p.Sq * D);
@@ -564,8 +581,8 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
       float* dvT = dkT + acc_n;
       if (b * p.Hkv + hk != packed) {  // a thread's tasks are a contiguous range
         packed = b * p.Hkv + hk;
-        kt = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::PairsT, ws.at<W>(kt_off));
-        vt = pack_or_view(row_ptr<T>(v, b, hk, 0), v.ss, p.Sk, D, Pack::PairsT, ws.at<W>(vt_off));
+        kt = t_shape.pack(row_ptr<T>(k, b, hk, 0), k.ss, ws.at<W>(kt_off));
+        vt = t_shape.pack(row_ptr<T>(v, b, hk, 0), v.ss, ws.at<W>(vt_off));
         kp = pack_or_view(row_ptr<T>(k, b, hk, 0), k.ss, p.Sk, D, Pack::Pairs, ws.at<W>(kp_off));
       }
       for (int64_t h = h_begin; h < h_end; ++h) {
@@ -577,8 +594,8 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
         const T* do_src = row_ptr<T>(dout, b, h, 0);
         const View<W> qr = pack_or_view(q_src, q.ss, p.Sq, D, Pack::Rows, ws.at<W>(q_off));
         const View<W> dor = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::Rows, ws.at<W>(do_off));
-        const View<W> qt = pack_or_view(q_src, q.ss, p.Sq, D, Pack::RowsT, ws.at<W>(qt_off));
-        const View<W> dot = pack_or_view(do_src, dout.ss, p.Sq, D, Pack::RowsT, ws.at<W>(dot_off));
+        const View<W> qt = qt_shape.pack(q_src, q.ss, ws.at<W>(qt_off));
+        const View<W> dot = qt_shape.pack(do_src, dout.ss, ws.at<W>(dot_off));
         T* dq_h = dq + (b * p.H + h) * p.Sq * D;
         float* dq_sum = kDqInPlace ? reinterpret_cast<float*>(dq_h) : dq_acc;
         std::fill(dq_sum, dq_sum + p.Sq * D, 0.0f);
@@ -589,14 +606,15 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
             PairOperands<W> o;
             o.q = {qr.ptr + m0 * qr.ld, qr.ld};
             o.dout = {dor.ptr + m0 * dor.ld, dor.ld};
-            o.qT = {qt.ptr + m0 / P, qt.ld};
-            o.doutT = {dot.ptr + m0 / P, dot.ld};
+            o.qT = {qt_shape.block(qt, m0), qt.ld};
+            o.doutT = {qt_shape.block(dot, m0), dot.ld};
             for (int64_t n0 = kc0; n0 < n_end; n0 += BN) {
-              o.kT = {kt.ptr + n0, kt.ld};
-              o.vT = {vt.ptr + n0, vt.ld};
-              o.k = {kp.ptr + (n0 / P) * kp.ld, kp.ld};
+              o.kT = {t_shape.block(kt, n0), kt.ld};
+              o.vT = {t_shape.block(vt, n0), vt.ld};
+              o.k = {kp.ptr + (n0 / mk::kPack<W>) * kp.ld, kp.ld};
+              const int64_t blk = (n0 / BN) * blk_n;
               tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0),
-                        pv + n0, pk + n0, ldkv, dq_sum + m0 * D);
+                        pv + blk, pk + blk, ldb, dq_sum + m0 * D);
             }
           }
         }
@@ -606,29 +624,31 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
           store_rows(dq_acc, D, dq_h, p.Sq, D, nullptr);
       }
       if (!per_q_head) {
-        store_transposed(dkT, ldkv, dk + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
-        store_transposed(dvT, ldkv, dv + (b * p.Hkv + hk) * p.Sk * D, p.Sk, D);
+        for (int64_t j = 0; j < n_ntiles; ++j) {
+          const int64_t n0 = j * BN, cols = std::min(BN, p.Sk - n0);
+          store_transposed(dkT + j * blk_n, ldb, dk + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
+          store_transposed(dvT + j * blk_n, ldb, dv + ((b * p.Hkv + hk) * p.Sk + n0) * D, cols, D);
+        }
       }
     }
   });
   if (!per_q_head)
     return;
   // Each group's partial sums, in query head order, into its first one, then stored: tasks of
-  // (batch, kv head, block of key columns).
-  constexpr int64_t kCols = 256;
-  const int64_t n_col_blocks = (p.Sk + kCols - 1) / kCols;
-  at::parallel_for(0, p.B * p.Hkv * n_col_blocks, 1, [&](int64_t begin, int64_t end) {
+  // (batch, kv head, key tile).
+  at::parallel_for(0, p.B * p.Hkv * n_ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bhk = t / n_col_blocks, c0 = (t % n_col_blocks) * kCols;
-      const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, nc = std::min(kCols, p.Sk - c0);
-      float* first = partials.data() + (b * p.H + hk * G) * 2 * acc_n;
+      const int64_t bhk = t / n_ntiles, j = t % n_ntiles;
+      const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
+      const int64_t n0 = j * BN, cols = std::min(BN, p.Sk - n0);
+      float* first = partials.data() + (b * p.H + hk * G) * 2 * acc_n + j * blk_n;
       for (int64_t g = 1; g < G; ++g) {
         const float* part = first + g * 2 * acc_n;
-        for (int64_t r = 0; r < 2 * D; ++r)  // the D rows of dK^T, then those of dV^T
-          add_into(first + r * ldkv + c0, part + r * ldkv + c0, nc);
+        add_into(first, part, blk_n);                  // dK^T
+        add_into(first + acc_n, part + acc_n, blk_n);  // dV^T
       }
-      store_transposed(first + c0, ldkv, dk + (bhk * p.Sk + c0) * D, nc, D);
-      store_transposed(first + acc_n + c0, ldkv, dv + (bhk * p.Sk + c0) * D, nc, D);
+      store_transposed(first, ldb, dk + (bhk * p.Sk + n0) * D, cols, D);
+      store_transposed(first + acc_n, ldb, dv + (bhk * p.Sk + n0) * D, cols, D);
     }
   });
 }
@@ -644,19 +664,22 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
   const int64_t D = p.D;
   const auto q_rows = pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::Rows);
   const auto do_rows = pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::Rows);
-  const auto q_t = pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::RowsT);
-  const auto do_t = pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::RowsT);
-  const auto k_pt = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::PairsT);
-  const auto v_pt = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::PairsT);
+  // Q^T, dO^T in blocks of the query tile, K^T, V^T of the key tile (Note [Blocked packs])
+  const auto q_t = pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::RowsT, BM);
+  const auto do_t = pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::RowsT, BM);
+  const auto k_pt = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::PairsT, BN);
+  const auto v_pt = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::PairsT, BN);
+  const int64_t qt_block = Blocked<W>{Pack::RowsT, p.Sq, D, BM}.block_words();
+  const int64_t kt_block = Blocked<W>{Pack::PairsT, p.Sk, D, BN}.block_words();
   const auto k_pairs = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::Pairs);
   auto operands = [&](int64_t bh, int64_t bhk, int64_t m0, int64_t n0) {
     PairOperands<W> o;
     o.q = {q_rows.head(bh) + m0 * q_rows.ld, q_rows.ld};
     o.dout = {do_rows.head(bh) + m0 * do_rows.ld, do_rows.ld};
-    o.qT = {q_t.head(bh) + m0 / P, q_t.ld};
-    o.doutT = {do_t.head(bh) + m0 / P, do_t.ld};
-    o.kT = {k_pt.head(bhk) + n0, k_pt.ld};
-    o.vT = {v_pt.head(bhk) + n0, v_pt.ld};
+    o.qT = {q_t.head(bh) + (m0 / BM) * qt_block, q_t.ld};
+    o.doutT = {do_t.head(bh) + (m0 / BM) * qt_block, do_t.ld};
+    o.kT = {k_pt.head(bhk) + (n0 / BN) * kt_block, k_pt.ld};
+    o.vT = {v_pt.head(bhk) + (n0 / BN) * kt_block, v_pt.ld};
     o.k = {k_pairs.head(bhk) + (n0 / P) * k_pairs.ld, k_pairs.ld};
     return o;
   };
