@@ -142,6 +142,23 @@ inline void store_vec(const at::vec::Vectorized<acc_t>& e, out_t* y) {
   }
 }
 
+// The first n (< the vector size) lanes of e, stored as by store_vec.
+template <typename acc_t, typename out_t>
+inline void store_vec_n(const at::vec::Vectorized<acc_t>& e, out_t* y, int64_t n) {
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    e.store(y, static_cast<int>(n));
+  } else {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<out_t, c10::BFloat16>) {
+      _mm256_mask_storeu_epi16(y, static_cast<__mmask16>((1u << n) - 1),
+                               (__m256i)_mm512_cvtneps_pbh(e));
+      return;
+    }
+#endif
+    at::vec::convert_from_float<out_t>(e, e).store(y, static_cast<int>(n));
+  }
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // Note [Softmax exp on AVX-512]
 // exp(y) = 2^t with t = y log2(e), split as t = n + f, n = round(t), |f| <= 1/2: 2^f by a
@@ -185,31 +202,29 @@ template <typename acc_t, typename out_t>
 acc_t exp_sub_sum(const acc_t* x, int64_t n, acc_t sub, acc_t scale, out_t* y) {
   using Vec = at::vec::Vectorized<acc_t>;
   int64_t j = 0;
-  acc_t sum = 0;
-  if (n >= Vec::size()) {
-    const Vec vs(sub), vscale(scale);
-    Vec acc(0), acc2(0);  // two vectors per step, two sums: the exps of a step overlap
-    for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
-      const Vec e = exp_scaled(Vec::loadu(x + j), vscale, vs);
-      const Vec e2 = exp_scaled(Vec::loadu(x + j + Vec::size()), vscale, vs);
-      store_vec(e, y + j);
-      store_vec(e2, y + j + Vec::size());
-      acc = acc + e;
-      acc2 = acc2 + e2;
-    }
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      const Vec e = exp_scaled(Vec::loadu(x + j), vscale, vs);
-      store_vec(e, y + j);
-      acc = acc + e;
-    }
-    acc = acc + acc2;
-    sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  const Vec vs(sub), vscale(scale);
+  Vec acc(0), acc2(0);  // two vectors per step, two sums: the exps of a step overlap
+  for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
+    const Vec e = exp_scaled(Vec::loadu(x + j), vscale, vs);
+    const Vec e2 = exp_scaled(Vec::loadu(x + j + Vec::size()), vscale, vs);
+    store_vec(e, y + j);
+    store_vec(e2, y + j + Vec::size());
+    acc = acc + e;
+    acc2 = acc2 + e2;
   }
-  for (; j < n; ++j) {
-    const acc_t e = std::exp(std::fma(scale, x[j], -sub));
-    y[j] = static_cast<out_t>(e);
-    sum += e;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = exp_scaled(Vec::loadu(x + j), vscale, vs);
+    store_vec(e, y + j);
+    acc = acc + e;
   }
+  if (j < n) {  // the tail (causal diagonal tiles, short rows) as one partial vector, zero beyond
+    const int64_t c = n - j;
+    const Vec e = Vec::set(Vec(0), exp_scaled(Vec::loadu(x + j, c), vscale, vs), c);
+    store_vec_n(e, y + j, c);
+    acc = acc + e;
+  }
+  acc = acc + acc2;
+  const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
   return sum;
 }
 
