@@ -23,9 +23,10 @@
 // K, Q^T, dO^T for the whole tensors once per call. dK and dV are accumulated transposed
 // (dK^T += Q^T dS), so that the tile packed with the reduction over query rows is the B operand
 // and the per-head Q^T / dO^T packs are the A operand. Leading dimensions are padded
-// (mk::padded_ld) so that the rows of a tile do not compete for the same L1 sets; the forward's
-// K^T is packed in blocks of BN keys. The GEMMs producing S leave it unscaled when the scale is
-// positive: the softmax applies it in its exp, and (bf16) writes P straight into its bf16 pack.
+// (mk::padded_ld) so that the rows of a tile do not compete for the same L1 sets; K^T, V^T, Q^T,
+// dO^T and the dK^T / dV^T accumulators are kept in blocks of a tile (Note [Blocked packs]). The
+// GEMMs producing S leave it unscaled when the scale is positive: the softmax applies it in its
+// exp, and (bf16) writes P straight into its bf16 pack.
 // S, P, dP, dS and all accumulators are fp32. For bf16 inputs the GEMM operands are bf16, as in
 // FlashAttention on GPUs: P is rounded to bf16 before P V (and dV += P^T dO), dS before dQ and dK.
 
