@@ -9,6 +9,7 @@
 #include "attention/cpu_microkernel.h"
 #include "reducer/bucket_plan.hpp"
 #include "reducer/comm_hook.hpp"
+#include "reducer/kept_works.hpp"
 #include "reducer/reducer.hpp"
 // ---- gradient compression hooks (issue 4) ----
 #include "reducer/hooks/cast_hook.hpp"
@@ -319,6 +320,24 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("buckets", &buckets_to_list)
       .def("stats", &stats_to_dict);
+
+  // Note [Releasing collectives' Work objects]: called by an atexit hook (torchlane/__init__.py).
+  // Waits with the GIL released, then drops the works with it held. Returns how many were still
+  // referenced elsewhere when timeout_s ran out.
+  m.def(
+      "_release_kept_works",
+      [](double timeout_s) {
+        auto works = torchlane::comm::take_kept_works();
+        size_t shared = 0;
+        {
+          py::gil_scoped_release no_gil;
+          shared = torchlane::comm::wait_sole_owner(works, timeout_s);
+        }
+        works.clear();
+        return shared;
+      },
+      py::arg("timeout_s"));
+  m.def("_kept_work_count", &torchlane::comm::kept_work_count);
 
   // A private switch of the CPU attention kernel, for tests and benchmarks: name(enabled=None)
   // sets it when given and returns its state before the call.

@@ -304,3 +304,28 @@ def layout_mismatch(rank, world):
     torch.manual_seed(0)
     model = torchlane.DistributedDataParallel(Conditional(), verify_layout=True)
     return _message(lambda: model(torch.randn(4, 12)).sum().backward())
+
+
+# ---- Work objects of the collectives (Note [Releasing collectives' Work objects]) ----
+
+
+def kept_works(rank, world):
+    """How many c10d Work objects torchlane keeps after each step (plain all-reduce, then a C++
+    hook), and what releasing them at exit returns."""
+    torchlane._C._release_kept_works(10.0)  # nothing from earlier tests in this process
+    counts = {}
+    for name, hook in (("plain", None), ("bf16", torchlane.hooks.bf16_compress)):
+        model = torchlane.DistributedDataParallel(
+            make_model("mlp", d_in=64, hidden=64, d_out=64, layers=6), bucket_cap_mb=0.02
+        )
+        if hook is not None:
+            model.register_comm_hook(None, hook)
+        x = torch.randn(8, 64)
+        seen = []
+        for _ in range(4):
+            model(x).pow(2).mean().backward()
+            seen.append(torchlane._C._kept_work_count())
+        counts[name] = (seen, model.comm_stats()["num_buckets"])
+        del model
+    released_shared = torchlane._C._release_kept_works(10.0)
+    return counts, released_shared, torchlane._C._kept_work_count()

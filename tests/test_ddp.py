@@ -240,3 +240,15 @@ def test_verify_layout_names_missing_parameters_on_every_rank():
             "rank 1 got no gradient for: b.bias, b.weight" in text
         )
         assert "rank 0 got no gradient" not in text
+
+
+# ---- Work objects (Note [Releasing collectives' Work objects]) ----
+
+
+def test_collective_works_are_kept_until_released():
+    for counts, shared, left in dist.run(ddp_cases.kept_works, 2):
+        for name, (seen, num_buckets) in counts.items():
+            # Works are kept until a later launch finds them referenced by the list alone (Gloo
+            # has let go): at least the step's last one, at most about two steps' worth.
+            assert all(1 <= n <= 2 * num_buckets for n in seen), (name, seen, num_buckets)
+        assert shared == 0 and left == 0

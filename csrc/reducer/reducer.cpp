@@ -1,6 +1,7 @@
 #include "reducer/reducer.hpp"
 
 #include "reducer/finite_copy.hpp"
+#include "reducer/kept_works.hpp"
 
 #include <algorithm>
 #include <sstream>
@@ -416,7 +417,7 @@ void Reducer::launch_ready_buckets() {
                               at::kInt)
                     .to(params_.front().device(), /*non_blocking=*/false, /*copy=*/true);
     std::vector<at::Tensor> tensors{used};
-    local_used_future_ = process_group_->allreduce(tensors)->getFuture();
+    local_used_future_ = comm::launched(process_group_->allreduce(tensors));
     local_used_result_ = used;
   }
 }
@@ -434,7 +435,7 @@ void Reducer::launch_bucket(size_t b) {
     }
   } else {
     std::vector<at::Tensor> tensors{bucket.buffer};
-    bucket.future = process_group_->allreduce(tensors)->getFuture();
+    bucket.future = comm::launched(process_group_->allreduce(tensors));
     step_bytes_sent_ += bucket.buffer.nbytes();
   }
   bucket.return_ns = now_ns();
@@ -774,13 +775,13 @@ void Reducer::run_zero_allreduces() {
       futures.push_back(comm_hook_->runHook(grad_bucket));
     } else {
       std::vector<at::Tensor> tensors{zeros};
-      futures.push_back(process_group_->allreduce(tensors)->getFuture());
+      futures.push_back(comm::launched(process_group_->allreduce(tensors)));
     }
   }
   if (sends_usage_flags()) {
     std::vector<at::Tensor> tensors{at::zeros({static_cast<int64_t>(params_.size())},
                                               params_.front().options().dtype(at::kInt))};
-    futures.push_back(process_group_->allreduce(tensors)->getFuture());
+    futures.push_back(comm::launched(process_group_->allreduce(tensors)));
   }
   for (size_t i = 0; i < futures.size(); ++i) {
     wait_or_throw(*futures[i], i < buckets_.size() ? describe_bucket(i) + " (joined rank)"

@@ -1,6 +1,7 @@
 #pragma once
 
 #include "reducer/comm_hook.hpp"
+#include "reducer/kept_works.hpp"
 
 namespace torchlane::hooks {
 
@@ -11,7 +12,7 @@ inline c10::intrusive_ptr<c10::ivalue::Future> allreduce_mean(
     const c10::intrusive_ptr<c10d::ProcessGroup>& process_group, at::Tensor buffer) {
   buffer.div_(process_group->getSize());
   std::vector<at::Tensor> tensors{buffer};
-  return process_group->allreduce(tensors)->getFuture()->then(
+  return comm::launched(process_group->allreduce(tensors))->then(
       [buffer](c10::ivalue::Future& done) {
         done.value();  // rethrows a communication error
         return c10::IValue(buffer);

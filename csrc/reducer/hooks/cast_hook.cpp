@@ -12,6 +12,8 @@
 #include "kernels/compress_cast.cuh"
 #endif
 
+#include "reducer/kept_works.hpp"
+
 namespace torchlane::hooks {
 
 // Note [Cast compression rounding]
@@ -159,7 +161,7 @@ c10::intrusive_ptr<c10::ivalue::Future> CastCompressHook::runHook(c10d::GradBuck
   at::Tensor buffer = bucket.getBufferRef();
   std::vector<at::Tensor> wire{cast_compress(buffer, wire_dtype_, process_group_->getSize())};
   count_bytes_sent(wire[0].numel() * static_cast<int64_t>(wire[0].element_size()));
-  auto fut = process_group_->allreduce(wire)->getFuture();
+  auto fut = comm::launched(process_group_->allreduce(wire));
   // The callback only computes: it launches no collective, so every rank issues the
   // collectives of all buckets in the same order (the backward pass's).
   return fut->then(

@@ -1,6 +1,7 @@
 #include "reducer/hooks/powersgd_hook.hpp"
 
 #include "reducer/hooks/allreduce_mean.hpp"
+#include "reducer/kept_works.hpp"
 
 #include <chrono>
 #include <cmath>
@@ -439,7 +440,7 @@ std::shared_ptr<PowerSGDHook::InFlight> PowerSGDHook::launch_first_locked(
   std::vector<at::Tensor> first{b->first};
   count_bytes_sent(b->first.numel() * static_cast<int64_t>(b->first.element_size()));
   log_collective_locked(b->index, "P");
-  b->first_done = process_group_->allreduce(first)->getFuture();
+  b->first_done = comm::launched(process_group_->allreduce(first));
   return b;
 }
 
@@ -465,7 +466,7 @@ void PowerSGDHook::launch_second_locked(const std::shared_ptr<InFlight>& b) {
   std::vector<at::Tensor> second{b->q};
   count_bytes_sent(b->q.numel() * static_cast<int64_t>(b->q.element_size()));
   log_collective_locked(b->index, "Q");
-  auto second_done = process_group_->allreduce(second)->getFuture();
+  auto second_done = comm::launched(process_group_->allreduce(second));
   outstanding_.push_back(b->result);
   // Rank-local work only (Note [PowerSGD pipeline]); it may run after the hook is gone.
   second_done->addCallback(

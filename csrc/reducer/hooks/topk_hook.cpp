@@ -1,6 +1,7 @@
 #include "reducer/hooks/topk_hook.hpp"
 
 #include "reducer/hooks/allreduce_mean.hpp"
+#include "reducer/kept_works.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -382,7 +383,7 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
     gathered[0].push_back(at::empty_like(packed));
   }
   std::vector<at::Tensor> inputs{packed};
-  auto fut = process_group_->allgather(gathered, inputs)->getFuture();
+  auto fut = comm::launched(process_group_->allgather(gathered, inputs));
   const auto dtype = buffer.scalar_type();
   return fut->then(
       [buffer, grads, plan, gathered, value_bytes, dense_bytes, index_offset, k, dtype,
