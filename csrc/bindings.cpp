@@ -337,7 +337,11 @@ PYBIND11_MODULE(_C, m) {
         return shared;
       },
       py::arg("timeout_s"));
-  m.def("_kept_work_count", &torchlane::comm::kept_work_count);
+  m.def("_kept_work_stats", [] {
+    const auto s = torchlane::comm::kept_work_stats();
+    return py::dict(py::arg("launched") = s.launched, py::arg("destroyed_here") = s.destroyed_here,
+                    py::arg("kept") = s.kept);
+  });
 
   // A private switch of the CPU attention kernel, for tests and benchmarks: name(enabled=None)
   // sets it when given and returns its state before the call.

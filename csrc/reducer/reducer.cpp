@@ -499,6 +499,7 @@ void Reducer::finalize_backward() {
     abandon_iteration();
     throw;
   }
+  comm::drop_finished();  // Note [Releasing collectives' Work objects]
 }
 
 void Reducer::finalize_locked() {
