@@ -8,6 +8,9 @@ error is exactly zero by cancellation (e.g. dq when Sk = 1, where softmax's grad
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,6 +190,21 @@ def test_backward_schedules_agree_bitwise(monkeypatch, dtype, heads):
     for schedule in ("q_head", "tile"):
         for a, b in zip(results["kv_head"], results[schedule], strict=True):
             assert torch.equal(a, b), schedule
+
+
+def test_small_tiles_in_a_subprocess():
+    # The default tiles (Blocks in csrc/attention/cpu_common.h: 128 x 256 in the backward) cover
+    # most of the grid's shapes with a single tile; this reruns part of this file with 32 x 64
+    # tiles and 4096-float key chunks, so that every shape has several tiles, partial ones and
+    # several key chunks (TORCHLANE_ATTN_CPU_BLOCKS is read once per process).
+    env = dict(os.environ, TORCHLANE_ATTN_CPU_BLOCKS="32,64,32,64,4096")
+    selection = (
+        "(grid_against_float64 and (113x203 or 256x128)) or schedules_agree or long_sequences"
+    )
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    # 0: everything selected passed (5 would mean nothing was selected)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 def test_deterministic():

@@ -112,11 +112,13 @@ template <typename scalar_t>
 struct BwdScratch {
   using acc_t = acc_type<scalar_t>;
   std::vector<acc_t> P, dS;
-  BwdScratch() : P(blocks().bwd_m * blocks().bwd_n), dS(blocks().bwd_m * blocks().bwd_n) {}
+  BwdScratch()
+      : P(blocks().blas_bwd_m * blocks().blas_bwd_n),
+        dS(blocks().blas_bwd_m * blocks().blas_bwd_n) {}
 };
 
 // Recomputes P and dS for query rows [m0, m0 + rows) of head h against keys [n0, n0 + cols) of
-// kv head hk (tiles with leading dimension blocks().bwd_n).
+// kv head hk (tiles with leading dimension blocks().blas_bwd_n).
 template <typename scalar_t>
 std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scalar_t>& a,
                                                               BwdScratch<scalar_t>& w, int64_t b,
@@ -124,7 +126,7 @@ std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scal
                                                               int64_t rows, int64_t n0,
                                                               int64_t cols) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t BN = blocks().bwd_n;
+  const int64_t BN = blocks().blas_bwd_n;
   const Problem& p = a.p;
   tile_gemm(false, true, rows, cols, p.D, static_cast<acc_t>(p.scale),
             row_ptr<scalar_t>(a.q, b, h, m0), a.q.ss, row_ptr<scalar_t>(a.k, b, hk, n0), a.k.ss,
@@ -146,7 +148,7 @@ void store_tile(const acc_type<scalar_t>* src, scalar_t* dst, int64_t rows, int6
 template <typename scalar_t>
 void bwd_by_kv_head(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t BM = blocks().bwd_m, BN = blocks().bwd_n;
+  const int64_t BM = blocks().blas_bwd_m, BN = blocks().blas_bwd_n;
   const Problem& p = a.p;
   const int64_t D = p.D;
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -188,7 +190,7 @@ void bwd_by_kv_head(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scal
 template <typename scalar_t>
 void bwd_by_tile(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t BM = blocks().bwd_m, BN = blocks().bwd_n;
+  const int64_t BM = blocks().blas_bwd_m, BN = blocks().blas_bwd_n;
   const Problem& p = a.p;
   const int64_t D = p.D, n_ntiles = (p.Sk + BN - 1) / BN, n_mtiles = (p.Sq + BM - 1) / BM;
   const acc_t scale = static_cast<acc_t>(p.scale);

@@ -541,10 +541,10 @@ inline void add_into(float* acc, const float* part, int64_t n) {
 template <typename T>
 void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
                  const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv,
-                 int64_t BM, int64_t BN, bool per_q_head) {
+                 int64_t BM, int64_t BN, int64_t kc_floats, bool per_q_head) {
   using W = word_t<T>;
   const int64_t D = p.D, G = p.group();
-  const int64_t KC = std::max<int64_t>(BN, blocks().bwd_kc_floats / D / BN * BN);
+  const int64_t KC = std::max<int64_t>(BN, kc_floats / D / BN * BN);
   // dK^T and dV^T of a head in blocks of BN keys (Note [Blocked packs]): block j, D rows of ldb
   // floats, holds keys j * BN..; acc_n floats for each of dK^T, dV^T
   const int64_t n_ntiles = (p.Sk + BN - 1) / BN, ldb = mk::padded_ld(BN);
@@ -758,15 +758,18 @@ BwdSchedule backward_schedule(const Problem& p) {
 template <typename T>
 void bwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& v,
               const Layout& dout, const float* lse, const float* delta, T* dq, T* dk, T* dv) {
-  // bf16: query tiles start at even rows, so that m0 / 2 addresses the Q^T / dO^T packs.
-  const int64_t BM = round_up(blocks().bwd_m, mk::kPack<word_t<T>>);
-  const int64_t BN = round_up(blocks().bwd_n, kNR);
+  const Blocks& b = blocks();
+  const bool small = std::is_same_v<T, float> && p.causal;  // see Blocks
+  // bf16: query tiles start at even rows (whole words of the Q^T / dO^T packs).
+  const int64_t BM = round_up(small ? b.bwd_causal_fp32_m : b.bwd_m, mk::kPack<word_t<T>>);
+  const int64_t BN = round_up(small ? b.bwd_causal_fp32_n : b.bwd_n, kNR);
+  const int64_t kc = small ? b.bwd_causal_fp32_kc_floats : b.bwd_kc_floats;
   switch (backward_schedule(p)) {
     case BwdSchedule::KvHead:
-      bwd_by_head(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN, false);
+      bwd_by_head(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN, kc, false);
       break;
     case BwdSchedule::QHead:
-      bwd_by_head(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN, true);
+      bwd_by_head(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN, kc, true);
       break;
     case BwdSchedule::Tile:
       bwd_by_tile(p, q, k, v, dout, lse, delta, dq, dk, dv, BM, BN);
