@@ -68,8 +68,6 @@ def main():
     # destroy_process_group (freed when main returns), a restarted attempt aborted at exit in
     # 5 of 44 runs here ("terminate called without an active exception", after every line
     # of main had run); see the README's "Not done yet".
-    del model, opt
-    gc.collect()
     dist.destroy_process_group()
 
 
