@@ -309,18 +309,16 @@ struct Blocked {
   }
 };
 
-// Packs every (b, head) S x D matrix of t (heads = its second dimension) in the given layout, in
-// blocks of `block` positions (Note [Blocked packs]; 0: one block).
+// Packs every (b, head) S x D matrix of t (heads = its second dimension) as `shape` (Note
+// [Blocked packs]; one block of S positions for an unblocked layout).
 template <typename W, typename T>
-Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, int64_t S, int64_t D, Pack how,
-                     int64_t block = 0) {
+Packed<W> pack_heads(const Layout& t, int64_t B, int64_t heads, const Blocked<W>& shape) {
   Packed<W> r;
-  if (usable_as_is<W, T>(how, D, t.ss)) {
+  if (shape.BS >= shape.S && usable_as_is<W, T>(shape.how, shape.D, t.ss)) {
     r.input = static_cast<const W*>(t.base);
     r.ld = t.ss, r.heads = heads, r.sb = t.sb, r.sh = t.sh;
     return r;
   }
-  const Blocked<W> shape{how, S, D, block > 0 ? block : S};
   r.ld = shape.block_shape().ld;
   r.per_head = shape.words();
   // Not zero-filled here: a serial fill of O(B H S D) fresh pages would take longer than the
@@ -663,24 +661,24 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
   using W = word_t<T>;
   constexpr int64_t P = mk::kPack<W>;
   const int64_t D = p.D;
-  const auto q_rows = pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::Rows);
-  const auto do_rows = pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::Rows);
+  const Blocked<W> q_shape{Pack::Rows, p.Sq, D, p.Sq}, kp_shape{Pack::Pairs, p.Sk, D, p.Sk};
   // Q^T, dO^T in blocks of the query tile, K^T, V^T of the key tile (Note [Blocked packs])
-  const auto q_t = pack_heads<W, T>(q, p.B, p.H, p.Sq, D, Pack::RowsT, BM);
-  const auto do_t = pack_heads<W, T>(dout, p.B, p.H, p.Sq, D, Pack::RowsT, BM);
-  const auto k_pt = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::PairsT, BN);
-  const auto v_pt = pack_heads<W, T>(v, p.B, p.Hkv, p.Sk, D, Pack::PairsT, BN);
-  const int64_t qt_block = Blocked<W>{Pack::RowsT, p.Sq, D, BM}.block_words();
-  const int64_t kt_block = Blocked<W>{Pack::PairsT, p.Sk, D, BN}.block_words();
-  const auto k_pairs = pack_heads<W, T>(k, p.B, p.Hkv, p.Sk, D, Pack::Pairs);
+  const Blocked<W> t_shape{Pack::PairsT, p.Sk, D, BN}, qt_shape{Pack::RowsT, p.Sq, D, BM};
+  const auto q_rows = pack_heads<W, T>(q, p.B, p.H, q_shape);
+  const auto do_rows = pack_heads<W, T>(dout, p.B, p.H, q_shape);
+  const auto q_t = pack_heads<W, T>(q, p.B, p.H, qt_shape);
+  const auto do_t = pack_heads<W, T>(dout, p.B, p.H, qt_shape);
+  const auto k_pt = pack_heads<W, T>(k, p.B, p.Hkv, t_shape);
+  const auto v_pt = pack_heads<W, T>(v, p.B, p.Hkv, t_shape);
+  const auto k_pairs = pack_heads<W, T>(k, p.B, p.Hkv, kp_shape);
   auto operands = [&](int64_t bh, int64_t bhk, int64_t m0, int64_t n0) {
     PairOperands<W> o;
     o.q = {q_rows.head(bh) + m0 * q_rows.ld, q_rows.ld};
     o.dout = {do_rows.head(bh) + m0 * do_rows.ld, do_rows.ld};
-    o.qT = {q_t.head(bh) + (m0 / BM) * qt_block, q_t.ld};
-    o.doutT = {do_t.head(bh) + (m0 / BM) * qt_block, do_t.ld};
-    o.kT = {k_pt.head(bhk) + (n0 / BN) * kt_block, k_pt.ld};
-    o.vT = {v_pt.head(bhk) + (n0 / BN) * kt_block, v_pt.ld};
+    o.qT = {qt_shape.block({q_t.head(bh), q_t.ld}, m0), q_t.ld};
+    o.doutT = {qt_shape.block({do_t.head(bh), do_t.ld}, m0), do_t.ld};
+    o.kT = {t_shape.block({k_pt.head(bhk), k_pt.ld}, n0), k_pt.ld};
+    o.vT = {t_shape.block({v_pt.head(bhk), v_pt.ld}, n0), v_pt.ld};
     o.k = {k_pairs.head(bhk) + (n0 / P) * k_pairs.ld, k_pairs.ld};
     return o;
   };
