@@ -313,7 +313,7 @@ def kept_works(rank, world):
     """The c10d Work of every collective the reducer and a C++ hook launch, counted by torchlane:
     how many it launched and how many it destroyed itself (its last reference dropped on a
     torchlane thread, never on Gloo's worker), over 4 steps of a plain and a bf16-hooked model."""
-    before = torchlane._C._kept_work_stats()
+    before = torchlane._testing.kept_work_stats()
     num_buckets = []
     for hook in (None, torchlane.hooks.bf16_compress):
         model = torchlane.DistributedDataParallel(
@@ -327,6 +327,6 @@ def kept_works(rank, world):
         num_buckets.append(model.comm_stats()["num_buckets"])
         del model
     shared = torchlane._C._release_kept_works(10.0)
-    after = torchlane._C._kept_work_stats()
+    after = torchlane._testing.kept_work_stats()
     delta = {k: after[k] - before[k] for k in ("launched", "destroyed_here")}
     return num_buckets, delta, shared, after["kept"]

@@ -88,15 +88,15 @@ def test_float16_and_other_head_dims():
 @pytest.fixture
 def blas_tile_gemms():
     """Selects the BLAS tile-GEMM kernels instead of the packed AVX-512 micro-kernels."""
-    before = torchlane._C._attention_cpu_microkernels(False)
+    before = torchlane._testing.attention_cpu_microkernels(False)
     yield
-    torchlane._C._attention_cpu_microkernels(before)
+    torchlane._testing.attention_cpu_microkernels(before)
 
 
 def test_packed_microkernels_are_used_where_compiled():
-    fp32, bf16 = torchlane._C._attention_cpu_microkernels_compiled()
+    fp32, bf16 = torchlane._testing.attention_cpu_microkernels_compiled()
     print(f"packed micro-kernels compiled: fp32 {fp32}, bf16 {bf16}")
-    assert torchlane._C._attention_cpu_microkernels()  # enabled by default
+    assert torchlane._testing.attention_cpu_microkernels()  # enabled by default
     if not fp32:
         pytest.skip("this build has no AVX-512 micro-kernels: the grid ran the BLAS kernels")
 
@@ -113,7 +113,7 @@ def test_blas_tile_gemm_kernels_against_float64(blas_tile_gemms, dtype):
 def test_packed_and_blas_kernels_agree(blas_tile_gemms):
     q, k, v, do = _inputs(2, 4, 2, 150, 130, 64, torch.float32)
     blas = _torchlane_grads(q, k, v, True, 0.2, do)
-    torchlane._C._attention_cpu_microkernels(True)
+    torchlane._testing.attention_cpu_microkernels(True)
     packed = _torchlane_grads(q, k, v, True, 0.2, do)
     for a, b in zip(blas, packed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -122,9 +122,9 @@ def test_packed_and_blas_kernels_agree(blas_tile_gemms):
 @pytest.fixture
 def no_amx():
     """Runs the bf16 micro-kernel GEMMs on AVX512-BF16 even where AMX tiles are available."""
-    before = torchlane._C._attention_cpu_amx(False)
+    before = torchlane._testing.attention_cpu_amx(False)
     yield before
-    torchlane._C._attention_cpu_amx(before)
+    torchlane._testing.attention_cpu_amx(before)
 
 
 def test_bf16_without_amx_against_float64(no_amx):
@@ -142,7 +142,7 @@ def test_amx_and_avx512_bf16_agree(no_amx):
         pytest.skip("no AMX here (CPU, kernel or build): the grid ran the AVX512-BF16 kernels")
     q, k, v, do = _inputs(2, 4, 2, 150, 130, 64, torch.bfloat16)
     vector = _torchlane_grads(q, k, v, True, 0.2, do)
-    torchlane._C._attention_cpu_amx(True)
+    torchlane._testing.attention_cpu_amx(True)
     tiles = _torchlane_grads(q, k, v, True, 0.2, do)
     for a, b in zip(vector, tiles, strict=True):  # same bf16 operands, fp32 sums in another order
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
@@ -177,7 +177,7 @@ def test_backward_schedule_follows_thread_count():
 @pytest.mark.parametrize("heads", [(4, 1), (6, 2), (2, 2)])
 def test_backward_schedules_agree_bitwise(monkeypatch, dtype, heads):
     # The packed kernels' three backward schedules, forced (Note [Backward summation order]).
-    fp32, bf16 = torchlane._C._attention_cpu_microkernels_compiled()
+    fp32, bf16 = torchlane._testing.attention_cpu_microkernels_compiled()
     if not (fp32 if dtype == torch.float32 else bf16):
         pytest.skip("no packed micro-kernels for this dtype in this build")
     H, Hkv = heads

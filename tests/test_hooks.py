@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchlane  # noqa: F401
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
-from torchlane import _C, hooks
+from torchlane import _C, _testing, hooks
 
 # ---- state validation ---------------------------------------------------------------------------
 
@@ -136,20 +136,20 @@ def test_topk_compress_breaks_ties_towards_lower_index():
 def test_topk_plan_matches_reference():
     shapes = [[16, 12], [12], [8, 3, 2, 2], [3, 4], [1, 100], [100, 1], [0, 5], [], [2, 2]]
     for ratio, rate, size in ((0.1, 2.0, 4), (0.1, 4.0, 4), (0.01, 0.0, 8), (0.3, 1.0, 4)):
-        compressed, offsets, dense = _C._topk_plan(shapes, ratio, rate, size)
+        compressed, offsets, dense = _testing.topk_plan(shapes, ratio, rate, size)
         ref_c, ref_d = hook_refs.topk_plan(shapes, ratio, rate, size)
         assert (compressed, dense) == (ref_c, ref_d)
         assert offsets == list(np.cumsum([0] + [math.prod(shapes[t]) for t in ref_c])[:-1])
         assert 1 in dense and 7 in dense  # 1-D and 0-D tensors are never compressed
     # Top-k with int32 indices never halves a float32 tensor at ratio 0.25: all dense.
-    assert _C._topk_plan(shapes, 0.25, 2.0, 4)[0] == []
+    assert _testing.topk_plan(shapes, 0.25, 2.0, 4)[0] == []
 
 
 def test_topk_ratio_warms_up_exponentially():
-    assert [_C._topk_ratio_at(0.01, 3, j) for j in range(5)] == pytest.approx(
+    assert [_testing.topk_ratio_at(0.01, 3, j) for j in range(5)] == pytest.approx(
         [0.01**0.25, 0.01**0.5, 0.01**0.75, 0.01, 0.01]
     )
-    assert _C._topk_ratio_at(0.1, 0, 0) == 0.1
+    assert _testing.topk_ratio_at(0.1, 0, 0) == 0.1
 
 
 def test_topk_scatter_add_sums_repeated_positions():
@@ -212,13 +212,13 @@ def test_orthogonalize_zero_column_stays_finite():
 def test_powersgd_seeds_match_numpy_random_state():
     for seed in (0, 1, 12345, 2**32 - 1):
         rng = np.random.RandomState(seed)
-        assert _C._powersgd_seeds(seed, 20) == [rng.randint(1_000_000_000) for _ in range(20)]
+        assert _testing.powersgd_seeds(seed, 20) == [rng.randint(1_000_000_000) for _ in range(20)]
 
 
 def test_powersgd_plan_matches_torch_rule():
     shapes = [[16, 12], [12], [8, 3, 2, 2], [3, 4], [16, 12], [1, 100], [100, 1], [0, 5], []]
     for rank, rate in ((1, 2.0), (2, 2.0), (4, 1.0), (4, 0.5), (64, 0.0)):
-        compressed, uncompressed = _C._powersgd_plan(shapes, rank, rate)
+        compressed, uncompressed = _testing.powersgd_plan(shapes, rank, rate)
         ref_c, ref_u = hook_refs.powersgd_plan(shapes, rank, rate)
         assert [c[:4] for c in compressed] == [tuple(c) for c in ref_c]
         assert sorted(uncompressed) == sorted(ref_u)

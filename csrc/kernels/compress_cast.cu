@@ -1,4 +1,4 @@
-// See Note [Cast compression rounding] in csrc/reducer/hooks/cast_hook.cpp.
+// See Note [Cast compression rounding] in csrc/hooks/cast_hook.cpp.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -1,4 +1,4 @@
-// See Note [Top-k with error feedback] in csrc/reducer/hooks/topk_hook.cpp.
+// See Note [Top-k with error feedback] in csrc/hooks/topk_hook.cpp.
 #include "kernels/compress_topk.cuh"
 
 namespace torchlane::kernels {

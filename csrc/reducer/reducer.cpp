@@ -1,7 +1,7 @@
 #include "reducer/reducer.hpp"
 
 #include "reducer/finite_copy.hpp"
-#include "reducer/kept_works.hpp"
+#include "comm/kept_works.hpp"
 
 #include <algorithm>
 #include <sstream>

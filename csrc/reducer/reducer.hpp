@@ -15,7 +15,7 @@
 #include <torch/csrc/distributed/c10d/comm.hpp>
 
 #include "reducer/bucket_plan.hpp"
-#include "reducer/comm_hook.hpp"
+#include "comm/comm_hook.hpp"
 
 namespace torchlane {
 

@@ -20,13 +20,13 @@ __version__ = "0.1.0"
 
 # Drops the c10d Work objects of torchlane's last collectives on this thread before the
 # interpreter finalizes, after Gloo's worker thread has let go of them (Note [Releasing
-# collectives' Work objects] in csrc/reducer/kept_works.hpp): left to the worker thread during
+# collectives' Work objects] in csrc/comm/kept_works.hpp): left to the worker thread during
 # finalization, their destruction aborts the process.
 import atexit  # noqa: E402
 
 atexit.register(_C._release_kept_works, 10.0)
 
 # One line per concept, each module owning its part of the API.
-from torchlane import checkpoint, hooks, nn  # noqa: E402, F401
+from torchlane import _testing, checkpoint, hooks, nn  # noqa: E402, F401
 from torchlane.attention import attention  # noqa: E402, F401
 from torchlane.ddp import DistributedDataParallel  # noqa: E402, F401

@@ -16,7 +16,7 @@ is reduced synchronously inside the call (torch DDP calls Python hooks one bucke
 
 Semantics follow torch's ``ddp_comm_hooks`` (``bf16_compress_hook``, ``fp16_compress_hook``,
 ``powerSGD_hook``); see Note [Cast compression rounding], Note [PowerSGD] and
-Note [Top-k with error feedback] in csrc/reducer/hooks/.
+Note [Top-k with error feedback] in csrc/hooks/.
 """
 
 import math

@@ -6,7 +6,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "reducer/comm_hook.hpp"
+#include "comm/comm_hook.hpp"
 
 namespace torchlane::hooks {
 

@@ -1,4 +1,4 @@
-#include "reducer/kept_works.hpp"
+#include "comm/kept_works.hpp"
 
 #include <algorithm>
 #include <chrono>

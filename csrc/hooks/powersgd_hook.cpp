@@ -1,7 +1,7 @@
-#include "reducer/hooks/powersgd_hook.hpp"
+#include "hooks/powersgd_hook.hpp"
 
-#include "reducer/hooks/allreduce_mean.hpp"
-#include "reducer/kept_works.hpp"
+#include "hooks/allreduce_mean.hpp"
+#include "comm/kept_works.hpp"
 
 #include <chrono>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "reducer/hooks/cast_hook.hpp"
+#include "hooks/cast_hook.hpp"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -12,7 +12,7 @@
 #include "kernels/compress_cast.cuh"
 #endif
 
-#include "reducer/kept_works.hpp"
+#include "comm/kept_works.hpp"
 
 namespace torchlane::hooks {
 

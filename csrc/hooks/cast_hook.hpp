@@ -2,7 +2,7 @@
 
 #include <string>
 
-#include "reducer/comm_hook.hpp"
+#include "comm/comm_hook.hpp"
 
 namespace torchlane::hooks {
 

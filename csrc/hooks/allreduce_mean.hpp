@@ -1,7 +1,7 @@
 #pragma once
 
-#include "reducer/comm_hook.hpp"
-#include "reducer/kept_works.hpp"
+#include "comm/comm_hook.hpp"
+#include "comm/kept_works.hpp"
 
 namespace torchlane::hooks {
 

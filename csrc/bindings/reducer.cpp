@@ -1,0 +1,131 @@
+// Bindings of csrc/reducer/: the pure bucket plan and the Reducer.
+#include "bindings/bindings.h"
+#include "reducer/bucket_plan.hpp"
+#include "reducer/reducer.hpp"
+
+#include <torch/csrc/distributed/c10d/python_comm_hook.h>
+
+namespace torchlane::bindings {
+namespace {
+
+py::dict stats_to_dict(const Reducer& reducer) {
+  const auto stats = reducer.stats();
+  auto ms = [&](int64_t t) {
+    return t && stats.first_hook_ns ? static_cast<double>(t - stats.first_hook_ns) / 1e6 : 0.0;
+  };
+  py::list events;
+  for (size_t b = 0; b < stats.ready_ns.size(); ++b) {
+    py::dict e;
+    e["index"] = b;
+    e["ready_ms"] = ms(stats.ready_ns[b]);
+    e["launch_ms"] = ms(stats.launch_ns[b]);
+    e["return_ms"] = ms(stats.return_ns[b]);
+    e["done_ms"] = ms(stats.done_ns[b]);
+    events.append(e);
+  }
+  py::dict d;
+  d["bytes_reduced"] = stats.bytes_reduced;
+  d["bytes_sent"] = stats.bytes_sent;
+  d["backward_end_ms"] = ms(stats.backward_end_ns);
+  d["comm_end_ms"] = ms(stats.comm_end_ns);
+  d["bucket_events"] = events;
+  py::list collectives;
+  for (const auto& c : stats.collectives) {
+    py::dict e;
+    e["bucket"] = c.bucket;
+    e["op"] = c.op;
+    e["launch_ms"] = ms(c.launch_ns);
+    collectives.append(e);
+  }
+  d["collectives"] = collectives;
+  return d;
+}
+
+py::list buckets_to_list(const Reducer& reducer) {
+  py::list out;
+  const auto& buckets = reducer.buckets();
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    py::dict d;
+    d["index"] = b;
+    d["numel"] = buckets[b].buffer.numel();
+    d["bytes"] = buckets[b].buffer.nbytes();
+    d["dtype"] = c10::toString(buckets[b].buffer.scalar_type());
+    d["param_indices"] = buckets[b].params;
+    out.append(d);
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_reducer(py::module_& m, py::module_& testing) {
+  m.def(
+      "compute_bucket_assignment",
+      [](const std::vector<int64_t>& sizes_bytes, const std::vector<at::ScalarType>& dtypes,
+         const std::vector<int64_t>& order, int64_t first_cap_bytes, int64_t cap_bytes) {
+        TORCH_CHECK(sizes_bytes.size() == dtypes.size(), "sizes_bytes and dtypes differ in length");
+        std::vector<torchlane::TensorMeta> metas;
+        for (size_t i = 0; i < sizes_bytes.size(); ++i) {
+          metas.push_back({sizes_bytes[i], dtypes[i], c10::Device(c10::kCPU)});
+        }
+        return torchlane::compute_bucket_assignment(metas, order, first_cap_bytes, cap_bytes);
+      },
+      py::arg("sizes_bytes"), py::arg("dtypes"), py::arg("order"), py::arg("first_cap_bytes"),
+      py::arg("cap_bytes"), "Pure bucket assignment; see Note [Bucket assignment].");
+
+  py::class_<Reducer>(m, "Reducer")
+      .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,
+                       c10::intrusive_ptr<c10d::ProcessGroup> pg, int64_t bucket_cap_bytes,
+                       int64_t first_bucket_cap_bytes, bool find_unused,
+                       bool gradient_as_bucket_view, bool static_graph, bool check_finite,
+                       bool verify_layout) {
+             torchlane::ReducerOptions options;
+             options.bucket_cap_bytes = bucket_cap_bytes;
+             options.first_bucket_cap_bytes = first_bucket_cap_bytes;
+             options.find_unused_parameters = find_unused;
+             options.gradient_as_bucket_view = gradient_as_bucket_view;
+             options.static_graph = static_graph;
+             options.check_finite = check_finite;
+             options.verify_layout = verify_layout;
+             return std::make_unique<Reducer>(std::move(params), std::move(names), std::move(pg),
+                                              options);
+           }),
+           py::arg("params"), py::arg("param_names"), py::arg("process_group"),
+           py::arg("bucket_cap_bytes"), py::arg("first_bucket_cap_bytes"),
+           py::arg("find_unused_parameters"), py::arg("gradient_as_bucket_view"),
+           py::arg("static_graph"), py::arg("check_finite") = false,
+           py::arg("verify_layout") = false)
+      // The GIL is released wherever the reducer's mutex is taken: a Python comm hook's callbacks
+      // need the GIL while the autograd thread holds the mutex.
+      .def("prepare_for_forward", &Reducer::prepare_for_forward,
+           py::call_guard<py::gil_scoped_release>())
+      .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("rebuild_buckets", &Reducer::rebuild_buckets,
+           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "register_cpp_comm_hook",
+          [](Reducer& r, std::shared_ptr<torchlane::CommHook> hook) {
+            r.register_comm_hook(std::move(hook));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def("register_python_comm_hook",
+           [](Reducer& r, py::object state, py::object hook) {
+             auto cpp_hook =
+                 std::make_shared<c10d::PythonCommHook>(std::move(state), std::move(hook));
+             py::gil_scoped_release release;
+             r.register_comm_hook(std::move(cpp_hook));
+           })
+      .def_property_readonly("grads_finite",
+                             [](const Reducer& r) {
+                               py::gil_scoped_release release;
+                               return r.grads_finite();
+                             })
+      .def("run_zero_allreduces", &Reducer::run_zero_allreduces,
+           py::call_guard<py::gil_scoped_release>())
+      .def("buckets", &buckets_to_list)
+      .def("stats", &stats_to_dict);
+
+}
+
+}  // namespace torchlane::bindings
