@@ -164,7 +164,12 @@ def run_parts(parts, quick, log, hooks=HOOKS):
         print(f"\n[run_all] $ {cmd}", flush=True)
         t0 = time.time()
         rc = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT).returncode
-        log[name] = {"command": cmd, "rc": rc, "seconds": round(time.time() - t0, 1)}
+        log[name] = {
+            "command": cmd,
+            "rc": rc,
+            "seconds": round(time.time() - t0, 1),
+            "cpu": cpu_model(),
+        }
         if rc != 0:
             print(f"[run_all] {name} failed with exit status {rc}", flush=True)
 
@@ -209,6 +214,19 @@ def with_iqr(run, key, cap, median):
     return f"{median:.1f} [{q[0]:.0f}-{q[1]:.0f}]"
 
 
+def cpu_model():
+    """The CPU's model name as /proc/cpuinfo gives it (or the platform's processor string)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def md_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -239,12 +257,12 @@ def report(log, quick):
         "",
     ]
 
-    codes = {}
+    cpus = {}
     for name, entry in log.items():
-        if entry.get("code"):
-            codes.setdefault(entry["code"], []).append(name)
-    for code, names in codes.items():
-        md += [f"Measured with {code}: {', '.join(sorted(names))}.", ""]
+        if entry.get("command"):
+            cpus.setdefault(entry.get("cpu", "not recorded"), []).append(name)
+    for cpu, names in sorted(cpus.items()):
+        md += [f"CPU {cpu}: {', '.join(sorted(names))}.", ""]
 
     d = load("ddp_loopback_n2.json")
     if d:
