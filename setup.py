@@ -3,9 +3,16 @@
 A CppExtension when torch has no CUDA; a CUDAExtension (adding csrc/**/*.cu) when torch
 was built with CUDA and nvcc is found, or when TORCHLANE_FORCE_CUDA=1.
 TORCHLANE_DEBUG=1 builds with -O0 -g; TORCHLANE_SANITIZE=1 adds ASan/UBSan.
+
+CPU code is compiled for this machine (-march=native: the AVX-512/AMX attention micro-kernels)
+in local builds (`make build`, `pip install --no-build-isolation -e .`). A wheel (`pip wheel .`,
+`python -m build`) is built portable for the x86-64 baseline, so it runs on any CPU the
+installed torch runs on (the attention op then uses its BLAS tile kernels);
+TORCHLANE_NO_NATIVE=1 forces a portable build, TORCHLANE_NATIVE=1 a native wheel.
 """
 
 import os
+import sys
 from glob import glob
 
 import torch
@@ -25,6 +32,14 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _native():
+    if _flag("TORCHLANE_NO_NATIVE"):
+        return False
+    if _flag("TORCHLANE_NATIVE"):
+        return True
+    return "bdist_wheel" not in sys.argv  # a wheel may be installed on another CPU
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob(os.path.join(ROOT, pattern), recursive=True))
 
@@ -41,7 +56,7 @@ def _extension():
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
         cxx += san
         link += san
-    if not _flag("TORCHLANE_NO_NATIVE"):
+    if _native():
         cxx.append("-march=native" if not cuda else "-mavx2")
     sources = _sources("csrc/**/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
