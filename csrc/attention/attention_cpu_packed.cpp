@@ -727,22 +727,12 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
   });
 }
 
-enum class BwdSchedule { KvHead, QHead, Tile };
-
 // The by-kv-head schedule when there are enough (batch, kv head) tasks for all threads; else by
 // query head when there are enough (batch, query head) tasks and their dK / dV partial sums take
-// at most kMaxPartialBytes; else by tile. TORCHLANE_ATTN_CPU_BWD=kv_head|q_head|tile overrides
-// the choice (tests, benchmarks).
+// at most kMaxPartialBytes; else by tile (or the one forced, Note [CPU attention tuning knobs]).
 BwdSchedule backward_schedule(const Problem& p) {
-  if (const char* env = std::getenv("TORCHLANE_ATTN_CPU_BWD")) {
-    const std::string s(env);
-    if (s == "kv_head")
-      return BwdSchedule::KvHead;
-    if (s == "q_head")
-      return BwdSchedule::QHead;
-    if (s == "tile")
-      return BwdSchedule::Tile;
-  }
+  if (const auto forced = forced_backward_schedule())
+    return *forced;
   constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
   const int64_t threads = at::get_num_threads();
   if (p.B * p.Hkv >= 2 * threads)

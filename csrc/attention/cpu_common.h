@@ -7,6 +7,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "attention/cpu_config.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -20,44 +22,6 @@ namespace cpu {
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Tile sizes: a kBlockM x kBlockN fp32 score tile plus the Q, K, V tiles stay within L2.
-// The packed backward (attention_cpu_packed.cpp) uses bwd_m x bwd_n tiles and walks the keys in
-// chunks holding about bwd_kc_floats floats of dK^T (and as many of dV^T), so that a chunk's
-// accumulators and K^T / V^T stay in L2 across query tiles; fp32 with a causal mask uses the
-// bwd_causal_fp32_* sizes. Measured on the 2-core Xeon (B=4 H=8, backward alone, the two sizes
-// alternated in one process): 128 x 256 tiles with chunks of one or two tiles ran 3-10% faster
-// than 64 x 128 with 512-key chunks without a mask (fp32 and bf16, S 512..4096, D 64 and 128;
-// S=4096 D=128 fp32 2.98 -> 2.74 s) and 0-14% faster with a causal mask in bf16, but up to 12%
-// slower in fp32 with a causal mask at D = 64 (the masked half of the larger diagonal tiles is
-// computed too), which keeps the smaller ones. The BLAS tile kernels (attention_cpu.cpp) use
-// blas_bwd_m x blas_bwd_n.
-// TORCHLANE_ATTN_CPU_BLOCKS="fwdM,fwdN,bwdM,bwdN[,bwdKCfloats]" overrides them, the backward
-// sizes of every kind (for tuning only).
-struct Blocks {
-  int64_t fwd_m = 128, fwd_n = 256;
-  int64_t bwd_m = 128, bwd_n = 256, bwd_kc_floats = 32768;
-  int64_t bwd_causal_fp32_m = 64, bwd_causal_fp32_n = 128, bwd_causal_fp32_kc_floats = 65536;
-  int64_t blas_bwd_m = 64, blas_bwd_n = 128;
-};
-
-inline const Blocks& blocks() {
-  static const Blocks b = [] {
-    Blocks r;
-    if (const char* env = std::getenv("TORCHLANE_ATTN_CPU_BLOCKS")) {
-      long v[5] = {0, 0, 0, 0, r.bwd_kc_floats};
-      const int n = std::sscanf(env, "%ld,%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3], &v[4]);
-      if (n >= 4 && v[0] > 0 && v[1] > 0 && v[2] > 0 && v[3] > 0 && v[4] > 0) {
-        r.fwd_m = v[0], r.fwd_n = v[1];
-        r.bwd_m = r.bwd_causal_fp32_m = r.blas_bwd_m = v[2];
-        r.bwd_n = r.bwd_causal_fp32_n = r.blas_bwd_n = v[3];
-        r.bwd_kc_floats = r.bwd_causal_fp32_kc_floats = v[4];
-      }
-    }
-    return r;
-  }();
-  return b;
-}
 
 // Strides of a (B, H, S, D) tensor with a unit-stride last dimension.
 struct Layout {
