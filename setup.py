@@ -46,7 +46,8 @@ def _sources(pattern):
 
 def _extension():
     cuda = _want_cuda()
-    opt = ["-O0", "-g"] if _flag("TORCHLANE_DEBUG") else ["-O3"]
+    # TORCHLANE_DEBUG_CHECKS turns on internal state assertions (Note [Reducer states]).
+    opt = ["-O0", "-g", "-DTORCHLANE_DEBUG_CHECKS"] if _flag("TORCHLANE_DEBUG") else ["-O3"]
     # -fopenmp: at::parallel_for is a header template whose "#pragma omp parallel" is compiled into
     # this extension; without the flag every parallel_for here runs on one thread. libgomp.so.1
     # resolves to the copy torch has already loaded.

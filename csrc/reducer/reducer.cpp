@@ -184,8 +184,20 @@ void Reducer::reset_iteration_state() {
   }
 }
 
+void Reducer::check_states_locked() const {
+#ifdef TORCHLANE_DEBUG_CHECKS
+  TORCH_INTERNAL_ASSERT(!require_finalize_ || backward_started_,
+                        "Note [Reducer states]: a reduction in progress without a started backward");
+  TORCH_INTERNAL_ASSERT(!(expect_hooks_ && backward_started_) || require_finalize_,
+                        "Note [Reducer states]: Reducing without require_finalize_");
+  TORCH_INTERNAL_ASSERT(!layout_verified_ || backward_started_,
+                        "Note [Reducer states]: layout verified before the backward started");
+#endif
+}
+
 void Reducer::prepare_for_forward() {
   std::lock_guard<std::mutex> lock(mutex_);
+  check_states_locked();
   expect_hooks_ = false;
   if (!require_finalize_) {
     return;
@@ -204,6 +216,7 @@ void Reducer::prepare_for_forward() {
 
 void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
   std::lock_guard<std::mutex> lock(mutex_);
+  check_states_locked();
   expect_hooks_ = true;
   reset_iteration_state();
   if (options_.find_unused_parameters && !options_.static_graph) {
@@ -489,6 +502,7 @@ std::string Reducer::describe_bucket(size_t b) const {
 
 void Reducer::finalize_backward() {
   std::lock_guard<std::mutex> lock(mutex_);
+  check_states_locked();
   finalize_queued_ = false;
   if (!expect_hooks_ || !backward_started_) {
     return;

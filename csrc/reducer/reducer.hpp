@@ -70,6 +70,23 @@ struct StepStats {
 // runs once backward is done, waits for every bucket's future and writes the averaged gradients to
 // `.grad`. When require_backward_grad_sync is off (no_sync), prepare_for_backward is not called
 // and the hooks return immediately, so gradients accumulate locally in `.grad`.
+//
+// Note [Reducer states]
+// Four flags of the per-iteration state form the reducer's state machine (the others:
+// layout_verified_ is "Note [Layout verification] ran in this backward", rebuilt_ is set once):
+//
+//   state       expect_hooks_ backward_started_ require_finalize_   entered by
+//   Idle        0             any               0                   construction, a finished
+//                                                                   reduction, abandon_iteration
+//   Armed       1             0                 0                   prepare_for_backward
+//   Reducing    1             1                 1                   the first hook (from Armed)
+//
+// finalize_backward moves Reducing -> Idle when every bucket was launched, else stays (a nested
+// backward ended, or parameters are unused). prepare_for_forward in Reducing means a reduction
+// never finished: it raises naming the parameters without a gradient and abandons to Idle.
+// Hooks in Idle return at once (no_sync: gradients accumulate in .grad). finalize_queued_ (a
+// callback is queued on the running graph task) is only ever set in Reducing.
+// check_states_locked() asserts the table in debug builds (TORCHLANE_DEBUG=1).
 class Reducer {
  public:
   Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_names,
@@ -90,6 +107,8 @@ class Reducer {
   void queue_finalize();
   // The end-of-backward work: waits for every bucket and writes `.grad`.
   void finalize_backward();
+  // Asserts Note [Reducer states] in debug builds; a no-op otherwise.
+  void check_states_locked() const;
   bool static_graph_first_iteration() const;
 
   const std::vector<Bucket>& buckets() const {
@@ -145,7 +164,7 @@ class Reducer {
   std::shared_ptr<c10d::CommHookInterface> comm_hook_;
   bool comm_hook_counts_bytes_ = false;
 
-  // Per-iteration state, guarded by mutex_.
+  // Per-iteration state, guarded by mutex_. See Note [Reducer states].
   mutable std::mutex mutex_;
   bool expect_hooks_ = false;      // a synchronised backward is expected
   bool backward_started_ = false;  // the first hook of this backward has run
