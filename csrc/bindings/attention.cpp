@@ -1,10 +1,15 @@
-// Bindings of csrc/attention/ beyond its ops (ops.cpp): the CPU kernel's test switches.
+// Bindings of csrc/attention/ beyond its ops (ops.cpp): the input checks and the CPU kernel's
+// test switches.
+#include "attention/attention.h"
 #include "attention/cpu_microkernel.h"
 #include "bindings/bindings.h"
 
 namespace torchlane::bindings {
 
 void bind_attention(py::module_& m, py::module_& testing) {
+  // The one copy of the input rules, also called by the fake kernels (python/torchlane/attention.py).
+  m.def("_check_attention_inputs", &attention::check_attention_inputs, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("scale"));
   // A private switch of the CPU attention kernel, for tests and benchmarks: name(enabled=None)
   // sets it when given and returns its state before the call.
   auto def_switch = [&testing](const char* name, bool (*get)(), void (*set)(bool)) {
