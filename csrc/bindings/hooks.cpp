@@ -3,6 +3,7 @@
 
 #include "bindings/bindings.h"
 #include "comm/comm_hook.hpp"
+#include "comm/grad_bucket.hpp"
 #include "hooks/cast_hook.hpp"
 #include "hooks/powersgd_hook.hpp"
 #include "hooks/topk_hook.hpp"
@@ -24,19 +25,8 @@ at::Tensor run_comm_hook(const std::shared_ptr<torchlane::CommHook>& hook, at::T
   TORCH_CHECK(bucket_count >= 1 && index >= 0 && index < bucket_count,
               "_run_comm_hook: index must be in [0, bucket_count), got index ", index,
               " and bucket_count ", bucket_count);
-  std::vector<size_t> offsets, lengths;
-  std::vector<c10::IntArrayRef> sizes;
-  size_t offset = 0;
-  for (const auto& p : params) {
-    offsets.push_back(offset);
-    lengths.push_back(p.numel());
-    sizes.push_back(p.sizes());
-    offset += p.numel();
-  }
-  TORCH_CHECK(static_cast<int64_t>(offset) == buffer.numel(), "_run_comm_hook: params hold ",
-              offset, " elements but buffer has ", buffer.numel());
-  c10d::GradBucket bucket(index, bucket_count, buffer, offsets, lengths, sizes, params,
-                          std::nullopt);
+  c10d::GradBucket bucket = comm::make_grad_bucket(static_cast<size_t>(index),
+                                                   static_cast<size_t>(bucket_count), buffer, params);
   c10::intrusive_ptr<c10::ivalue::Future> fut;
   {
     py::gil_scoped_release no_gil;

@@ -1,6 +1,7 @@
 #include "hooks/powersgd_hook.hpp"
 
 #include "hooks/allreduce_mean.hpp"
+#include "comm/clock.hpp"
 #include "comm/kept_works.hpp"
 
 #include <chrono>
@@ -177,11 +178,7 @@ uint32_t PowerSGDSeeds::next() {
 
 namespace {
 
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using comm::now_ns;
 
 // The compressed matrices of a bucket as views: M (rows x cols) of the bucket's gradients, P
 // (rows x r) of the flat `p`, Q (cols x r) of the flat `q`, in plan order.
