@@ -33,7 +33,8 @@ using ProcessGroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
 // reduce-scatter (all_gather_single / reduce_scatter_single, formerly _allgather_base /
 // _reduce_scatter_base; both exist on Gloo as of torch 2.13, and on NCCL). A group of size 1 makes
 // every function the identity. The Work of each collective goes through comm::keep (Note [Releasing
-// collectives' Work objects]).
+// collectives' Work objects]) and is waited on directly: Gloo's reduce_scatter_single Work has no
+// future.
 
 // Plain collectives (no autograd): the building blocks, also used by vocab-parallel cross-entropy.
 // all_reduce returns a new tensor (sum, or max when `max` is true); the input is not modified.
