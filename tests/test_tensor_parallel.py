@@ -26,16 +26,20 @@ STEPS = ["--max-steps", "5", "--eval-every", "5", "--lr", "3e-3"]
 
 
 def _losses(log):
+    """The 5 training losses and the validation losses at steps 0 and 5."""
     train = [r["loss"] for r in log if r["type"] == "train"]
-    val = [r["val_loss"] for r in log if r["type"] == "val"]
-    return torch.tensor(train + val)
+    val = {r["step"]: r["val_loss"] for r in log if r["type"] == "val"}
+    return torch.tensor(train + [val[0], val[5]])
 
 
-def test_train_gpt_tp2_matches_one_process(tmp_path):
+def test_train_gpt_tp2_matches_one_process_and_resumes(tmp_path):
     one, _ = _train(tmp_path / "one", *STEPS, nproc=1)
-    tp, out = _train(tmp_path / "tp", *STEPS, "--tp", "2", nproc=2)
+    # 3 steps, a checkpoint per tp rank, then --resume for the rest: the whole log is compared.
+    _, out = _train(tmp_path / "tp", *STEPS, "--tp", "2", "--stop-at", "3", nproc=2)
     assert "dp=1, tp=2" in out
-    assert len(_losses(tp)) == 5 + 2
+    tp, out = _train(tmp_path / "tp", *STEPS, "--tp", "2", "--resume", nproc=2)
+    assert "resumed at step 3" in out
+    assert [r["step"] for r in tp if r["type"] == "train"] == [1, 2, 3, 4, 5]
     torch.testing.assert_close(_losses(tp), _losses(one), rtol=1e-4, atol=0)
 
 
