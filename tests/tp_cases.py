@@ -265,6 +265,10 @@ def errors_case(group):
     sp_model = parallelize_gpt(GPT(gpt_cfg()), group, sequence_parallel=True)
     with pytest.raises(ValueError, match="must be divisible by the process group size 2"):
         sp_model(torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(IndexError, match=r"ids must be in \[0, 64\), got values in \[0, 64\]"):
+        sp_model(torch.tensor([[0, 64]]))
+    with pytest.raises(IndexError, match=r"targets must be in \[0, 64\)"):
+        tlp.vocab_parallel_cross_entropy(torch.zeros(3, 32), torch.tensor([0, 1, 70]), group)
     with pytest.raises(ValueError, match="shape .* expected the unsharded shape"):
         tlp.load_full_state_dict(sp_model, {"tok_emb.weight": torch.zeros(32, 32)}, strict=False)
 

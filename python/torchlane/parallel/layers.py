@@ -198,6 +198,8 @@ class VocabParallelEmbedding(_TPModule):
         self.weight = self._take(embedding.weight, "weight", 0)
 
     def forward(self, ids):
+        # Every tp rank holds the same ids, so all of them raise together (no collective hangs).
+        _check_ids("VocabParallelEmbedding: ids", ids, self.num_embeddings)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
@@ -208,6 +210,13 @@ class VocabParallelEmbedding(_TPModule):
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, per rank {self.per_rank} rows"
+
+
+def _check_ids(what, ids, n):
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise IndexError(
+            f"{what} must be in [0, {n}), got values in [{int(ids.min())}, {int(ids.max())}]"
+        )
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -257,6 +266,9 @@ def vocab_parallel_cross_entropy(logits, targets, process_group, reduction="mean
             f"vocab_parallel_cross_entropy: reduction must be 'mean', 'sum' or 'none', got "
             f"{reduction!r}"
         )
+    _check_ids(
+        "vocab_parallel_cross_entropy: targets", targets, logits.size(-1) * process_group.size()
+    )
     loss = _VocabParallelCrossEntropy.apply(logits, targets, process_group)
     if reduction == "mean":
         return loss.mean()
