@@ -227,7 +227,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, group):
         n, rank = group.size(), group.rank()
         per_rank = logits.size(-1)
-        x = logits.float()
+        x = logits if logits.dtype == torch.float64 else logits.float()  # fp32 at least
         row_max = comm.all_reduce(x.max(dim=-1).values, group, "max")
         shifted = x - row_max.unsqueeze(-1)
         local = targets - rank * per_rank

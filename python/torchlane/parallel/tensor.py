@@ -263,9 +263,15 @@ def clip_grad_norm_(model, max_norm, eps=1e-6):
     if len(groups) > 1:
         raise ValueError("clip_grad_norm_: the sharded layers use more than one process group")
     params = [p for p in model.parameters() if p.grad is not None]
-    zero = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
-    sq_sharded = sum((p.grad.float().square().sum() for p in params if id(p) in sharded_ids), zero)
-    sq_repl = sum((p.grad.float().square().sum() for p in params if id(p) not in sharded_ids), zero)
+    # Sums in fp32, or fp64 when any gradient is fp64.
+    acc = torch.float64 if any(p.grad.dtype == torch.float64 for p in params) else torch.float32
+    zero = torch.zeros((), dtype=acc, device=params[0].device if params else "cpu")
+
+    def sq(p):
+        return p.grad.to(acc).square().sum()
+
+    sq_sharded = sum((sq(p) for p in params if id(p) in sharded_ids), zero)
+    sq_repl = sum((sq(p) for p in params if id(p) not in sharded_ids), zero)
     if groups:
         sq_sharded = comm.all_reduce(sq_sharded.reshape(1), next(iter(groups.values()))).reshape(())
     total = (sq_sharded + sq_repl).sqrt()
