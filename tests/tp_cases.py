@@ -270,6 +270,15 @@ def errors_case(group):
         tlp.tensor_parallel(GQABlock(), group, {"attn.nothing": tlp.ColwiseParallel()})
     with pytest.raises(TypeError, match="must be a style"):
         tlp.tensor_parallel(GQABlock(), group, {"attn.o": "rowwise"})
+    # The C++ region functions check their arguments.
+    with pytest.raises(ValueError, match="0-dimensional tensor"):
+        comm.gather_from_region(torch.zeros(()), group, 0)
+    with pytest.raises(ValueError, match=r"dim must be in \[-2, 2\)"):
+        comm.scatter_to_region(torch.zeros(2, 2), group, 2)
+    with pytest.raises(ValueError, match="op must be 'sum' or 'max'"):
+        comm.all_reduce(torch.zeros(2), group, "min")
+    with pytest.raises(ValueError, match="seq_dim 2 is not a dimension other than the feature"):
+        comm.column_parallel_linear(torch.zeros(1, 2, 4), torch.zeros(2, 4), None, group, True, 2)
     # Sequence parallelism with a sequence that does not split evenly.
     sp_model = parallelize_gpt(GPT(gpt_cfg()), group, sequence_parallel=True)
     with pytest.raises(ValueError, match="must be divisible by the process group size 2"):
