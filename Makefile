@@ -50,11 +50,16 @@ sanitize: deps
 	tools/run_sanitized.sh $(SANITIZE_TESTS)
 
 format:
-	clang-format -i $$(find csrc -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
-	$(PYTHON) -m ruff format python tests benchmarks examples
+	clang-format -i $(CPP_SOURCES)
+	$(PYTHON) -m ruff check --fix python tests benchmarks examples tools
 
+CPP_SOURCES = $$(find csrc examples -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+# ruff (pyproject.toml) and clang-format (.clang-format); `make format` fixes what both report.
 lint:
-	$(PYTHON) -m ruff check python tests benchmarks examples
+	@$(PYTHON) -m ruff --version >/dev/null 2>&1 || $(PIP) install -q ruff
+	$(PYTHON) -m ruff check python tests benchmarks examples tools
+	clang-format --dry-run --Werror $(CPP_SOURCES)
 
 clean:
 	rm -rf build python/torchlane/_C*.so
