@@ -30,7 +30,7 @@ if (HERE.parent / "python" / "torchlane" / "__init__.py").exists():
     sys.path.insert(1, str(HERE.parent / "python"))
 
 import corpus  # noqa: E402
-from gpt import ATTENTION_BACKENDS, GPT, GPTConfig  # noqa: E402
+from gpt import ATTENTION_BACKENDS, GPT, GPTConfig, lm_loss, pipeline_layers  # noqa: E402
 
 HOOKS = ("none", "fp16", "bf16", "powersgd", "topk")
 
@@ -85,6 +85,15 @@ def parse_args(argv=None):
     a("--prompt", default="def ")
     a("--seed", type=int, default=1337)
     a("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    # ---- tensor / pipeline parallel ----
+    a("--pp", type=int, default=1, help="pipeline stages (the other ranks/pp are dp replicas)")
+    a("--microbatches", type=int, default=4, help="micro-batches per pipeline step (--pp > 1)")
+    a("--pipeline-schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    a(
+        "--pipeline-balance",
+        default="even",
+        help="even, profile, or comma-separated layer counts per stage (n_layer + 2 layers)",
+    )
     args = p.parse_args(argv)
     if args.attention == "auto":
         args.attention = "torchlane" if _torchlane_has("attention") else "sdpa"
@@ -98,6 +107,15 @@ def parse_args(argv=None):
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.pp < 1 or args.microbatches < 1:
+        p.error("--pp and --microbatches must be >= 1")
+    if args.pp > 1:
+        if args.batch_size % args.microbatches:
+            p.error(
+                f"--microbatches {args.microbatches} must divide --batch-size {args.batch_size}"
+            )
+        if args.grad_accum != 1 or args.resume or args.stop_at:
+            p.error("--pp > 1 does not support --grad-accum > 1, --resume or --stop-at yet")
     return args
 
 
@@ -239,6 +257,41 @@ def evaluate(raw_model, val_tokens, args, device, world):
     return total.item()
 
 
+def make_pipeline(raw_model, mesh, args):
+    """This rank's stage of the model (--pp): embedding, blocks, norm + head as n_layer + 2 layers."""
+    from torchlane.parallel import pipeline
+
+    balance = args.pipeline_balance
+    if balance not in ("even", "profile"):
+        try:
+            balance = [int(n) for n in balance.split(",")]
+        except ValueError:
+            raise SystemExit(f"--pipeline-balance: even, profile or counts like 2,4; got {balance}")
+    return pipeline(
+        pipeline_layers(raw_model),
+        mesh,
+        n_microbatches=args.microbatches,
+        schedule=args.pipeline_schedule,
+        balance=balance,
+    )
+
+
+def evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world):
+    """evaluate() without a pipeline; with one, the same windows through the stages (every stage
+    of a replica draws the same batches), averaged over the dp replicas."""
+    if pipe is None:
+        return evaluate(raw_model, val_tokens, args, device, world)
+    g = torch.Generator().manual_seed(args.seed + 7 + mesh["dp"].get_local_rank())
+    total = torch.zeros((), device=device)
+    for _ in range(args.eval_batches):
+        x, y = corpus.random_batch(val_tokens, args.block_size, args.batch_size, g)
+        total += pipe.evaluate(x.to(device), y.to(device), lm_loss)
+    total /= args.eval_batches
+    dp = mesh["dp"].get_group()
+    dist.all_reduce(total, group=dp)
+    return (total / dist.get_world_size(dp)).item()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -368,8 +421,19 @@ def main(argv=None):
 
     data, description = corpus.load_bytes(args.data, int(args.max_data_mb * 1e6))
     train_tokens, val_tokens = corpus.split(data)
+    mesh = None
+    data_rank, data_world = rank, world
+    if args.pp > 1:
+        if world % args.pp:
+            raise SystemExit(f"--pp {args.pp} must divide the number of ranks ({world})")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(
+            device.type, (args.pp, world // args.pp, 1), mesh_dim_names=("pp", "dp", "tp")
+        )
+        data_rank, data_world = mesh["dp"].get_local_rank(), world // args.pp
     batches = corpus.ShardedBatches(
-        train_tokens, args.block_size, args.batch_size, rank, world, args.seed
+        train_tokens, args.block_size, args.batch_size, data_rank, data_world, args.seed
     )
 
     cfg = GPTConfig(
@@ -385,10 +449,15 @@ def main(argv=None):
         if loaded is None:
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
         step, best_val = loaded
-    model = wrap_ddp(raw_model, args, device) if world > 1 else raw_model
+    pipe = None
+    if mesh is not None:
+        pipe = make_pipeline(raw_model, mesh, args).attach_optimizer(optimizer)
+        model = None
+    else:
+        model = wrap_ddp(raw_model, args, device) if world > 1 else raw_model
 
     log = JsonLog(out_dir / "log.jsonl", rank, append=args.resume)
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * data_world
     if rank == 0:
         print(
             f"corpus: {description}\n"
@@ -412,7 +481,7 @@ def main(argv=None):
 
     progress = Progress(rank, args.max_steps, step, args.no_progress)
     if step == 0 or step % args.eval_every == 0:
-        val = evaluate(raw_model, val_tokens, args, device, world)
+        val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world)
         progress.write(f"step {step:5d}  val loss {val:.4f}")
         log(type="val", step=step, val_loss=val)
     t_run = time.perf_counter()
@@ -424,7 +493,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for micro in range(args.grad_accum):
+        for micro in range(args.grad_accum if pipe is None else 0):
             x, y = batches.next()
             x, y = x.to(device), y.to(device)
             last = micro == args.grad_accum - 1
@@ -434,7 +503,12 @@ def main(argv=None):
                     _, loss = model(x, y)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
-        if args.clip > 0:
+        if pipe is not None:
+            x, y = batches.next()
+            loss_sum = pipe.step(x.to(device), y.to(device), lm_loss).item()
+            if args.clip > 0:
+                pipe.clip_grad_norm_(args.clip)
+        elif args.clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -450,18 +524,23 @@ def main(argv=None):
             tokens_per_s=tokens_per_step / dt,
         )
         if step % args.eval_every == 0 or step == stop:
-            val = evaluate(raw_model, val_tokens, args, device, world)
+            val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world)
             best_val = val if best_val is None else min(best_val, val)
             progress.write(f"step {step:5d}  val loss {val:.4f}")
             log(type="val", step=step, val_loss=val)
-        if (args.ckpt_every and step % args.ckpt_every == 0) or step == stop:
+        if pipe is None and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop):
             ckpt_file = save_checkpoint(
                 ckpt_dir, raw_model, optimizer, step, batches, best_val, rank
             )
     progress.close()
     elapsed = time.perf_counter() - t_run
 
-    if rank == 0:
+    if rank == 0 and pipe is not None:
+        print("(--pp: no checkpoint and no sample; the model is split across the stages)")
+        log(type="summary", step=step, best_val_loss=best_val, train_seconds=elapsed)
+        if pipe.rebalance_log:
+            print(f"pipeline re-balances: {pipe.rebalance_log}")
+    elif rank == 0:
         g = torch.Generator(device=device).manual_seed(args.seed)
         prompt = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=device)
         out = raw_model.generate(prompt, args.sample_tokens, generator=g)

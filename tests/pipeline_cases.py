@@ -1,6 +1,5 @@
 """Rank functions for tests/test_pipeline.py (module level, so tests/dist.py can spawn them)."""
 
-import copy
 import sys
 from pathlib import Path
 
@@ -11,7 +10,6 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 from gpt import GPT, GPTConfig, lm_loss, pipeline_layers  # noqa: E402
-
 from torchlane.parallel import pipeline  # noqa: E402
 from torchlane.parallel.pipeline import slow_layer_for_testing  # noqa: E402
 
@@ -53,7 +51,7 @@ def match_reference(rank, world, dp, pp, steps, n_layer, rebalance=None):
     runs = [_gpt(n_layer) for _ in schedules]
     ref = _gpt(n_layer)
     pipes, opts = [], []
-    for m, schedule in zip(runs, schedules):
+    for m, schedule in zip(runs, schedules, strict=False):
         pipe = pipeline(pipeline_layers(m), mesh, n_microbatches=4, schedule=schedule)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
         pipes.append(pipe.attach_optimizer(opt))
@@ -66,7 +64,7 @@ def match_reference(rank, world, dp, pp, steps, n_layer, rebalance=None):
         local = slice(dp_rank * 8, (dp_rank + 1) * 8)
         _, ref_loss = ref(x, y)
         ref_loss.backward()
-        for k, (pipe, schedule) in enumerate(zip(pipes, schedules)):
+        for k, (pipe, schedule) in enumerate(zip(pipes, schedules, strict=False)):
             loss = pipe.step(x[local], y[local], lm_loss)
             dist.all_reduce(loss, group=mesh["dp"].get_group())
             if k >= 2:

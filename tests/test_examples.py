@@ -148,3 +148,21 @@ def test_train_gpt_resume_is_exact(straight_runs, tmp_path):
     resumed = [r["loss"] for r in log2 if r["type"] == "train"]
     assert len(resumed) == 30
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight), rtol=1e-5, atol=1e-6)
+
+
+def test_train_gpt_pipeline_matches_one_process(tmp_path):
+    # --pp 2 on 2 ranks (each schedule) against one process with the same flags: the same
+    # per-step training and validation losses over 10 steps.
+    flags = ["--attention", "sdpa", "--max-steps", "10", "--eval-every", "5", "--microbatches", "4"]
+    one, _ = _train(tmp_path / "one", *flags, nproc=1)
+
+    def losses(log):
+        return [r.get("loss", r.get("val_loss")) for r in log if r["type"] in ("train", "val")]
+
+    for schedule in ("gpipe", "1f1b"):
+        log, out = _train(tmp_path / schedule, *flags, "--pp", "2", "--pipeline-schedule", schedule)
+        assert "--pp: no checkpoint" in out
+        assert len(losses(log)) == len(losses(one)) == 13
+        torch.testing.assert_close(
+            torch.tensor(losses(log)), torch.tensor(losses(one)), rtol=1e-4, atol=0
+        )

@@ -1,10 +1,9 @@
 """torchlane.parallel.pipeline: schedules and partitions (pure), and pipelines on 2-4 Gloo ranks
 against the one-process GPT on the same global batch (tests/pipeline_cases.py)."""
 
-import pytest
-
 import dist
 import pipeline_cases as cases
+import pytest
 from torchlane.parallel.pipeline import (
     even_balance,
     max_in_flight,
@@ -33,14 +32,17 @@ def test_partition_minimises_the_slowest_stage():
 
     costs = [3, 1, 4, 1, 5, 9, 2, 6]
     best = min(
-        max(sum(costs[a:b]) for a, b in zip((0, *cut), (*cut, len(costs))))
+        max(sum(costs[a:b]) for a, b in zip((0, *cut), (*cut, len(costs)), strict=False))
         for cut in itertools.combinations(range(1, len(costs)), 3)
     )
     sizes = partition(costs, 4)
     bounds = [0]
     for n in sizes:
         bounds.append(bounds[-1] + n)
-    assert min(sizes) >= 1 and max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])) == best
+    assert (
+        min(sizes) >= 1
+        and max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)) == best
+    )
     assert even_balance(7, 3) == [3, 2, 2]
     with pytest.raises(ValueError, match="more pipeline stages"):
         even_balance(2, 3)

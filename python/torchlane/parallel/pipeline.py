@@ -291,7 +291,7 @@ class Pipeline:
         """This stage's layers, in model order."""
         if self.balance is None:
             raise RuntimeError("balance='profile' decides the stages at the first step()")
-        return [m for m, s in zip(self.layers, self._layer_stage) if s == self.stage]
+        return [m for m, s in zip(self.layers, self._layer_stage, strict=False) if s == self.stage]
 
     def parameters(self):
         """This stage's parameters (a tied one on each stage that uses it)."""
@@ -344,7 +344,7 @@ class Pipeline:
             raise ValueError("y must be a tensor with the same batch size as x")
 
     def _run_layers(self, x, timed=False):
-        for li, (layer, s) in enumerate(zip(self.layers, self._layer_stage)):
+        for li, (layer, s) in enumerate(zip(self.layers, self._layer_stage, strict=False)):
             if s != self.stage:
                 continue
             if timed:
@@ -442,7 +442,7 @@ class Pipeline:
             raise RuntimeError("balance='profile' decides the stages at the first step()")
         m, s = self.n_microbatches, self.stage
         total = torch.zeros(())
-        for i, (xi, yi) in enumerate(zip(x.chunk(m), y.chunk(m))):
+        for i, (xi, yi) in enumerate(zip(x.chunk(m), y.chunk(m), strict=False)):
             if self.is_first:
                 inp = xi
             else:
