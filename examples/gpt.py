@@ -52,19 +52,24 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if cfg.n_embd % cfg.n_head != 0:
             raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
-        self.n_head = cfg.n_head
+        self.n_head = cfg.n_head  # heads this module runs (n_head / tp under tensor parallelism)
+        self.head_dim = cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.attend = attention_fn(cfg.attention)
 
     def forward(self, x):
-        b, s, e = x.shape
-        q, k, v = self.qkv(x).split(e, dim=2)
-        # (B, S, E) -> (B, H, S, D)
-        q, k, v = (t.view(b, s, self.n_head, e // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # Sizes from qkv's output, not x: under tensor (and sequence) parallelism qkv returns
+        # this rank's heads over the whole sequence (examples/gpt_tp.py).
+        qkv = self.qkv(x)
+        b, s, _ = qkv.shape
+        h, d = self.n_head, self.head_dim
+        q, k, v = qkv.split(h * d, dim=2)
+        # (B, S, H*D) -> (B, H, S, D)
+        q, k, v = (t.view(b, s, h, d).transpose(1, 2) for t in (q, k, v))
         y = self.attend(q, k, v)
-        y = y.transpose(1, 2).reshape(b, s, e)
+        y = y.transpose(1, 2).reshape(b, s, h * d)
         return self.drop(self.proj(y))
 
 
@@ -126,8 +131,12 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return logits, self.cross_entropy(logits, targets)
+
+    def cross_entropy(self, logits, targets):
+        """Mean next-token loss. Tensor parallelism (examples/gpt_tp.py) replaces it on the
+        instance with the vocab-parallel loss of vocab-sharded logits."""
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.8, top_k=40, generator=None):

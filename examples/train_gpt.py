@@ -30,7 +30,7 @@ if (HERE.parent / "python" / "torchlane" / "__init__.py").exists():
     sys.path.insert(1, str(HERE.parent / "python"))
 
 import corpus  # noqa: E402
-from gpt import ATTENTION_BACKENDS, GPT, GPTConfig, lm_loss, pipeline_layers  # noqa: E402
+from gpt import ATTENTION_BACKENDS, GPT, GPTConfig, count_params, pipeline_layers  # noqa: E402
 
 HOOKS = ("none", "fp16", "bf16", "powersgd", "topk")
 
@@ -86,7 +86,14 @@ def parse_args(argv=None):
     a("--seed", type=int, default=1337)
     a("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     # ---- tensor / pipeline parallel ----
-    a("--pp", type=int, default=1, help="pipeline stages (the other ranks/pp are dp replicas)")
+    a("--tp", type=int, default=1, help="tensor-parallel size (world = dp x tp)")
+    a("--dp", type=int, default=None, help="data-parallel size (default: world // (tp * pp))")
+    a(
+        "--sequence-parallel",
+        action="store_true",
+        help="with --tp: shard LayerNorm/dropout activations along the sequence",
+    )
+    a("--pp", type=int, default=1, help="pipeline stages (world = pp x dp x tp)")
     a("--microbatches", type=int, default=4, help="micro-batches per pipeline step (--pp > 1)")
     a("--pipeline-schedule", choices=("gpipe", "1f1b"), default="1f1b")
     a(
@@ -95,6 +102,8 @@ def parse_args(argv=None):
         help="even, profile, or comma-separated layer counts per stage (n_layer + 2 layers)",
     )
     args = p.parse_args(argv)
+    if args.tp < 1 or (args.dp is not None and args.dp < 1):
+        p.error(f"--tp and --dp must be >= 1, got --tp {args.tp} --dp {args.dp}")
     if args.attention == "auto":
         args.attention = "torchlane" if _torchlane_has("attention") else "sdpa"
     for name in (
@@ -116,6 +125,8 @@ def parse_args(argv=None):
             )
         if args.grad_accum != 1 or args.resume or args.stop_at:
             p.error("--pp > 1 does not support --grad-accum > 1, --resume or --stop-at yet")
+        if args.tp > 1 and args.clip > 0:
+            p.error("--pp > 1 with --tp > 1 needs --clip 0 (the pipeline's norm is not tp-aware)")
     return args
 
 
@@ -148,8 +159,8 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def wrap_ddp(model, args, device):
-    kwargs = {"bucket_cap_mb": args.bucket_cap_mb}
+def wrap_ddp(model, args, device, process_group=None):
+    kwargs = {"bucket_cap_mb": args.bucket_cap_mb, "process_group": process_group}
     if device.type == "cuda":
         kwargs["device_ids"] = [device.index]
     if args.ddp == "torch":
@@ -236,13 +247,17 @@ def autocast(args, device):
 
 
 @torch.no_grad()
-def evaluate(raw_model, val_tokens, args, device, world):
+def evaluate(raw_model, val_tokens, args, device, world, data_rank=None):
     """Mean validation loss over the same eval_batches windows on every call, averaged over ranks.
 
-    Runs on the unwrapped module, so no collective is issued by the forward passes.
+    Runs on the unwrapped module, so no DDP collective is issued by the forward passes (a
+    tensor-parallel model's own collectives run on every rank). The windows depend on the
+    data-parallel rank only (the tensor-parallel ranks of one replica read the same ones).
     """
     raw_model.eval()
-    g = torch.Generator().manual_seed(args.seed + 7 + int(os.environ.get("RANK", "0")))
+    if data_rank is None:
+        data_rank = int(os.environ.get("RANK", "0"))
+    g = torch.Generator().manual_seed(args.seed + 7 + data_rank)
     total = torch.zeros((), device=device)
     for _ in range(args.eval_batches):
         x, y = corpus.random_batch(val_tokens, args.block_size, args.batch_size, g)
@@ -258,7 +273,8 @@ def evaluate(raw_model, val_tokens, args, device, world):
 
 
 def make_pipeline(raw_model, mesh, args):
-    """This rank's stage of the model (--pp): embedding, blocks, norm + head as n_layer + 2 layers."""
+    """This rank's stage of the model (--pp): embedding, blocks, norm + head as n_layer + 2 layers
+    (built after tensor parallelism swapped the layers, so a stage holds its tp shards)."""
     from torchlane.parallel import pipeline
 
     balance = args.pipeline_balance
@@ -276,16 +292,16 @@ def make_pipeline(raw_model, mesh, args):
     )
 
 
-def evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world):
+def evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank):
     """evaluate() without a pipeline; with one, the same windows through the stages (every stage
     of a replica draws the same batches), averaged over the dp replicas."""
     if pipe is None:
-        return evaluate(raw_model, val_tokens, args, device, world)
-    g = torch.Generator().manual_seed(args.seed + 7 + mesh["dp"].get_local_rank())
+        return evaluate(raw_model, val_tokens, args, device, world, dp_rank)
+    g = torch.Generator().manual_seed(args.seed + 7 + dp_rank)
     total = torch.zeros((), device=device)
     for _ in range(args.eval_batches):
         x, y = corpus.random_batch(val_tokens, args.block_size, args.batch_size, g)
-        total += pipe.evaluate(x.to(device), y.to(device), lm_loss)
+        total += pipe.evaluate(x.to(device), y.to(device), raw_model.cross_entropy)
     total /= args.eval_batches
     dp = mesh["dp"].get_group()
     dist.all_reduce(total, group=dp)
@@ -303,7 +319,7 @@ def _checkpoint_module():
     return checkpoint
 
 
-def save_checkpoint(ckpt_dir, raw_model, optimizer, step, batches, best_val, rank):
+def save_checkpoint(ckpt_dir, raw_model, optimizer, step, batches, best_val, rank, group=None):
     """Every rank calls this. torchlane.checkpoint when available (crash-safe file per step,
     every rank's RNG state, replicas checked to agree); otherwise rank 0 writes a plain
     torch.save file, renamed into place so a crash never leaves a truncated checkpoint."""
@@ -311,7 +327,13 @@ def save_checkpoint(ckpt_dir, raw_model, optimizer, step, batches, best_val, ran
     ck = _checkpoint_module()
     if ck is not None:
         return ck.save(
-            ckpt_dir, raw_model, optimizer, step, data_position=batches.state(), best_val=best
+            ckpt_dir,
+            raw_model,
+            optimizer,
+            step,
+            data_position=batches.state(),
+            best_val=best,
+            process_group=group,
         )
     path = Path(ckpt_dir) / "last.pt"
     if rank == 0:
@@ -330,12 +352,12 @@ def save_checkpoint(ckpt_dir, raw_model, optimizer, step, batches, best_val, ran
     return str(path)
 
 
-def load_checkpoint(ckpt_dir, raw_model, optimizer, batches):
+def load_checkpoint(ckpt_dir, raw_model, optimizer, batches, group=None):
     """(step, best_val) of the newest checkpoint in ckpt_dir, restored into the model, optimizer
     and data position; None when there is none."""
     ck = _checkpoint_module()
     if ck is not None:
-        info = ck.load(ckpt_dir, raw_model, optimizer)
+        info = ck.load(ckpt_dir, raw_model, optimizer, process_group=group)
         if info is None:
             return None
         step, position, best = info.step, info.data_position, info.extra.get("best_val")
@@ -418,51 +440,57 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    # The data a step reads depends only on (seed, step, dp rank, dp size).
+    mesh, dp_rank, dp_size, dp_group = None, rank, world, None
+    if args.tp > 1 or args.dp is not None or args.pp > 1:
+        from torchlane.parallel import init_mesh
+
+        if world == 1 and args.tp > 1:
+            raise SystemExit(f"--tp {args.tp}: launch tp x dp ranks with torchrun")
+        mesh = init_mesh(dp=args.dp, tp=args.tp, pp=args.pp)
+        dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+        dp_group = mesh["dp"].get_group()
 
     data, description = corpus.load_bytes(args.data, int(args.max_data_mb * 1e6))
     train_tokens, val_tokens = corpus.split(data)
-    mesh = None
-    data_rank, data_world = rank, world
-    if args.pp > 1:
-        if world % args.pp:
-            raise SystemExit(f"--pp {args.pp} must divide the number of ranks ({world})")
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(
-            device.type, (args.pp, world // args.pp, 1), mesh_dim_names=("pp", "dp", "tp")
-        )
-        data_rank, data_world = mesh["dp"].get_local_rank(), world // args.pp
     batches = corpus.ShardedBatches(
-        train_tokens, args.block_size, args.batch_size, data_rank, data_world, args.seed
+        train_tokens, args.block_size, args.batch_size, dp_rank, dp_size, args.seed
     )
 
     cfg = GPTConfig(
         256, args.block_size, args.n_layer, args.n_head, args.n_embd, args.dropout, args.attention
     )
     raw_model = GPT(cfg).to(device)
-    optimizer = make_optimizer(raw_model, args)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints"
+    if args.tp > 1:
+        from gpt_tp import parallelize_gpt
+
+        parallelize_gpt(raw_model, mesh["tp"], sequence_parallel=args.sequence_parallel)
+        # Each tp rank checkpoints its shards with its data-parallel replicas.
+        ckpt_dir = ckpt_dir / f"tp{mesh['tp'].get_local_rank()}-of-{args.tp}"
+    optimizer = make_optimizer(raw_model, args)
     step, best_val = 0, None
     if args.resume:
-        loaded = load_checkpoint(ckpt_dir, raw_model, optimizer, batches)
+        loaded = load_checkpoint(ckpt_dir, raw_model, optimizer, batches, dp_group)
         if loaded is None:
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
         step, best_val = loaded
     pipe = None
-    if mesh is not None:
+    if args.pp > 1:  # after the optimizer: its groups read the parameters' shapes
         pipe = make_pipeline(raw_model, mesh, args).attach_optimizer(optimizer)
         model = None
     else:
-        model = wrap_ddp(raw_model, args, device) if world > 1 else raw_model
+        model = wrap_ddp(raw_model, args, device, dp_group) if dp_size > 1 else raw_model
 
     log = JsonLog(out_dir / "log.jsonl", rank, append=args.resume)
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * data_world
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * dp_size
     if rank == 0:
         print(
             f"corpus: {description}\n"
-            f"model: {raw_model.num_params() / 1e6:.2f}M parameters {cfg.to_dict()}\n"
-            f"{world} rank(s) on {device.type}, ddp={args.ddp if world > 1 else 'none'}, "
+            f"model: {count_params(cfg) / 1e6:.2f}M parameters {cfg.to_dict()}\n"
+            f"{world} rank(s) on {device.type}, ddp={args.ddp if dp_size > 1 else 'none'}, "
+            f"dp={dp_size}, tp={args.tp}{' (sequence parallel)' if args.sequence_parallel else ''}, "
             f"attention={args.attention}, "
             f"hook={args.hook}, dtype={args.dtype}, {tokens_per_step} tokens/step, "
             f"{batches.batches_per_epoch} batches/epoch/rank"
@@ -474,14 +502,16 @@ def main(argv=None):
             args=vars(args),
             config=cfg.to_dict(),
             world_size=world,
-            params=raw_model.num_params(),
+            dp=dp_size,
+            tp=args.tp,
+            params=count_params(cfg),
             corpus=description,
             resumed_at=step if args.resume else None,
         )
 
     progress = Progress(rank, args.max_steps, step, args.no_progress)
     if step == 0 or step % args.eval_every == 0:
-        val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world)
+        val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
         progress.write(f"step {step:5d}  val loss {val:.4f}")
         log(type="val", step=step, val_loss=val)
     t_run = time.perf_counter()
@@ -497,7 +527,7 @@ def main(argv=None):
             x, y = batches.next()
             x, y = x.to(device), y.to(device)
             last = micro == args.grad_accum - 1
-            sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+            sync = model.no_sync() if (dp_size > 1 and not last) else contextlib.nullcontext()
             with sync:
                 with autocast(args, device):
                     _, loss = model(x, y)
@@ -505,9 +535,13 @@ def main(argv=None):
             loss_sum += loss.item() / args.grad_accum
         if pipe is not None:
             x, y = batches.next()
-            loss_sum = pipe.step(x.to(device), y.to(device), lm_loss).item()
+            loss_sum = pipe.step(x.to(device), y.to(device), raw_model.cross_entropy).item()
             if args.clip > 0:
                 pipe.clip_grad_norm_(args.clip)
+        elif args.clip > 0 and args.tp > 1:
+            from torchlane.parallel import clip_grad_norm_
+
+            clip_grad_norm_(raw_model, args.clip)  # the norm of the full, unsharded gradient
         elif args.clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         optimizer.step()
@@ -524,26 +558,35 @@ def main(argv=None):
             tokens_per_s=tokens_per_step / dt,
         )
         if step % args.eval_every == 0 or step == stop:
-            val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world)
+            val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
             best_val = val if best_val is None else min(best_val, val)
             progress.write(f"step {step:5d}  val loss {val:.4f}")
             log(type="val", step=step, val_loss=val)
         if pipe is None and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop):
             ckpt_file = save_checkpoint(
-                ckpt_dir, raw_model, optimizer, step, batches, best_val, rank
+                ckpt_dir, raw_model, optimizer, step, batches, best_val, dp_rank, dp_group
             )
     progress.close()
     elapsed = time.perf_counter() - t_run
 
-    if rank == 0 and pipe is not None:
-        print("(--pp: no checkpoint and no sample; the model is split across the stages)")
-        log(type="summary", step=step, best_val_loss=best_val, train_seconds=elapsed)
-        if pipe.rebalance_log:
-            print(f"pipeline re-balances: {pipe.rebalance_log}")
-    elif rank == 0:
+    sampler = raw_model
+    if pipe is not None:
+        if rank == 0:
+            print("(--pp: no checkpoint and no sample; the model is split across the stages)")
+            log(type="summary", step=step, best_val_loss=best_val, train_seconds=elapsed)
+            if pipe.rebalance_log:
+                print(f"pipeline re-balances: {pipe.rebalance_log}")
+    elif args.tp > 1:  # sample from an unsharded copy (a collective: every rank gathers)
+        from torchlane.parallel import full_state_dict
+
+        full = full_state_dict(raw_model)
+        if rank == 0:
+            sampler = GPT(cfg).to(device)
+            sampler.load_state_dict(full)
+    if rank == 0 and pipe is None:
         g = torch.Generator(device=device).manual_seed(args.seed)
         prompt = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=device)
-        out = raw_model.generate(prompt, args.sample_tokens, generator=g)
+        out = sampler.generate(prompt, args.sample_tokens, generator=g)
         text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
         print("\n---- sample ----\n" + text + "\n----------------", flush=True)
         log(type="sample", step=step, text=text)

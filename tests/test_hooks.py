@@ -20,24 +20,25 @@ from torchlane import _C, _testing, hooks
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "kwargs, name, error",
     [
-        ({"rank": 0}, "rank"),
-        ({"rank": 1.5}, "rank"),
-        ({"start_powerSGD_iter": -1}, "start_powerSGD_iter"),
-        ({"start_powerSGD_iter": 1}, "start_powerSGD_iter"),
-        ({"min_compression_rate": -0.5}, "min_compression_rate"),
-        ({"min_compression_rate": "2"}, "min_compression_rate"),
-        ({"use_error_feedback": 1}, "use_error_feedback"),
-        ({"warm_start": None}, "warm_start"),
-        ({"orthogonalization_epsilon": -1e-8}, "orthogonalization_epsilon"),
-        ({"orthogonalization_epsilon": float("inf")}, "orthogonalization_epsilon"),
-        ({"random_seed": -1}, "random_seed"),
-        ({"random_seed": 2**32}, "random_seed"),
+        ({"rank": 0}, "rank", ValueError),
+        ({"rank": 1.5}, "rank", TypeError),
+        ({"start_powerSGD_iter": -1}, "start_powerSGD_iter", ValueError),
+        ({"start_powerSGD_iter": 1}, "start_powerSGD_iter", ValueError),
+        ({"min_compression_rate": -0.5}, "min_compression_rate", ValueError),
+        ({"min_compression_rate": "2"}, "min_compression_rate", TypeError),
+        ({"use_error_feedback": 1}, "use_error_feedback", TypeError),
+        ({"warm_start": None}, "warm_start", TypeError),
+        ({"orthogonalization_epsilon": -1e-8}, "orthogonalization_epsilon", ValueError),
+        ({"orthogonalization_epsilon": float("inf")}, "orthogonalization_epsilon", ValueError),
+        ({"random_seed": -1}, "random_seed", ValueError),
+        ({"random_seed": 2**32}, "random_seed", ValueError),
     ],
 )
-def test_powersgd_state_rejects_bad_arguments(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+def test_powersgd_state_rejects_bad_arguments(kwargs, name, error):
+    # Torch's convention: a wrong type raises TypeError, a wrong value ValueError.
+    with pytest.raises(error, match=name):
         hooks.PowerSGDState(**kwargs)
 
 
@@ -48,26 +49,30 @@ def test_powersgd_state_accepts_torch_settings():
     hooks.PowerSGDState(start_powerSGD_iter=0, use_error_feedback=False, warm_start=False)
 
 
-@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan"), "0.1", True])
-def test_topk_state_rejects_bad_ratio(ratio):
-    with pytest.raises(ValueError, match="ratio"):
+@pytest.mark.parametrize(
+    "ratio, error",
+    [(0, ValueError), (-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError),
+     ("0.1", TypeError), (True, TypeError)],
+)
+def test_topk_state_rejects_bad_ratio(ratio, error):
+    with pytest.raises(error, match="ratio"):
         hooks.TopKState(ratio=ratio)
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "kwargs, name, error",
     [
-        ({"start_iter": -1}, "start_iter"),
-        ({"start_iter": 2.0}, "start_iter"),
-        ({"ratio_warmup_iters": -5}, "ratio_warmup_iters"),
-        ({"ratio_warmup_iters": None}, "ratio_warmup_iters"),
-        ({"min_compression_rate": -1}, "min_compression_rate"),
-        ({"min_compression_rate": float("inf")}, "min_compression_rate"),
-        ({"layerwise": 1}, "layerwise"),
+        ({"start_iter": -1}, "start_iter", ValueError),
+        ({"start_iter": 2.0}, "start_iter", TypeError),
+        ({"ratio_warmup_iters": -5}, "ratio_warmup_iters", ValueError),
+        ({"ratio_warmup_iters": None}, "ratio_warmup_iters", TypeError),
+        ({"min_compression_rate": -1}, "min_compression_rate", ValueError),
+        ({"min_compression_rate": float("inf")}, "min_compression_rate", ValueError),
+        ({"layerwise": 1}, "layerwise", TypeError),
     ],
 )
-def test_topk_state_rejects_bad_arguments(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+def test_topk_state_rejects_bad_arguments(kwargs, name, error):
+    with pytest.raises(error, match=name):
         hooks.TopKState(**kwargs)
 
 
@@ -81,11 +86,11 @@ def test_topk_state_defaults():
 def test_hooks_carry_cpp_factories():
     for h in (hooks.bf16_compress, hooks.fp16_compress, hooks.powersgd, hooks.topk):
         assert callable(h._torchlane_make_cpp_hook)
-    with pytest.raises(ValueError, match="PowerSGDState"):
+    with pytest.raises(TypeError, match="PowerSGDState"):
         hooks.powersgd._torchlane_make_cpp_hook(hooks.TopKState(), None)
-    with pytest.raises(ValueError, match="TopKState"):
+    with pytest.raises(TypeError, match="TopKState"):
         hooks.topk._torchlane_make_cpp_hook(None, None)
-    with pytest.raises(ValueError, match="state must be None"):
+    with pytest.raises(TypeError, match="state must be None"):
         hooks.bf16_compress._torchlane_make_cpp_hook(hooks.TopKState(), None)
 
 

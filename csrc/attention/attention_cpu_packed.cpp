@@ -2,8 +2,6 @@
 // fp32 GEMMs, bf16 inputs with bf16 x bf16 -> fp32 GEMMs. See Note [Packed attention on the CPU].
 #include "attention/cpu_vec.h"  // first: selects the vector ISA, see its Note
 
-#include <sys/mman.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -12,6 +10,7 @@
 
 #include "attention/cpu_microkernel.h"
 #include "attention/cpu_common.h"
+#include "attention/cpu_workspace.h"
 
 // Note [Packed attention on the CPU]
 // Same tiles, online softmax, masking and schedules as Note [CPU flash attention], with the GEMMs
@@ -35,55 +34,6 @@ namespace {
 
 using mk::kNR;
 using mk::round_up;
-
-// At least `bytes` bytes (*bytes is rounded up to whole 2 MiB), 2 MiB aligned, with a request
-// for transparent huge pages (Note [Per-thread buffers]); released with std::free.
-void* huge_alloc(size_t* bytes) {
-  constexpr size_t kHugePage = size_t(2) << 20;
-  const size_t asked = *bytes;
-  *bytes = (asked + kHugePage - 1) / kHugePage * kHugePage;
-  void* p = std::aligned_alloc(kHugePage, *bytes);
-  TORCH_CHECK(p != nullptr, "torchlane.attention: cannot allocate ", asked,
-              " bytes of workspace");
-#ifdef MADV_HUGEPAGE
-  madvise(p, *bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
-#endif
-  return p;
-}
-
-// n elements of X at a 64-byte boundary, so that the vectors of a row never straddle two cache
-// lines (std::vector's storage is 16-byte aligned: every 64-byte load and store of a tile row
-// would be split in two): Huge::kNo zeroed, Huge::kYes uninitialised from huge_alloc.
-enum class Huge { kNo, kYes };
-
-template <typename X>
-class AlignedArray {
- public:
-  AlignedArray() = default;
-  AlignedArray(int64_t n, Huge huge) {
-    size_t bytes = (static_cast<size_t>(n) * sizeof(X) + 63) / 64 * 64;
-    if (bytes == 0)
-      return;
-    if (huge == Huge::kYes) {
-      data_.reset(static_cast<X*>(huge_alloc(&bytes)));
-      return;
-    }
-    data_.reset(static_cast<X*>(std::aligned_alloc(64, bytes)));
-    TORCH_CHECK(data_ != nullptr, "torchlane.attention: cannot allocate ", bytes, " bytes");
-    std::memset(data_.get(), 0, bytes);
-  }
-  X* data() const {
-    return data_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(X* p) const {
-      std::free(p);
-    }
-  };
-  std::unique_ptr<X, Free> data_;
-};
 
 // Per-(batch, head) operands: packed copies, heads back to back, or (fp32 inputs already in the
 // layout) the input itself, at its batch and head strides.
@@ -152,87 +102,6 @@ template <typename W>
 struct View {
   const W* ptr;
   int64_t ld;
-};
-
-// Note [Per-thread buffers]
-// The packed operands of a head and the per-task tiles are carved out of one arena per thread
-// (workspace()), allocated in whole 2 MiB units at 2 MiB alignment with a request for
-// transparent huge pages (madvise; the kernel may decline), and kept from one call to the next
-// unless larger than kKeepBytes. Measured on the 2-core Xeon (B=4 H=8, bf16):
-//  - the L2 cache is indexed by physical address bits above the 4 KiB page, and AMX tile loads
-//    read 16 rows up to ~1 KiB apart, across pages: with 4 KiB pages the GEMMs' time varied by a
-//    third from one process to the next, and both GEMMs of the forward ran about twice as fast
-//    from huge pages (S=2048 D=128: 88 -> 50 ms, with the two items below);
-//  - malloc hands out large blocks as fresh pages (mmap), and the first touch of every 4 KiB page
-//    costs a fault and a zero fill: with whole-tensor packs of K^T and V, 32 MiB each at S=4096
-//    D=128, the forward took 400 ms, packing one kv head at a time 326 ms.
-constexpr size_t kKeepBytes = size_t(16) << 20;
-
-class Arena {
- public:
-  Arena() = default;
-  Arena(const Arena&) = delete;
-  Arena& operator=(const Arena&) = delete;
-  ~Arena() {
-    std::free(data_);
-  }
-  // At least `bytes` bytes, 2 MiB aligned; contents unspecified.
-  char* get(size_t bytes) {
-    if (bytes > bytes_) {
-      std::free(data_);
-      data_ = nullptr;
-      bytes_ = 0;
-      size_t rounded = bytes;
-      data_ = huge_alloc(&rounded);
-      bytes_ = rounded;
-    }
-    return static_cast<char*>(data_);
-  }
-  // Frees the arena if it grew beyond kKeepBytes.
-  void trim() {
-    if (bytes_ > kKeepBytes) {
-      std::free(data_);
-      data_ = nullptr;
-      bytes_ = 0;
-    }
-  }
-
- private:
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-// The calling thread's arena.
-inline Arena& workspace() {
-  thread_local Arena arena;
-  return arena;
-}
-
-// Lays out arrays, each 64-byte aligned, in the calling thread's arena: reserve() them all, then
-// allocate() once (which trims the arena at the end of the task: Arena::trim), then at().
-class Workspace {
- public:
-  template <typename X>
-  int64_t reserve(int64_t n) {
-    const int64_t offset = bytes_;
-    bytes_ += (n * static_cast<int64_t>(sizeof(X)) + 63) / 64 * 64;
-    return offset;
-  }
-  void allocate() {
-    base_ = workspace().get(static_cast<size_t>(bytes_));
-  }
-  template <typename X>
-  X* at(int64_t offset) const {
-    return reinterpret_cast<X*>(base_ + offset);
-  }
-  ~Workspace() {
-    if (base_ != nullptr)
-      workspace().trim();
-  }
-
- private:
-  int64_t bytes_ = 0;
-  char* base_ = nullptr;
 };
 
 // Words pack_or_view needs for the S x D matrix (row stride ld_src) in layout `how`.

@@ -3,6 +3,7 @@
 
 #include "bindings/bindings.h"
 #include "comm/comm_hook.hpp"
+#include "comm/grad_bucket.hpp"
 #include "hooks/cast_hook.hpp"
 #include "hooks/powersgd_hook.hpp"
 #include "hooks/topk_hook.hpp"
@@ -24,19 +25,8 @@ at::Tensor run_comm_hook(const std::shared_ptr<torchlane::CommHook>& hook, at::T
   TORCH_CHECK(bucket_count >= 1 && index >= 0 && index < bucket_count,
               "_run_comm_hook: index must be in [0, bucket_count), got index ", index,
               " and bucket_count ", bucket_count);
-  std::vector<size_t> offsets, lengths;
-  std::vector<c10::IntArrayRef> sizes;
-  size_t offset = 0;
-  for (const auto& p : params) {
-    offsets.push_back(offset);
-    lengths.push_back(p.numel());
-    sizes.push_back(p.sizes());
-    offset += p.numel();
-  }
-  TORCH_CHECK(static_cast<int64_t>(offset) == buffer.numel(), "_run_comm_hook: params hold ",
-              offset, " elements but buffer has ", buffer.numel());
-  c10d::GradBucket bucket(index, bucket_count, buffer, offsets, lengths, sizes, params,
-                          std::nullopt);
+  c10d::GradBucket bucket = comm::make_grad_bucket(static_cast<size_t>(index),
+                                                   static_cast<size_t>(bucket_count), buffer, params);
   c10::intrusive_ptr<c10::ivalue::Future> fut;
   {
     py::gil_scoped_release no_gil;
@@ -59,6 +49,34 @@ at::ScalarType wire_dtype_from_name(const std::string& name) {
   return at::kBFloat16;
 }
 
+hooks::PowerSGDOptions powersgd_options(int64_t rank, int64_t start_iter, double min_rate,
+                                        bool use_error_feedback, bool warm_start, double epsilon,
+                                        int64_t seed) {
+  TORCH_CHECK_VALUE(seed >= 0, "powersgd: random_seed must be >= 0, got ", seed);
+  hooks::PowerSGDOptions o;
+  o.rank = rank;
+  o.start_iter = start_iter;
+  o.min_compression_rate = min_rate;
+  o.use_error_feedback = use_error_feedback;
+  o.warm_start = warm_start;
+  o.epsilon = epsilon;
+  o.seed = static_cast<uint64_t>(seed);
+  hooks::check_options(o);
+  return o;
+}
+
+hooks::TopKOptions topk_options(double ratio, int64_t start_iter, int64_t ratio_warmup_iters,
+                                double min_rate, bool layerwise) {
+  hooks::TopKOptions o;
+  o.ratio = ratio;
+  o.start_iter = start_iter;
+  o.ratio_warmup_iters = ratio_warmup_iters;
+  o.min_compression_rate = min_rate;
+  o.layerwise = layerwise;
+  hooks::check_options(o);
+  return o;
+}
+
 }  // namespace
 
 void bind_hooks(py::module_& m, py::module_& testing) {
@@ -76,16 +94,12 @@ void bind_hooks(py::module_& m, py::module_& testing) {
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> pg, int64_t rank,
                        int64_t start_powerSGD_iter, double min_compression_rate,
                        bool use_error_feedback, bool warm_start, double orthogonalization_epsilon,
-                       uint64_t random_seed) {
-             h::PowerSGDOptions o;
-             o.rank = rank;
-             o.start_iter = start_powerSGD_iter;
-             o.min_compression_rate = min_compression_rate;
-             o.use_error_feedback = use_error_feedback;
-             o.warm_start = warm_start;
-             o.epsilon = orthogonalization_epsilon;
-             o.seed = random_seed;
-             return std::make_shared<h::PowerSGDHook>(std::move(pg), o);
+                       int64_t random_seed) {
+             return std::make_shared<h::PowerSGDHook>(
+                 std::move(pg),
+                 powersgd_options(rank, start_powerSGD_iter, min_compression_rate,
+                                  use_error_feedback, warm_start, orthogonalization_epsilon,
+                                  random_seed));
            }),
            py::arg("process_group"), py::arg("rank"), py::arg("start_powerSGD_iter"),
            py::arg("min_compression_rate"), py::arg("use_error_feedback"), py::arg("warm_start"),
@@ -101,13 +115,9 @@ void bind_hooks(py::module_& m, py::module_& testing) {
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> pg, double ratio,
                        int64_t start_iter, int64_t ratio_warmup_iters,
                        double min_compression_rate, bool layerwise) {
-             h::TopKOptions o;
-             o.ratio = ratio;
-             o.start_iter = start_iter;
-             o.ratio_warmup_iters = ratio_warmup_iters;
-             o.min_compression_rate = min_compression_rate;
-             o.layerwise = layerwise;
-             return std::make_shared<h::TopKHook>(std::move(pg), o);
+             return std::make_shared<h::TopKHook>(
+                 std::move(pg), topk_options(ratio, start_iter, ratio_warmup_iters,
+                                             min_compression_rate, layerwise));
            }),
            py::arg("process_group"), py::arg("ratio"), py::arg("start_iter") = 0,
            py::arg("ratio_warmup_iters") = 0, py::arg("min_compression_rate") = 2.0,
@@ -118,6 +128,22 @@ void bind_hooks(py::module_& m, py::module_& testing) {
         return tensor_or_none(hook.residual(bucket_index));
       });
 
+  // The option rules of torchlane.hooks.PowerSGDState / TopKState (one copy, in C++).
+  m.def(
+      "_check_powersgd_options",
+      [](int64_t rank, int64_t start_iter, double min_rate, bool use_error_feedback,
+         bool warm_start, double epsilon, int64_t seed) {
+        powersgd_options(rank, start_iter, min_rate, use_error_feedback, warm_start, epsilon, seed);
+      },
+      py::arg("rank"), py::arg("start_powerSGD_iter"), py::arg("min_compression_rate"),
+      py::arg("use_error_feedback"), py::arg("warm_start"), py::arg("orthogonalization_epsilon"),
+      py::arg("random_seed"));
+  m.def(
+      "_check_topk_options",
+      [](double ratio, int64_t start_iter, int64_t ratio_warmup_iters, double min_rate,
+         bool layerwise) { topk_options(ratio, start_iter, ratio_warmup_iters, min_rate, layerwise); },
+      py::arg("ratio"), py::arg("start_iter"), py::arg("ratio_warmup_iters"),
+      py::arg("min_compression_rate"), py::arg("layerwise"));
   m.def("_run_comm_hook", &run_comm_hook, py::arg("hook"), py::arg("buffer"), py::arg("index"),
         py::arg("bucket_count"), py::arg("params"));
   testing.def("topk_count", &h::topk_count, py::arg("numel"), py::arg("ratio"));

@@ -46,6 +46,11 @@ size_t sole_owned(const std::vector<WorkPtr>& v) {
 
 c10::intrusive_ptr<c10::ivalue::Future> launched(WorkPtr work) {
   auto future = work->getFuture();
+  keep(std::move(work));
+  return future;
+}
+
+void keep(WorkPtr work) {
   std::vector<WorkPtr> drop;  // destroyed after the lock is released
   {
     Kept& k = kept();
@@ -64,7 +69,6 @@ c10::intrusive_ptr<c10::ivalue::Future> launched(WorkPtr work) {
     v.push_back(std::move(work));
     ++k.stats.launched;
   }
-  return future;
 }
 
 void drop_finished() {

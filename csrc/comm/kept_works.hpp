@@ -32,6 +32,9 @@ namespace torchlane::comm {
 // Keeps `work` and returns its future.
 c10::intrusive_ptr<c10::ivalue::Future> launched(c10::intrusive_ptr<c10d::Work> work);
 
+// Keeps `work` (for Works without a future, e.g. Gloo's reduce_scatter_single: wait on the Work).
+void keep(c10::intrusive_ptr<c10d::Work> work);
+
 // Drops the kept works that only the list still references, on the calling thread. The reducer
 // calls it at the end of a backward pass, so that a hook's wire tensors (held by its Work) are
 // not kept until the next launch.

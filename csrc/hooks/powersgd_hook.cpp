@@ -1,6 +1,7 @@
 #include "hooks/powersgd_hook.hpp"
 
 #include "hooks/allreduce_mean.hpp"
+#include "comm/clock.hpp"
 #include "comm/kept_works.hpp"
 
 #include <chrono>
@@ -177,11 +178,7 @@ uint32_t PowerSGDSeeds::next() {
 
 namespace {
 
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using comm::now_ns;
 
 // The compressed matrices of a bucket as views: M (rows x cols) of the bucket's gradients, P
 // (rows x r) of the flat `p`, Q (cols x r) of the flat `q`, in plan order.
@@ -245,22 +242,29 @@ struct PowerSGDHook::InFlight {
   }
 };
 
+void check_options(const PowerSGDOptions& o) {
+  TORCH_CHECK_VALUE(o.rank >= 1, "powersgd: rank must be >= 1, got ", o.rank);
+  TORCH_CHECK_VALUE(o.start_iter >= 0, "powersgd: start_powerSGD_iter must be >= 0, got ",
+                    o.start_iter);
+  TORCH_CHECK_VALUE(!(o.use_error_feedback || o.warm_start) || o.start_iter > 1,
+                    "powersgd: start_powerSGD_iter must be > 1 when use_error_feedback or "
+                    "warm_start is enabled (DDP may rebuild its buckets after the first step), got ",
+                    o.start_iter);
+  TORCH_CHECK_VALUE(std::isfinite(o.min_compression_rate) && o.min_compression_rate >= 0,
+                    "powersgd: min_compression_rate must be a finite number >= 0, got ",
+                    o.min_compression_rate);
+  TORCH_CHECK_VALUE(std::isfinite(o.epsilon) && o.epsilon >= 0,
+                    "powersgd: orthogonalization_epsilon must be a finite number >= 0, got ",
+                    o.epsilon);
+  TORCH_CHECK_VALUE(o.seed < (uint64_t(1) << 32), "powersgd: random_seed must be < 2**32, got ",
+                    o.seed);
+}
+
 PowerSGDHook::PowerSGDHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
                            PowerSGDOptions options)
     : CommHook(std::move(process_group)), options_(options), seeds_(options.seed) {
   TORCH_CHECK(process_group_, "PowerSGDHook: process_group must not be None");
-  TORCH_CHECK_VALUE(options.rank >= 1, "PowerSGDHook: rank must be >= 1, got ", options.rank);
-  TORCH_CHECK_VALUE(options.start_iter >= 0, "PowerSGDHook: start_powerSGD_iter must be >= 0, got ",
-              options.start_iter);
-  TORCH_CHECK_VALUE(!(options.use_error_feedback || options.warm_start) || options.start_iter > 1,
-              "PowerSGDHook: start_powerSGD_iter must be > 1 when use_error_feedback or "
-              "warm_start is enabled, got ",
-              options.start_iter);
-  TORCH_CHECK_VALUE(options.min_compression_rate >= 0,
-              "PowerSGDHook: min_compression_rate must be >= 0, got ",
-              options.min_compression_rate);
-  TORCH_CHECK_VALUE(options.epsilon >= 0, "PowerSGDHook: orthogonalization_epsilon must be >= 0, got ",
-              options.epsilon);
+  check_options(options);
   world_size_ = process_group_->getSize();
 }
 

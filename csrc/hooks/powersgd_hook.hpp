@@ -24,6 +24,10 @@ struct PowerSGDOptions {
   uint64_t seed = 0;
 };
 
+// The one copy of the option rules (ValueError naming the argument, with torch's names); the hook
+// and torchlane.hooks.PowerSGDState both call it.
+void check_options(const PowerSGDOptions& options);
+
 // ---- pure math, testable alone (see Note [PowerSGD]) ----
 
 // One gradient tensor compressed as a rows x cols matrix M ~ P Q^T with P: rows x rank and

@@ -229,19 +229,21 @@ void topk_scatter_add_(at::Tensor& out, const at::Tensor& values, const at::Tens
 #endif
 }
 
+void check_options(const TopKOptions& o) {
+  TORCH_CHECK_VALUE(o.ratio > 0.0 && o.ratio <= 1.0, "topk: ratio must be a number in (0, 1], got ",
+                    o.ratio);
+  TORCH_CHECK_VALUE(o.start_iter >= 0, "topk: start_iter must be >= 0, got ", o.start_iter);
+  TORCH_CHECK_VALUE(o.ratio_warmup_iters >= 0, "topk: ratio_warmup_iters must be >= 0, got ",
+                    o.ratio_warmup_iters);
+  TORCH_CHECK_VALUE(std::isfinite(o.min_compression_rate) && o.min_compression_rate >= 0,
+                    "topk: min_compression_rate must be a finite number >= 0, got ",
+                    o.min_compression_rate);
+}
+
 TopKHook::TopKHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group, TopKOptions options)
     : CommHook(std::move(process_group)), options_(options) {
   TORCH_CHECK(process_group_, "TopKHook: process_group must not be None");
-  TORCH_CHECK_VALUE(options.ratio > 0.0 && options.ratio <= 1.0,
-                    "TopKHook: ratio must be in (0, 1], got ", options.ratio);
-  TORCH_CHECK_VALUE(options.start_iter >= 0, "TopKHook: start_iter must be >= 0, got ",
-                    options.start_iter);
-  TORCH_CHECK_VALUE(options.ratio_warmup_iters >= 0,
-                    "TopKHook: ratio_warmup_iters must be >= 0, got ", options.ratio_warmup_iters);
-  TORCH_CHECK_VALUE(std::isfinite(options.min_compression_rate) &&
-                        options.min_compression_rate >= 0,
-                    "TopKHook: min_compression_rate must be a finite number >= 0, got ",
-                    options.min_compression_rate);
+  check_options(options);
 }
 
 int64_t TopKHook::iter() const {

@@ -18,6 +18,10 @@ struct TopKOptions {
   bool layerwise = false;  // top-k per tensor instead of over the bucket's compressed tensors
 };
 
+// The one copy of the option rules (ValueError naming the argument); the hook and
+// torchlane.hooks.TopKState both call it.
+void check_options(const TopKOptions& options);
+
 // ---- pure math, testable alone (see Note [Top-k with error feedback]) ----
 
 // Number of entries sent out of `numel`: ceil(ratio * numel), at least 1.

@@ -1,6 +1,8 @@
 #include "reducer/reducer.hpp"
 
 #include "reducer/finite_copy.hpp"
+#include "comm/clock.hpp"
+#include "comm/grad_bucket.hpp"
 #include "comm/kept_works.hpp"
 
 #include <algorithm>
@@ -18,11 +20,7 @@ namespace torchlane {
 
 namespace {
 
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using comm::now_ns;
 
 std::string join_names(const std::vector<std::string>& names, size_t limit = 20) {
   std::ostringstream out;
@@ -480,15 +478,11 @@ void Reducer::wait_or_throw(c10::ivalue::Future& future, const std::string& what
 }
 
 c10d::GradBucket Reducer::make_grad_bucket(size_t b, const at::Tensor& buffer) const {
-  const auto& bucket = buckets_[b];
-  std::vector<c10::IntArrayRef> sizes;
   std::vector<at::Tensor> params;
-  for (auto i : bucket.params) {
-    sizes.push_back(params_[i].sizes());
+  for (auto i : buckets_[b].params) {
     params.push_back(params_[i]);
   }
-  return c10d::GradBucket(b, buckets_.size(), buffer, bucket.offsets, bucket.lengths,
-                          std::move(sizes), std::move(params), std::nullopt);
+  return comm::make_grad_bucket(b, buckets_.size(), buffer, params);
 }
 
 std::string Reducer::describe_bucket(size_t b) const {

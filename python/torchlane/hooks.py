@@ -19,7 +19,6 @@ Semantics follow torch's ``ddp_comm_hooks`` (``bf16_compress_hook``, ``fp16_comp
 Note [Top-k with error feedback] in csrc/hooks/.
 """
 
-import math
 import numbers
 
 import torch
@@ -37,25 +36,25 @@ __all__ = [
 ]
 
 
-def _check_int(name, value, minimum):
+# The option types are checked here (TypeError, naming the argument); the ranges in C++, in one
+# place shared with the hooks themselves (_C._check_powersgd_options / _check_topk_options).
+
+
+def _check_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise TypeError(f"{name} must be an int, got {value!r}")
     return int(value)
 
 
-def _check_real(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+def _check_real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
     return float(value)
 
 
 def _check_bool(name, value):
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -100,7 +99,7 @@ def _cast_group(state, process_group, hook_name):
         return _default_group(process_group)
     if isinstance(state, dist.ProcessGroup):
         return state
-    raise ValueError(
+    raise TypeError(
         f"torchlane.hooks.{hook_name}: state must be None (or a ProcessGroup), got "
         f"{type(state).__name__}"
     )
@@ -161,23 +160,26 @@ class PowerSGDState(_CppHookState):
         orthogonalization_epsilon=0,
         random_seed=0,
     ):
-        self.rank = _check_int("rank", rank, 1)
-        self.start_powerSGD_iter = _check_int("start_powerSGD_iter", start_powerSGD_iter, 0)
-        self.min_compression_rate = _check_real("min_compression_rate", min_compression_rate, 0)
+        self.rank = _check_int("rank", rank)
+        self.start_powerSGD_iter = _check_int("start_powerSGD_iter", start_powerSGD_iter)
+        self.min_compression_rate = _check_real("min_compression_rate", min_compression_rate)
         self.use_error_feedback = _check_bool("use_error_feedback", use_error_feedback)
         self.warm_start = _check_bool("warm_start", warm_start)
         self.orthogonalization_epsilon = _check_real(
-            "orthogonalization_epsilon", orthogonalization_epsilon, 0
+            "orthogonalization_epsilon", orthogonalization_epsilon
         )
-        self.random_seed = _check_int("random_seed", random_seed, 0)
-        if self.random_seed > 2**32 - 1:
+        self.random_seed = _check_int("random_seed", random_seed)
+        if self.random_seed >= 2**63:
             raise ValueError(f"random_seed must be < 2**32, got {random_seed}")
-        if (use_error_feedback or warm_start) and self.start_powerSGD_iter <= 1:
-            raise ValueError(
-                "start_powerSGD_iter must be > 1 when use_error_feedback or warm_start is "
-                f"enabled (DDP may rebuild its buckets after the first step), got "
-                f"{start_powerSGD_iter}"
-            )
+        _C._check_powersgd_options(
+            self.rank,
+            self.start_powerSGD_iter,
+            self.min_compression_rate,
+            self.use_error_feedback,
+            self.warm_start,
+            self.orthogonalization_epsilon,
+            self.random_seed,
+        )
         self._cpp_hook = None
 
     def _make(self, process_group):
@@ -209,7 +211,7 @@ class PowerSGDState(_CppHookState):
 
 def _check_state(state, cls, hook_name):
     if not isinstance(state, cls):
-        raise ValueError(
+        raise TypeError(
             f"torchlane.hooks.{hook_name}: state must be a torchlane.hooks.{cls.__name__}, got "
             f"{type(state).__name__}"
         )
@@ -269,13 +271,18 @@ class TopKState(_CppHookState):
         min_compression_rate=2,
         layerwise=False,
     ):
-        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
-        self.ratio = float(ratio)
-        self.start_iter = _check_int("start_iter", start_iter, 0)
-        self.ratio_warmup_iters = _check_int("ratio_warmup_iters", ratio_warmup_iters, 0)
-        self.min_compression_rate = _check_real("min_compression_rate", min_compression_rate, 0)
+        self.ratio = _check_real("ratio", ratio)
+        self.start_iter = _check_int("start_iter", start_iter)
+        self.ratio_warmup_iters = _check_int("ratio_warmup_iters", ratio_warmup_iters)
+        self.min_compression_rate = _check_real("min_compression_rate", min_compression_rate)
         self.layerwise = _check_bool("layerwise", layerwise)
+        _C._check_topk_options(
+            self.ratio,
+            self.start_iter,
+            self.ratio_warmup_iters,
+            self.min_compression_rate,
+            self.layerwise,
+        )
         self._cpp_hook = None
 
     def _make(self, process_group):

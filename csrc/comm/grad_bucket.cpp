@@ -1,0 +1,22 @@
+#include "comm/grad_bucket.hpp"
+
+namespace torchlane::comm {
+
+c10d::GradBucket make_grad_bucket(size_t index, size_t count, const at::Tensor& buffer,
+                                  const std::vector<at::Tensor>& params) {
+  std::vector<size_t> offsets, lengths;
+  std::vector<c10::IntArrayRef> sizes;
+  size_t offset = 0;
+  for (const auto& p : params) {
+    offsets.push_back(offset);
+    lengths.push_back(static_cast<size_t>(p.numel()));
+    sizes.push_back(p.sizes());
+    offset += static_cast<size_t>(p.numel());
+  }
+  TORCH_CHECK(static_cast<int64_t>(offset) == buffer.numel(), "comm hook bucket: params hold ",
+              offset, " elements but buffer has ", buffer.numel());
+  return c10d::GradBucket(index, count, buffer, std::move(offsets), std::move(lengths),
+                          std::move(sizes), params, std::nullopt);
+}
+
+}  // namespace torchlane::comm
