@@ -30,8 +30,8 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _mesh(dp, pp):
-    return init_device_mesh("cpu", (pp, dp, 1), mesh_dim_names=("pp", "dp", "tp"))
+def _mesh(dp, pp, tp=1):
+    return init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
 def _named_owned(model, pipe):
@@ -39,20 +39,47 @@ def _named_owned(model, pipe):
     return {n: p for n, p in model.named_parameters() if id(p) in owned}
 
 
-def match_reference(rank, world, dp, pp, steps, n_layer, rebalance=None):
+def _tp_model(n_layer, mesh, tp):
+    m = _gpt(n_layer)
+    if tp > 1:
+        from gpt_tp import parallelize_gpt
+
+        parallelize_gpt(m, mesh["tp"])
+    return m
+
+
+def _compare(owned, ref_p, tp_group, of_grads):
+    """Max relative error of this stage's tensors (grads or values) against the reference: a
+    replicated tensor directly, a tp-sharded one (another shape) by its norm over the tp group."""
+    worst = 0.0
+    for n in sorted(owned):
+        a = owned[n].grad if of_grads else owned[n].detach()
+        b = ref_p[n].grad if of_grads else ref_p[n].detach()
+        if a.shape == b.shape:
+            worst = max(worst, _rel(a, b))
+        else:
+            sq = a.double().pow(2).sum()
+            dist.all_reduce(sq, group=tp_group)
+            worst = max(worst, abs(sq.sqrt().item() / b.double().norm().item() - 1))
+    return worst
+
+
+def match_reference(rank, world, dp, pp, steps, n_layer, rebalance=None, tp=1):
     """GPipe and 1F1B pipelines (x dp replicas) side by side against the one-process model on the
     same global batch: the loss and this stage's gradients after the first step (1e-5 rel), the
     parameters after `steps` AdamW steps (1e-4). With rebalance=(step, balance) a third (1F1B)
     pipeline runs alongside, re-balanced by force after that step; its parameters must equal the
     plain 1F1B run's (1e-6)."""
-    mesh = _mesh(dp, pp)
+    mesh = _mesh(dp, pp, tp)
+    tp_group = mesh["tp"].get_group()
     dp_rank, dp_size = mesh["dp"].get_local_rank(), dp
     schedules = ["gpipe", "1f1b"] + (["1f1b"] if rebalance is not None else [])
-    runs = [_gpt(n_layer) for _ in schedules]
+    runs = [_tp_model(n_layer, mesh, tp) for _ in schedules]
     ref = _gpt(n_layer)
     pipes, opts = [], []
     for m, schedule in zip(runs, schedules, strict=False):
         pipe = pipeline(pipeline_layers(m), mesh, n_microbatches=4, schedule=schedule)
+        pipe.loss_fn = m.cross_entropy  # the vocab-parallel loss under tp
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
         pipes.append(pipe.attach_optimizer(opt))
         opts.append(opt)
@@ -65,15 +92,18 @@ def match_reference(rank, world, dp, pp, steps, n_layer, rebalance=None):
         _, ref_loss = ref(x, y)
         ref_loss.backward()
         for k, (pipe, schedule) in enumerate(zip(pipes, schedules, strict=False)):
-            loss = pipe.step(x[local], y[local], lm_loss)
+            loss = pipe.step(x[local], y[local], pipe.loss_fn)
             dist.all_reduce(loss, group=mesh["dp"].get_group())
             if k >= 2:
                 continue
             res[schedule]["loss"].append((loss.item() / dp_size, ref_loss.item()))
             if step == 0:
-                for n, p in _named_owned(runs[k], pipe).items():
-                    rel = _rel(p.grad, ref_p[n].grad)
-                    res[schedule]["grad_rel"] = max(res[schedule]["grad_rel"], rel)
+                owned = _named_owned(runs[k], pipe)
+                res[schedule]["grad_rel"] = _compare(owned, ref_p, tp_group, True)
+                if tp == 1:  # the pipeline-wide norm (max_norm large: nothing is scaled)
+                    norm = pipe.clip_grad_norm_(1e9).item()
+                    ref_norm = torch.nn.utils.get_total_norm([q.grad for q in ref.parameters()])
+                    res[schedule]["norm_rel"] = abs(norm / ref_norm.item() - 1)
         for opt in (*opts, ref_opt):
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -85,11 +115,13 @@ def match_reference(rank, world, dp, pp, steps, n_layer, rebalance=None):
         # Over this stage's parameters as one vector: the attention key bias has an exactly
         # zero gradient (softmax ignores a per-query shift), so AdamW turns the rounding noise
         # of either run into lr-sized steps of that one tensor (per tensor: ~1e-4 after 3 steps).
-        names = sorted(owned)
+        names = sorted(n for n in owned if owned[n].shape == ref_p[n].shape)
         flat = torch.cat([owned[n].detach().reshape(-1) for n in names])
         res[schedule]["param_rel"] = _rel(
             flat, torch.cat([ref_p[n].detach().reshape(-1) for n in names])
         )
+        sharded = {n: p for n, p in owned.items() if n not in names}
+        res[schedule]["sharded_param_rel"] = _compare(sharded, ref_p, tp_group, False)
     if rebalance is not None:
         g = mesh["pp"].get_group()
         res["owned_after"] = sorted(_named_owned(runs[2], pipes[2]))

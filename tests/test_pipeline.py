@@ -50,14 +50,16 @@ def test_partition_minimises_the_slowest_stage():
         schedule_actions("zb", 2, 0, 4)
 
 
-CONFIGS = [(1, 2, 2), (1, 4, 4), (2, 2, 2)]  # (dp, pp, n_layer): n_layer + 2 pipeline layers
+# (dp, tp, pp, n_layer): n_layer + 2 pipeline layers. (2, 2, 2) is the one 8-rank test.
+CONFIGS = [(1, 1, 2, 2), (1, 1, 4, 4), (2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 2, 2)]
 
 
-@pytest.mark.parametrize("dp,pp,n_layer", CONFIGS)
-def test_pipeline_matches_one_process_model(dp, pp, n_layer):
-    # pp=2 also runs a third pipeline re-balanced by force from [2, 2] to [1, 3] after step 1.
-    rebalance = (1, [1, 3]) if (dp, pp) == (1, 2) else None
-    res = dist.run(cases.match_reference, dp * pp, (dp, pp, 3, n_layer, rebalance))
+@pytest.mark.parametrize("dp,tp,pp,n_layer", CONFIGS)
+def test_pipeline_matches_one_process_model(dp, tp, pp, n_layer):
+    # (1, 1, 2) also runs a third pipeline re-balanced by force from [2, 2] to [1, 3] after step 1.
+    rebalance = (1, [1, 3]) if (dp, tp, pp) == (1, 1, 2) else None
+    steps = 2 if dp * tp * pp == 8 else 3
+    res = dist.run(cases.match_reference, dp * tp * pp, (dp, pp, steps, n_layer, rebalance, tp))
     for r in res:
         for schedule in ("gpipe", "1f1b"):
             s = r[schedule]
@@ -65,9 +67,11 @@ def test_pipeline_matches_one_process_model(dp, pp, n_layer):
             for pipe_loss, ref_loss in s["loss"]:
                 assert abs(pipe_loss - ref_loss) <= 1e-5 * abs(ref_loss), (schedule, s["loss"])
             assert s["param_rel"] < 1e-4, (schedule, s["param_rel"])
+            assert s["sharded_param_rel"] < 1e-4, (schedule, s["sharded_param_rel"])
+            assert s.get("norm_rel", 0.0) < 1e-5, (schedule, s["norm_rel"])
     # Every parameter lives on some stage; the tied embedding on the first and the last.
     owned = [set(r["1f1b"]["owned"]) for r in res]
-    assert "tok_emb.weight" in owned[0] and "tok_emb.weight" in owned[pp - 1]
+    assert "tok_emb.weight" in owned[0] and "tok_emb.weight" in owned[-1]
     if rebalance is not None:
         # A forced re-balance changes nothing: the moved run equals the plain 1F1B run.
         for r in res:
