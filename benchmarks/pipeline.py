@@ -183,6 +183,8 @@ def part_balance(rank, world, args):
         x, y = _batch(args.big_vocab)
         step, slowest = _median_step(pipe, x, y, lm_loss, opt, args.steps)
         out[balance] = {"balance": pipe.balance, "step_s": step, "slowest_stage_compute_s": slowest}
+        if balance == "profile" and rank == 0:
+            out[balance]["profiled_layer_ms"] = [round(t * 1e3, 3) for t in pipe.layer_times]
     out["ratio_even_over_profile"] = out["even"]["step_s"] / out["profile"]["step_s"]
     return out
 

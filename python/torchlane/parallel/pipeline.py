@@ -367,6 +367,11 @@ class Pipeline:
         if self._profile_pending:
             self._profile_and_balance(x, y, loss_fn)
         elif self.rebalance_threshold is not None and self._steps > 0:
+            if self.optimizer is None:
+                raise RuntimeError(
+                    "rebalance_threshold is set but no optimizer is attached: call "
+                    "pipe.attach_optimizer(opt) so that its state moves with the layers"
+                )
             if self._steps % self.rebalance_every == 0:
                 self._dynamic_rebalance()
         m, p, s = self.n_microbatches, self.n_stages, self.stage
@@ -526,8 +531,9 @@ class Pipeline:
             dist.broadcast(t, dist.get_global_rank(self.dp_group, 0), group=self.dp_group)
         return [int(v) for v in t]
 
-    def profile_layers(self, x, y, loss_fn, repeats=2):
-        """Forward+backward seconds of each layer on one micro-batch of (x, y) (min of repeats).
+    def profile_layers(self, x, y, loss_fn, repeats=3):
+        """Forward+backward seconds of each layer on one micro-batch of (x, y): the minimum over
+        `repeats` runs after one warm-up run (first-touch allocations would swamp small layers).
 
         Runs the layers in sequence on this process (which still holds the whole model); the RNG
         state and the parameters' gradients are restored afterwards.
@@ -536,7 +542,7 @@ class Pipeline:
         xb, yb = x.chunk(self.n_microbatches)[0], y.chunk(self.n_microbatches)[0]
         old_grads = {id(p): p.grad for p in self._params}
         times = [float("inf")] * len(self.layers)
-        for _ in range(repeats):
+        for rep in range(repeats + 1):
             h = xb
             for li, layer in enumerate(self.layers):
                 inp = h.detach().requires_grad_(h.is_floating_point())
@@ -546,7 +552,8 @@ class Pipeline:
                 o = loss_fn(out, yb) if last else out
                 if o.requires_grad:
                     o.backward(None if last else torch.ones_like(o))
-                times[li] = min(times[li], time.perf_counter() - t0)
+                if rep > 0:
+                    times[li] = min(times[li], time.perf_counter() - t0)
                 h = out.detach()
         for p in self._params:
             p.grad = old_grads[id(p)]
