@@ -10,8 +10,8 @@ Parts (JSON to benchmarks/results/pipeline.json, the 1F1B timeline to pipeline_t
              (p - 1) / (m + p - 1).
   memory     GPT (examples/gpt.py) on 4 stages, m = 8: the peak bytes of saved activations per
              stage (counted by saved-tensor hooks), GPipe vs 1F1B.
-  balance    an uneven GPT (a large vocabulary, so the head dominates) on 2 stages: slowest
-             stage's compute with balance="even" vs balance="profile".
+  balance    an uneven GPT (4 blocks, an 8192-token vocabulary: the head dominates)
+             on 2 stages: step time and slowest stage's compute, balance="even" vs "profile".
   dynamic    GPT on 2 stages with rank 1 slowed (every layer it runs sleeps): step time without
              and with dynamic re-balancing.
   torch      the same GPT and split through torch.distributed.pipelining (PipelineStage,
