@@ -131,7 +131,6 @@ def part_bubble(rank, world, args):
 
 def part_memory(rank, world, args):
     from gpt import lm_loss, pipeline_layers
-
     from torchlane.parallel import pipeline
 
     rows = []
@@ -172,7 +171,6 @@ def _median_step(pipe, x, y, loss_fn, opt, steps):
 
 def part_balance(rank, world, args):
     from gpt import lm_loss, pipeline_layers
-
     from torchlane.parallel import pipeline
 
     out = {}
@@ -191,7 +189,6 @@ def part_balance(rank, world, args):
 
 def part_dynamic(rank, world, args):
     from gpt import lm_loss, pipeline_layers
-
     from torchlane.parallel import pipeline
 
     out = {}
@@ -201,7 +198,9 @@ def part_dynamic(rank, world, args):
         slow_rank = world - 1
         for m in layers:  # the slowed rank: every layer it runs pays a fixed extra cost
             m.register_forward_pre_hook(
-                lambda mod, a: time.sleep(args.slow_s) if dist.get_rank() == slow_rank else None
+                lambda mod, a, r=slow_rank: (
+                    time.sleep(args.slow_s) if dist.get_rank() == r else None
+                )
             )
         pipe = pipeline(layers, dist.group.WORLD, n_microbatches=4, rebalance_threshold=threshold)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -220,7 +219,6 @@ def part_dynamic(rank, world, args):
 def part_torch(rank, world, args):
     from gpt import lm_loss, pipeline_layers
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
     from torchlane.parallel import pipeline
     from torchlane.parallel.pipeline import even_balance
 
