@@ -174,3 +174,40 @@ def count_params(cfg):
         2 * (2 * e) + (3 * e * e + 3 * e) + (e * e + e) + (4 * e * e + 4 * e) + (4 * e * e + e)
     )
     return cfg.vocab_size * e + cfg.block_size * e + cfg.n_layer * per_block + 2 * e
+
+
+# ---- a sequential view for pipeline parallelism ----
+
+
+class EmbedLayer(nn.Module):
+    """Token + position embeddings (and dropout) of a GPT: the first pipeline layer."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.tok_emb, self.pos_emb, self.drop = gpt.tok_emb, gpt.pos_emb, gpt.drop
+
+    def forward(self, idx):
+        pos = torch.arange(idx.size(1), device=idx.device)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+
+
+class HeadLayer(nn.Module):
+    """Final norm and the (tied) output projection of a GPT: the last pipeline layer."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.ln_f, self.head = gpt.ln_f, gpt.head
+
+    def forward(self, x):
+        return self.head(self.ln_f(x))
+
+
+def pipeline_layers(gpt):
+    """[embedding, block 0, ..., block n-1, norm + head], sharing gpt's parameters (the head's
+    weight is the token embedding's): running them in order is gpt(idx)."""
+    return [EmbedLayer(gpt), *gpt.blocks, HeadLayer(gpt)]
+
+
+def lm_loss(logits, targets):
+    """GPT.forward's loss on (B, S, V) logits."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -30,7 +30,7 @@ if (HERE.parent / "python" / "torchlane" / "__init__.py").exists():
     sys.path.insert(1, str(HERE.parent / "python"))
 
 import corpus  # noqa: E402
-from gpt import ATTENTION_BACKENDS, GPT, GPTConfig, count_params  # noqa: E402
+from gpt import ATTENTION_BACKENDS, GPT, GPTConfig, count_params, pipeline_layers  # noqa: E402
 
 HOOKS = ("none", "fp16", "bf16", "powersgd", "topk")
 
@@ -93,6 +93,14 @@ def parse_args(argv=None):
         action="store_true",
         help="with --tp: shard LayerNorm/dropout activations along the sequence",
     )
+    a("--pp", type=int, default=1, help="pipeline stages (world = pp x dp x tp)")
+    a("--microbatches", type=int, default=4, help="micro-batches per pipeline step (--pp > 1)")
+    a("--pipeline-schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    a(
+        "--pipeline-balance",
+        default="even",
+        help="even, profile, or comma-separated layer counts per stage (n_layer + 2 layers)",
+    )
     args = p.parse_args(argv)
     if args.tp < 1 or (args.dp is not None and args.dp < 1):
         p.error(f"--tp and --dp must be >= 1, got --tp {args.tp} --dp {args.dp}")
@@ -108,6 +116,17 @@ def parse_args(argv=None):
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.pp < 1 or args.microbatches < 1:
+        p.error("--pp and --microbatches must be >= 1")
+    if args.pp > 1:
+        if args.batch_size % args.microbatches:
+            p.error(
+                f"--microbatches {args.microbatches} must divide --batch-size {args.batch_size}"
+            )
+        if args.grad_accum != 1 or args.resume or args.stop_at:
+            p.error("--pp > 1 does not support --grad-accum > 1, --resume or --stop-at yet")
+        if args.tp > 1 and args.clip > 0:
+            p.error("--pp > 1 with --tp > 1 needs --clip 0 (the pipeline's norm is not tp-aware)")
     return args
 
 
@@ -253,6 +272,42 @@ def evaluate(raw_model, val_tokens, args, device, world, data_rank=None):
     return total.item()
 
 
+def make_pipeline(raw_model, mesh, args):
+    """This rank's stage of the model (--pp): embedding, blocks, norm + head as n_layer + 2 layers
+    (built after tensor parallelism swapped the layers, so a stage holds its tp shards)."""
+    from torchlane.parallel import pipeline
+
+    balance = args.pipeline_balance
+    if balance not in ("even", "profile"):
+        try:
+            balance = [int(n) for n in balance.split(",")]
+        except ValueError:
+            raise SystemExit(f"--pipeline-balance: even, profile or counts like 2,4; got {balance}")
+    return pipeline(
+        pipeline_layers(raw_model),
+        mesh,
+        n_microbatches=args.microbatches,
+        schedule=args.pipeline_schedule,
+        balance=balance,
+    )
+
+
+def evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank):
+    """evaluate() without a pipeline; with one, the same windows through the stages (every stage
+    of a replica draws the same batches), averaged over the dp replicas."""
+    if pipe is None:
+        return evaluate(raw_model, val_tokens, args, device, world, dp_rank)
+    g = torch.Generator().manual_seed(args.seed + 7 + dp_rank)
+    total = torch.zeros((), device=device)
+    for _ in range(args.eval_batches):
+        x, y = corpus.random_batch(val_tokens, args.block_size, args.batch_size, g)
+        total += pipe.evaluate(x.to(device), y.to(device), raw_model.cross_entropy)
+    total /= args.eval_batches
+    dp = mesh["dp"].get_group()
+    dist.all_reduce(total, group=dp)
+    return (total / dist.get_world_size(dp)).item()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -387,12 +442,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     # The data a step reads depends only on (seed, step, dp rank, dp size).
     mesh, dp_rank, dp_size, dp_group = None, rank, world, None
-    if args.tp > 1 or args.dp is not None:
+    if args.tp > 1 or args.dp is not None or args.pp > 1:
         from torchlane.parallel import init_mesh
 
         if world == 1 and args.tp > 1:
             raise SystemExit(f"--tp {args.tp}: launch tp x dp ranks with torchrun")
-        mesh = init_mesh(dp=args.dp, tp=args.tp, pp=getattr(args, "pp", 1))
+        mesh = init_mesh(dp=args.dp, tp=args.tp, pp=args.pp)
         dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
         dp_group = mesh["dp"].get_group()
 
@@ -421,7 +476,12 @@ def main(argv=None):
         if loaded is None:
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
         step, best_val = loaded
-    model = wrap_ddp(raw_model, args, device, dp_group) if dp_size > 1 else raw_model
+    pipe = None
+    if args.pp > 1:  # after the optimizer: its groups read the parameters' shapes
+        pipe = make_pipeline(raw_model, mesh, args).attach_optimizer(optimizer)
+        model = None
+    else:
+        model = wrap_ddp(raw_model, args, device, dp_group) if dp_size > 1 else raw_model
 
     log = JsonLog(out_dir / "log.jsonl", rank, append=args.resume)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * dp_size
@@ -451,7 +511,7 @@ def main(argv=None):
 
     progress = Progress(rank, args.max_steps, step, args.no_progress)
     if step == 0 or step % args.eval_every == 0:
-        val = evaluate(raw_model, val_tokens, args, device, world, dp_rank)
+        val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
         progress.write(f"step {step:5d}  val loss {val:.4f}")
         log(type="val", step=step, val_loss=val)
     t_run = time.perf_counter()
@@ -463,7 +523,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for micro in range(args.grad_accum):
+        for micro in range(args.grad_accum if pipe is None else 0):
             x, y = batches.next()
             x, y = x.to(device), y.to(device)
             last = micro == args.grad_accum - 1
@@ -473,7 +533,12 @@ def main(argv=None):
                     _, loss = model(x, y)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
-        if args.clip > 0 and args.tp > 1:
+        if pipe is not None:
+            x, y = batches.next()
+            loss_sum = pipe.step(x.to(device), y.to(device), raw_model.cross_entropy).item()
+            if args.clip > 0:
+                pipe.clip_grad_norm_(args.clip)
+        elif args.clip > 0 and args.tp > 1:
             from torchlane.parallel import clip_grad_norm_
 
             clip_grad_norm_(raw_model, args.clip)  # the norm of the full, unsharded gradient
@@ -493,11 +558,11 @@ def main(argv=None):
             tokens_per_s=tokens_per_step / dt,
         )
         if step % args.eval_every == 0 or step == stop:
-            val = evaluate(raw_model, val_tokens, args, device, world, dp_rank)
+            val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
             best_val = val if best_val is None else min(best_val, val)
             progress.write(f"step {step:5d}  val loss {val:.4f}")
             log(type="val", step=step, val_loss=val)
-        if (args.ckpt_every and step % args.ckpt_every == 0) or step == stop:
+        if pipe is None and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop):
             ckpt_file = save_checkpoint(
                 ckpt_dir, raw_model, optimizer, step, batches, best_val, dp_rank, dp_group
             )
@@ -505,14 +570,20 @@ def main(argv=None):
     elapsed = time.perf_counter() - t_run
 
     sampler = raw_model
-    if args.tp > 1:  # sample from an unsharded copy (a collective: every rank gathers)
+    if pipe is not None:
+        if rank == 0:
+            print("(--pp: no checkpoint and no sample; the model is split across the stages)")
+            log(type="summary", step=step, best_val_loss=best_val, train_seconds=elapsed)
+            if pipe.rebalance_log:
+                print(f"pipeline re-balances: {pipe.rebalance_log}")
+    elif args.tp > 1:  # sample from an unsharded copy (a collective: every rank gathers)
         from torchlane.parallel import full_state_dict
 
         full = full_state_dict(raw_model)
         if rank == 0:
             sampler = GPT(cfg).to(device)
             sampler.load_state_dict(full)
-    if rank == 0:
+    if rank == 0 and pipe is None:
         g = torch.Generator(device=device).manual_seed(args.seed)
         prompt = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=device)
         out = sampler.generate(prompt, args.sample_tokens, generator=g)
