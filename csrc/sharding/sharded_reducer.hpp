@@ -71,7 +71,7 @@ class ShardedReducer {
   std::vector<Bucket> buckets_;
   std::vector<std::pair<int64_t, int64_t>> location_;  // param -> (bucket, position)
   std::vector<char> ready_;
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
+  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators_;
   std::vector<uintptr_t> hook_keys_;
   ProcessGroupPtr pg_;
   int64_t stage_;
