@@ -43,9 +43,8 @@ def _optim_bytes(opt):
 
 def _build(variant, cfg):
     import torch
-    from gpt import GPT
-
     import torchlane
+    from gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -83,8 +82,12 @@ def _counted(variant, m, opt):
     grads = _bytes([p.grad for p in m.parameters()])
     if variant == "torch_zero_redundancy":
         st = opt.optim.state
-        state = sum(v.numel() * v.element_size() for s in st.values() for v in s.values()
-                    if torch.is_tensor(v) and v.dim() > 0)
+        state = sum(
+            v.numel() * v.element_size()
+            for s in st.values()
+            for v in s.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
         return params, grads, state
     return params, grads, _optim_bytes(opt)
 
@@ -97,8 +100,10 @@ def run_rank(rank, world, args):
     cfg = GPTConfig(256, args.block_size, args.n_layer, 4, args.n_embd, 0.0, "sdpa")
     out = {}
     g = torch.Generator().manual_seed(rank)
-    data = [torch.randint(0, 256, (args.batch, args.block_size + 1), generator=g)
-            for _ in range(args.steps)]
+    data = [
+        torch.randint(0, 256, (args.batch, args.block_size + 1), generator=g)
+        for _ in range(args.steps)
+    ]
     for variant in VARIANTS:
         try:
             m, opt, _ = _build(variant, cfg)
@@ -125,9 +130,13 @@ def run_rank(rank, world, args):
             continue
         n_params = sum(p.numel() for p in m.parameters()) if variant != "torch_fsdp2" else None
         out[variant] = {
-            "params_bytes": counted[0], "grads_bytes": counted[1], "optim_bytes": counted[2],
-            "total_bytes": sum(counted), "step_ms": 1e3 * statistics.median(times[1:]),
-            "losses": losses, "n_params": n_params,
+            "params_bytes": counted[0],
+            "grads_bytes": counted[1],
+            "optim_bytes": counted[2],
+            "total_bytes": sum(counted),
+            "step_ms": 1e3 * statistics.median(times[1:]),
+            "losses": losses,
+            "n_params": n_params,
         }
         del m, opt
     return out
@@ -149,11 +158,18 @@ def main(argv=None):
     r0 = res[0]
     P = r0["ddp"]["n_params"]
     N = args.world
-    formula = {"ddp": 16 * P, "zero1": (4 + 4 + 8 / N) * P, "zero2": (4 + 12 / N) * P,
-               "zero3": 16 * P / N, "torch_zero_redundancy": (4 + 4 + 8 / N) * P,
-               "torch_fsdp2": 16 * P / N}
+    formula = {
+        "ddp": 16 * P,
+        "zero1": (4 + 4 + 8 / N) * P,
+        "zero2": (4 + 12 / N) * P,
+        "zero3": 16 * P / N,
+        "torch_zero_redundancy": (4 + 4 + 8 / N) * P,
+        "torch_fsdp2": 16 * P / N,
+    }
     print(f"GPT {P / 1e6:.2f}M params, {N} ranks (Gloo/CPU, shared noisy machine)")
-    print(f"{'variant':24s} {'MB/rank':>9s} {'formula':>9s} {'ratio':>6s} {'step ms':>8s} {'vs ddp':>7s}")
+    print(
+        f"{'variant':24s} {'MB/rank':>9s} {'formula':>9s} {'ratio':>6s} {'step ms':>8s} {'vs ddp':>7s}"
+    )
     for v in VARIANTS:
         r = r0[v]
         if "error" in r:
@@ -162,9 +178,11 @@ def main(argv=None):
         r["formula_bytes"] = formula[v]
         # per-rank max over ranks: shards differ by padding only
         r["total_bytes_max_rank"] = max(x[v]["total_bytes"] for x in res)
-        print(f"{v:24s} {r['total_bytes_max_rank'] / 1e6:9.2f} {formula[v] / 1e6:9.2f} "
-              f"{r['total_bytes_max_rank'] / formula[v]:6.2f} {r['step_ms']:8.1f} "
-              f"{r['step_ms'] / r0['ddp']['step_ms']:7.2f}")
+        print(
+            f"{v:24s} {r['total_bytes_max_rank'] / 1e6:9.2f} {formula[v] / 1e6:9.2f} "
+            f"{r['total_bytes_max_rank'] / formula[v]:6.2f} {r['step_ms']:8.1f} "
+            f"{r['step_ms'] / r0['ddp']['step_ms']:7.2f}"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "world": N, "n_params": P, "results": r0}, f, indent=1)

@@ -4,9 +4,8 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 import torchlane
+from torch import nn
 
 
 class Net(nn.Module):
@@ -79,7 +78,9 @@ def _train(rank, world, kind, optim, steps, clip=None, accum=1):
             losses.append(loss.item())
         if clip is not None:
             if kind == "ddp":
-                torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in net.parameters() if p.grad is not None], clip
+                )
             else:
                 opt.clip_grad_norm_(clip)
         opt.step()

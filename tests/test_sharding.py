@@ -11,7 +11,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import dist  # noqa: E402
 import sharding_cases as cases  # noqa: E402
-
 import torchlane  # noqa: E402
 
 STEPS = 10
@@ -19,7 +18,7 @@ STEPS = 10
 
 def _close(ref, got, rtol):
     assert len(ref) == len(got)
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=False):
         assert abs(a - b) <= rtol * abs(a), (ref, got)
 
 

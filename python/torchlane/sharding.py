@@ -140,7 +140,7 @@ class ShardedDataParallel(nn.Module):
                 )
                 ref = params[b[0]]
                 flat = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
-                for i, off in zip(b, offsets):
+                for i, off in zip(b, offsets, strict=False):
                     p = params[i]
                     flat[off : off + p.numel()].copy_(p.reshape(-1))
                     p.data = flat[off : off + p.numel()].view(p.shape)
@@ -152,7 +152,9 @@ class ShardedDataParallel(nn.Module):
         for p in params:
             _FULL_PARAMS[id(p)] = weakref.ref(p)
         _install_step_check()
-        self.reducer = _C.ShardedReducer(params, self._buckets, self._shards, pg, stage, reduce_dtype)
+        self.reducer = _C.ShardedReducer(
+            params, self._buckets, self._shards, pg, stage, reduce_dtype
+        )
         self._gathered = True
         if stage == 3:
             self._free_params()
@@ -176,7 +178,9 @@ class ShardedDataParallel(nn.Module):
         with torch.no_grad():
             for flat in self._flats:
                 flat.untyped_storage().resize_(flat.numel() * flat.element_size())
-            shards = [s.detach().to(f.dtype) for s, f in zip(self._shards, self._flats)]
+            shards = [
+                s.detach().to(f.dtype) for s, f in zip(self._shards, self._flats, strict=False)
+            ]
             _C.zero_all_gather_flat(self.process_group, self._flats, shards)
         self._gathered = True
 
@@ -265,7 +269,9 @@ class ShardedDataParallel(nn.Module):
         params = sum(f.numel() * f.element_size() for f in self._flats) if self._gathered else 0
         shards = sum(s.numel() * s.element_size() for s in self._shards)
         grads = self.reducer.persistent_grad_bytes()
-        grads += sum(s.grad.numel() * s.grad.element_size() for s in self._shards if s.grad is not None)
+        grads += sum(
+            s.grad.numel() * s.grad.element_size() for s in self._shards if s.grad is not None
+        )
         state = 0
         if optimizer is not None:
             for st in optimizer.state.values():
@@ -282,6 +288,15 @@ def _full_flat(model, shard):
     return out
 
 
+def _local_slice(t, model, bucket, like):
+    """This rank's shard of an unpadded full bucket tensor `t` (padding zero)."""
+    _, numel, padded, shard_numel = model._layouts[bucket]
+    flat = torch.zeros(padded, dtype=t.dtype)
+    flat[:numel] = t
+    start = model.rank * shard_numel
+    return flat[start : start + shard_numel].to(like.device)
+
+
 class ShardedOptimizer:
     """Builds `optim_cls(shards, **kwargs)` on this rank's master shards of `model`."""
 
@@ -296,7 +311,9 @@ class ShardedOptimizer:
                 "instance; an optimizer built on the full model cannot be sharded"
             )
         if not (isinstance(optim_cls, type) and issubclass(optim_cls, torch.optim.Optimizer)):
-            raise TypeError(f"optim_cls must be a torch.optim.Optimizer subclass, got {optim_cls!r}")
+            raise TypeError(
+                f"optim_cls must be a torch.optim.Optimizer subclass, got {optim_cls!r}"
+            )
         self.model = model
         cls = type(f"Sharded{optim_cls.__name__}", (_ShardOptim, optim_cls), {})
         self.optimizer = cls(model._shards, **kwargs)
@@ -366,23 +383,18 @@ class ShardedOptimizer:
             )
         with torch.no_grad():
             for b, shard in enumerate(m._shards):
-                _, numel, padded, shard_numel = m._layouts[b]
-                start = m.rank * shard_numel
-
-                def local(t, like):
-                    flat = torch.zeros(padded, dtype=t.dtype)
-                    flat[:numel] = t
-                    return flat[start : start + shard_numel].to(like.device)
-
-                shard.copy_(local(full["params"][b], shard))
+                numel = m._layouts[b][1]
+                shard.copy_(_local_slice(full["params"][b], m, b, shard))
                 st = {}
                 for k, v in full["state"][b].items():
                     if torch.is_tensor(v) and v.dim() == 1 and v.numel() == numel:
-                        st[k] = local(v, shard).to(shard.dtype if v.is_floating_point() else v.dtype)
+                        st[k] = _local_slice(v, m, b, shard).to(
+                            shard.dtype if v.is_floating_point() else v.dtype
+                        )
                     else:
                         st[k] = v.clone() if torch.is_tensor(v) else v
                 self.optimizer.state[shard] = st
-            for g, saved in zip(self.optimizer.param_groups, full["param_groups"]):
+            for g, saved in zip(self.optimizer.param_groups, full["param_groups"], strict=False):
                 g.update(saved)
         if m.stage == 3:
             m._free_params()
