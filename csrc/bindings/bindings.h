@@ -14,5 +14,6 @@ void bind_reducer(py::module_& m, py::module_& testing);
 void bind_hooks(py::module_& m, py::module_& testing);
 void bind_attention(py::module_& m, py::module_& testing);
 void bind_parallel(py::module_& m, py::module_& testing);
+void bind_sharding(py::module_& m, py::module_& testing);
 
 }  // namespace torchlane::bindings

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
   b::bind_reducer(m, testing);
   b::bind_attention(m, testing);
   b::bind_parallel(m, testing);
+  b::bind_sharding(m, testing);
 }

@@ -1,0 +1,403 @@
+"""Sharded data parallel (ZeRO stages 1, 2 and 3) on torchlane's C++ gradient hooks.
+
+    model = torchlane.ShardedDataParallel(model, stage=2)
+    opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, lr=3e-4, weight_decay=0.1)
+    loss_fn(model(x), y).backward(); opt.clip_grad_norm_(1.0); opt.step(); opt.zero_grad()
+
+The trainable parameters are grouped into the reducer's buckets (one dtype each) and every bucket
+becomes one flat tensor padded to a multiple of the world size (Note [Sharded flat bucket] in
+csrc/sharding/shard_layout.hpp). Rank r owns slice r of every bucket: its *master shard*, an
+`nn.Parameter` the optimizer updates. Gradients are reduced by the C++ `ShardedReducer`
+(Note [Sharded gradient flow]); parameters are all-gathered from the shards by
+`_C.zero_all_gather_flat`.
+
+    stage 1: grads all-reduced (flat bucket kept), optimizer state sharded, params all-gathered
+             after step
+    stage 2: grads reduce-scattered per bucket from the C++ hook, only the shard kept
+    stage 3: as 2, and the full parameters exist only between forward and the optimizer step:
+             all-gathered when forward starts, their storage freed after step
+
+See docs/sharding.md for what each stage keeps in memory and what is not implemented.
+"""
+
+import contextlib
+import math
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from torchlane import _C
+
+__all__ = ["ShardedDataParallel", "ShardedOptimizer"]
+
+# Full (unsharded) parameters of every ShardedDataParallel: an optimizer stepping them directly is
+# a user error (it must be built on the shards), caught by a global optimizer pre-step hook.
+_FULL_PARAMS = {}  # id(param) -> weakref(param) (tensors compare elementwise, so no WeakSet)
+_HOOK_INSTALLED = False
+
+
+def _check_optimizer_params(optimizer, args, kwargs):
+    if isinstance(optimizer, _ShardOptim):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = _FULL_PARAMS.get(id(p))
+            if ref is not None and ref() is p:
+                raise ValueError(
+                    f"{type(optimizer).__name__} was built on the full parameters of a "
+                    "torchlane.ShardedDataParallel model; build it on the rank's shard with "
+                    "torchlane.ShardedOptimizer(model, optim_cls, **kwargs) instead"
+                )
+
+
+def _install_step_check():
+    global _HOOK_INSTALLED
+    if not _HOOK_INSTALLED:
+        register_optimizer_step_pre_hook(_check_optimizer_params)
+        _HOOK_INSTALLED = True
+
+
+class _ShardOptim:
+    """Marker base: optimizers built by ShardedOptimizer are exempt from the full-params check."""
+
+
+class ShardedDataParallel(nn.Module):
+    """Wraps `module` for ZeRO-sharded data-parallel training (see the module docstring).
+
+    Arguments follow torchlane.DistributedDataParallel where they exist. `reduce_dtype` (e.g.
+    torch.bfloat16) reduces gradients in that dtype (compression of the reduce-scatter or
+    all-reduce); the optimizer's master shard keeps the parameters' dtype.
+    """
+
+    def __init__(
+        self,
+        module,
+        stage=2,
+        process_group=None,
+        bucket_cap_mb=25.0,
+        find_unused_parameters=False,
+        broadcast_buffers=True,
+        reduce_dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ShardedDataParallel needs an initialised default process group "
+                "(torch.distributed.init_process_group)"
+            )
+        if not (isinstance(bucket_cap_mb, (int, float)) and bucket_cap_mb > 0):
+            raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
+        if reduce_dtype is not None and reduce_dtype not in (
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+            torch.float64,
+        ):
+            raise ValueError(f"reduce_dtype must be a floating dtype or None, got {reduce_dtype}")
+        self.module = module
+        self.stage = stage
+        self.process_group = process_group or dist.group.WORLD
+        self.find_unused_parameters = find_unused_parameters
+        self.broadcast_buffers = broadcast_buffers
+        self.require_backward_grad_sync = True
+        pg = self.process_group
+        self.rank = dist.get_rank(pg)
+        self.world_size = dist.get_world_size(pg)
+        self._check_stage_agrees()
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("module has no parameter that requires grad")
+        for p in params:
+            if p.layout != torch.strided or p.is_sparse:
+                raise ValueError("ShardedDataParallel supports dense parameters only")
+        with torch.no_grad():
+            _C.broadcast_coalesced(pg, list(module.state_dict().values()), 1 << 24, 0)
+
+        cap = int(bucket_cap_mb * 1024 * 1024)
+        order = list(range(len(params) - 1, -1, -1))
+        buckets = _C.compute_bucket_assignment(
+            [p.numel() * p.element_size() for p in params],
+            [p.dtype for p in params],
+            order,
+            cap,
+            cap,
+        )
+        self._params = params
+        self._buckets = [list(b) for b in buckets]
+        self._flats, self._shards, self._layouts = [], [], []
+        with torch.no_grad():
+            for b in self._buckets:
+                offsets, numel, padded, shard_numel = _C.shard_layout(
+                    [params[i].numel() for i in b], self.world_size
+                )
+                ref = params[b[0]]
+                flat = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
+                for i, off in zip(b, offsets, strict=False):
+                    p = params[i]
+                    flat[off : off + p.numel()].copy_(p.reshape(-1))
+                    p.data = flat[off : off + p.numel()].view(p.shape)
+                start = self.rank * shard_numel
+                shard = nn.Parameter(flat[start : start + shard_numel].clone())
+                self._flats.append(flat)
+                self._shards.append(shard)
+                self._layouts.append((offsets, numel, padded, shard_numel))
+        for p in params:
+            _FULL_PARAMS[id(p)] = weakref.ref(p)
+        _install_step_check()
+        self.reducer = _C.ShardedReducer(
+            params, self._buckets, self._shards, pg, stage, reduce_dtype
+        )
+        self._gathered = True
+        if stage == 3:
+            self._free_params()
+
+    # ---- collectives of setup ----
+    def _check_stage_agrees(self):
+        # Every rank runs the same all-reduce, so a mismatch raises everywhere instead of leaving
+        # ranks in different collectives.
+        t = torch.tensor([self.stage, -self.stage], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        if int(t[0]) != self.stage or -int(t[1]) != self.stage:
+            raise ValueError(
+                f"stage differs across ranks: this rank has stage={self.stage}, the ranks' "
+                f"stages range from {-int(t[1])} to {int(t[0])}; pass the same stage everywhere"
+            )
+
+    # ---- parameters ----
+    def _gather_params(self):
+        if self._gathered:
+            return
+        with torch.no_grad():
+            for flat in self._flats:
+                flat.untyped_storage().resize_(flat.numel() * flat.element_size())
+            shards = [
+                s.detach().to(f.dtype) for s, f in zip(self._shards, self._flats, strict=False)
+            ]
+            _C.zero_all_gather_flat(self.process_group, self._flats, shards)
+        self._gathered = True
+
+    def _free_params(self):
+        for flat in self._flats:
+            flat.untyped_storage().resize_(0)
+        self._gathered = False
+
+    def _after_step(self):
+        """Called by ShardedOptimizer.step: refresh (stages 1, 2) or free (stage 3) params."""
+        if self.stage == 3:
+            self._free_params()
+        else:
+            self._gathered = False
+            self._gather_params()
+
+    def forward(self, *args, **kwargs):
+        self._gather_params()
+        if self.broadcast_buffers and self.world_size > 1:
+            buffers = list(self.module.buffers())
+            if buffers:
+                with torch.no_grad():
+                    _C.broadcast_coalesced(self.process_group, buffers, 1 << 24, 0)
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradients of backward passes inside accumulate locally; the next synced one reduces."""
+        old = self.require_backward_grad_sync
+        self.require_backward_grad_sync = False
+        self.reducer.set_sync(False)
+        try:
+            yield
+        finally:
+            self.require_backward_grad_sync = old
+            self.reducer.set_sync(old)
+
+    # ---- gradients ----
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        """Clips the master shards' gradients by the global norm over all ranks; returns it."""
+        if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+            raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
+        norm_type = float(norm_type)
+        grads = [s.grad for s in self._shards if s.grad is not None]
+        dev = self._shards[0].device
+        if norm_type == math.inf:
+            local = max((g.detach().abs().max().float() for g in grads), default=None)
+            total = local if local is not None else torch.zeros((), device=dev)
+            total = total.reshape(1).clone()
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=self.process_group)
+            total = total[0]
+        else:
+            acc = torch.zeros((), dtype=torch.float64, device=dev)
+            for g in grads:
+                acc += g.detach().double().abs().pow(norm_type).sum()
+            acc = acc.reshape(1)
+            dist.all_reduce(acc, group=self.process_group)
+            total = acc[0] ** (1.0 / norm_type)
+        coef = max_norm / (float(total) + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return total.to(torch.float32)
+
+    # ---- state ----
+    def full_state_dict(self):
+        """The unsharded module state_dict (CPU copies), loadable by the plain nn.Module."""
+        was_gathered = self._gathered
+        self._gather_params()
+        out = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        if not was_gathered:
+            self._free_params()
+        return out
+
+    def sharded_state(self):
+        """This rank's master shards and the layout they came from (for resharding)."""
+        return {
+            "world_size": self.world_size,
+            "stage": self.stage,
+            "shards": [s.detach().cpu().clone() for s in self._shards],
+            "numels": [[self._params[i].numel() for i in b] for b in self._buckets],
+        }
+
+    def per_rank_bytes(self, optimizer=None):
+        """Counted bytes held between steps: full params, gradient buffers, shards, optim state."""
+        params = sum(f.numel() * f.element_size() for f in self._flats) if self._gathered else 0
+        shards = sum(s.numel() * s.element_size() for s in self._shards)
+        grads = self.reducer.persistent_grad_bytes()
+        grads += sum(
+            s.grad.numel() * s.grad.element_size() for s in self._shards if s.grad is not None
+        )
+        state = 0
+        if optimizer is not None:
+            for st in optimizer.state.values():
+                for v in st.values():
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        state += v.numel() * v.element_size()
+        return {"params": params + shards, "grads": grads, "optim": state}
+
+
+def _full_flat(model, shard):
+    """All-gathers a shard-shaped tensor into its full padded bucket (float32, CPU)."""
+    out = torch.empty(shard.numel() * model.world_size, dtype=shard.dtype, device=shard.device)
+    dist.all_gather_into_tensor(out, shard.contiguous(), group=model.process_group)
+    return out
+
+
+def _local_slice(t, model, bucket, like):
+    """This rank's shard of an unpadded full bucket tensor `t` (padding zero)."""
+    _, numel, padded, shard_numel = model._layouts[bucket]
+    flat = torch.zeros(padded, dtype=t.dtype)
+    flat[:numel] = t
+    start = model.rank * shard_numel
+    return flat[start : start + shard_numel].to(like.device)
+
+
+class ShardedOptimizer:
+    """Builds `optim_cls(shards, **kwargs)` on this rank's master shards of `model`."""
+
+    def __init__(self, model, optim_cls, **kwargs):
+        if not isinstance(model, ShardedDataParallel):
+            raise TypeError(
+                f"model must be a torchlane.ShardedDataParallel, got {type(model).__name__}"
+            )
+        if isinstance(optim_cls, torch.optim.Optimizer):
+            raise TypeError(
+                "optim_cls must be an optimizer class (e.g. torch.optim.AdamW), got an optimizer "
+                "instance; an optimizer built on the full model cannot be sharded"
+            )
+        if not (isinstance(optim_cls, type) and issubclass(optim_cls, torch.optim.Optimizer)):
+            raise TypeError(
+                f"optim_cls must be a torch.optim.Optimizer subclass, got {optim_cls!r}"
+            )
+        self.model = model
+        cls = type(f"Sharded{optim_cls.__name__}", (_ShardOptim, optim_cls), {})
+        self.optimizer = cls(model._shards, **kwargs)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.model._after_step()
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self.model._params:
+            p.grad = None
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        return self.model.clip_grad_norm_(max_norm, norm_type)
+
+    def state_dict(self):
+        """This rank's optimizer state on its shards (torch.optim layout)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
+
+    # ---- resharding ----
+    def full_state(self):
+        """Every bucket's parameters and optimizer state, unpadded and unsharded (CPU).
+
+        Collective: every rank must call it. The result is the same on every rank and can be
+        loaded into a model of the same architecture at any world size (`load_full_state`).
+        """
+        m = self.model
+        out = {"params": [], "state": [], "numels": []}
+        for b, shard in enumerate(m._shards):
+            numel = m._layouts[b][1]
+            out["params"].append(_full_flat(m, shard.detach())[:numel].cpu())
+            st = {}
+            for k, v in self.optimizer.state.get(shard, {}).items():
+                if torch.is_tensor(v) and v.shape == shard.shape:
+                    st[k] = _full_flat(m, v)[:numel].cpu()
+                else:
+                    st[k] = v.clone() if torch.is_tensor(v) else v
+            out["state"].append(st)
+            out["numels"].append([m._params[i].numel() for i in m._buckets[b]])
+        out["param_groups"] = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+        ]
+        return out
+
+    def load_full_state(self, full):
+        """Loads `full_state()` output (from any world size) into this rank's shards."""
+        m = self.model
+        numels = [[m._params[i].numel() for i in b] for b in m._buckets]
+        if full["numels"] != numels:
+            raise ValueError(
+                "the saved state's buckets do not match this model's "
+                f"(saved parameter numels per bucket {full['numels']}, model has {numels}); "
+                "build the model with the same architecture and bucket_cap_mb"
+            )
+        with torch.no_grad():
+            for b, shard in enumerate(m._shards):
+                numel = m._layouts[b][1]
+                shard.copy_(_local_slice(full["params"][b], m, b, shard))
+                st = {}
+                for k, v in full["state"][b].items():
+                    if torch.is_tensor(v) and v.dim() == 1 and v.numel() == numel:
+                        st[k] = _local_slice(v, m, b, shard).to(
+                            shard.dtype if v.is_floating_point() else v.dtype
+                        )
+                    else:
+                        st[k] = v.clone() if torch.is_tensor(v) else v
+                self.optimizer.state[shard] = st
+            for g, saved in zip(self.optimizer.param_groups, full["param_groups"], strict=False):
+                g.update(saved)
+        if m.stage == 3:
+            m._free_params()
+        else:
+            m._gathered = False
+            m._gather_params()
