@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 # The targets use the in-place build of this checkout (python/torchlane/_C*.so), no install step.
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help deps build demo test bench sanitize cuda-check format lint clean
+.PHONY: help deps build demo test test-extras test-torch-suite bench sanitize cuda-check format lint clean
 
 help:
 	@echo "make demo   - build and train a small GPT on 2 CPU ranks with torchlane DDP"
@@ -31,6 +31,20 @@ demo: build
 test: build
 	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
 	$(PYTHON) -m pytest -q tests
+
+# The integration tests with test-only extras (HF accelerate); `make test` skips them when the
+# package is missing. torch is pinned in the same install so pip cannot replace it.
+test-extras: build
+	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
+	@$(PYTHON) -c "import accelerate" 2>/dev/null || $(PIP) install -q accelerate "torch==$(TORCH_VERSION)"
+	$(PYTHON) -m pytest -q tests/test_dropin.py -k accelerate
+
+# torch's own CPU/Gloo DDP tests (distributed_test.py from the installed wheel) with torchlane
+# swapped in; SUITE_K selects tests (pytest -k syntax of unittest). Not in `make test`: slow.
+SUITE_K ?= test_ddp
+test-torch-suite: build
+	@$(PYTHON) -c "import expecttest" 2>/dev/null || $(PIP) install -q expecttest
+	$(PYTHON) tools/torch_ddp_suite.py -k $(SUITE_K)
 
 bench: build
 	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib

@@ -103,6 +103,8 @@ void bind_reducer(py::module_& m, py::module_& testing) {
            py::call_guard<py::gil_scoped_release>())
       .def("rebuild_buckets", &Reducer::rebuild_buckets,
            py::call_guard<py::gil_scoped_release>())
+      .def("allow_local_backward", &Reducer::allow_local_backward,
+           py::call_guard<py::gil_scoped_release>())
       .def(
           "register_cpp_comm_hook",
           [](Reducer& r, std::shared_ptr<torchlane::CommHook> hook) {

@@ -1,5 +1,6 @@
 #include "hooks/cast_hook.hpp"
 
+#include <ATen/record_function.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -73,6 +74,7 @@ kernels::CastDtype cast_dtype(at::ScalarType t) {
 }  // namespace
 
 at::Tensor cast_compress(const at::Tensor& src, at::ScalarType wire_dtype, int64_t world_size) {
+  RECORD_FUNCTION("torchlane::cast_compress", std::vector<c10::IValue>({src}));
   TORCH_CHECK_VALUE(is_narrow(wire_dtype), "cast_compress: wire_dtype must be torch.float16 or ",
               "torch.bfloat16, got ", wire_dtype);
   TORCH_CHECK_VALUE(world_size >= 1, "cast_compress: world_size must be >= 1, got ", world_size);
@@ -110,6 +112,7 @@ at::Tensor cast_compress(const at::Tensor& src, at::ScalarType wire_dtype, int64
 }
 
 void cast_decompress_into(const at::Tensor& wire, at::Tensor& dst) {
+  RECORD_FUNCTION("torchlane::cast_decompress", std::vector<c10::IValue>({wire}));
   TORCH_CHECK(wire.numel() == dst.numel(), "cast_decompress: wire has ", wire.numel(),
               " elements but the destination has ", dst.numel());
   if (!(is_narrow(wire.scalar_type()) && is_wide(dst.scalar_type()) && dst.is_contiguous() &&

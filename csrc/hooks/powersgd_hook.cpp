@@ -1,5 +1,6 @@
 #include "hooks/powersgd_hook.hpp"
 
+#include <ATen/record_function.h>
 #include "hooks/allreduce_mean.hpp"
 #include "comm/clock.hpp"
 #include "comm/kept_works.hpp"
@@ -152,6 +153,7 @@ void gram_schmidt_generic(at::Tensor& m, double epsilon) {
 }  // namespace
 
 void orthogonalize_(at::Tensor& matrix, double epsilon) {
+  RECORD_FUNCTION("torchlane::powersgd_orthogonalize", std::vector<c10::IValue>({matrix}));
   TORCH_CHECK(matrix.dim() == 2, "orthogonalize_: matrix must be 2-D, got shape ", matrix.sizes());
   TORCH_CHECK(matrix.scalar_type() == at::kFloat || matrix.scalar_type() == at::kDouble,
               "orthogonalize_: matrix must be float32 or float64, got ", matrix.scalar_type());

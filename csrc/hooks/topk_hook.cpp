@@ -1,5 +1,7 @@
 #include "hooks/topk_hook.hpp"
 
+#include <ATen/record_function.h>
+
 #include "hooks/allreduce_mean.hpp"
 #include "comm/kept_works.hpp"
 
@@ -150,6 +152,7 @@ TopKPlan topk_plan(const std::vector<std::vector<int64_t>>& shapes, double ratio
 
 std::tuple<at::Tensor, at::Tensor> topk_compress_(at::Tensor& residual, const at::Tensor& grad,
                                                   int64_t k) {
+  RECORD_FUNCTION("torchlane::topk_compress", std::vector<c10::IValue>({grad}));
   check_floating(residual, "topk_compress_", "residual");
   TORCH_CHECK(grad.scalar_type() == residual.scalar_type(), "topk_compress_: grad dtype ",
               grad.scalar_type(), " differs from residual dtype ", residual.scalar_type());
@@ -195,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_(at::Tensor& residual, const at
 
 void topk_scatter_add_(at::Tensor& out, const at::Tensor& values, const at::Tensor& indices,
                        double scale) {
+  RECORD_FUNCTION("torchlane::topk_decompress", std::vector<c10::IValue>({out}));
   check_floating(out, "topk_scatter_add_", "out");
   TORCH_CHECK(values.scalar_type() == out.scalar_type(), "topk_scatter_add_: values dtype ",
               values.scalar_type(), " differs from out dtype ", out.scalar_type());

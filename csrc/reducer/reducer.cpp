@@ -216,6 +216,7 @@ void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_states_locked();
   expect_hooks_ = true;
+  local_backward_allowed_ = false;
   reset_iteration_state();
   if (options_.find_unused_parameters && !options_.static_graph) {
     find_unused_parameters(outputs);
@@ -315,6 +316,16 @@ bool Reducer::tracks_usage() const {
 void Reducer::autograd_hook(int64_t index) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!expect_hooks_) {
+    // Note [No silent gradient loss]: torch DDP skips such a gradient without a word (a second
+    // backward after one synchronised forward, a loss computed through `.module`), and the ranks
+    // drift apart. Local accumulation is only what no_sync() asked for; anything else raises.
+    TORCH_CHECK(local_backward_allowed_,
+                "torchlane.DistributedDataParallel: parameter '", param_names_[index],
+                "' got a gradient in a backward pass that no synchronised forward prepared "
+                "(a second backward after one forward, or a loss computed through `.module`). "
+                "Its gradient would not be averaged across ranks. Run the forward through the "
+                "DDP model again, call model.reducer.prepare_for_backward(outputs) before the "
+                "backward, or use model.no_sync() to accumulate gradients locally on purpose.");
     return;  // no_sync() / require_backward_grad_sync=False: gradients accumulate locally
   }
   try {
@@ -560,6 +571,8 @@ void Reducer::write_back_gradients() {
   grads_finite_ = true;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     auto& bucket = buckets_[b];
+    // A trace names the write-back of each bucket, as torch's reducer::copy_bucket_to_grad.
+    RECORD_FUNCTION("torchlane::copy_bucket_to_grad", std::vector<c10::IValue>({bucket.buffer}));
     if (comm_hook_) {
       at::Tensor result;
       try {

@@ -110,6 +110,13 @@ class Reducer {
   // Asserts Note [Reducer states] in debug builds; a no-op otherwise.
   void check_states_locked() const;
   bool static_graph_first_iteration() const;
+  // Note [No silent gradient loss]: whether a backward that finds no prepared reduction may
+  // accumulate locally (no_sync() was entered or a forward ran with gradient sync off since the
+  // last prepare_for_backward). Otherwise such a backward raises.
+  void allow_local_backward() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    local_backward_allowed_ = true;
+  }
 
   const std::vector<Bucket>& buckets() const {
     return buckets_;
@@ -171,6 +178,7 @@ class Reducer {
   bool finalize_queued_ = false;   // finalize_backward is queued on a graph task
   bool layout_verified_ = false;   // Note [Layout verification] done for this iteration
   bool require_finalize_ = false;  // reduction started but not finished
+  bool local_backward_allowed_ = false;  // See Note [No silent gradient loss]
   size_t next_bucket_ = 0;
   std::vector<char> ready_;
   std::vector<int64_t> unused_;            // locally unused (find_unused / static graph)

@@ -12,6 +12,8 @@ import dataclasses
 import inspect
 import math
 import os
+import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Any
 
@@ -120,7 +122,111 @@ class _JoinHook(JoinHook):
         ddp._broadcast(ddp._module_states(), src=ddp._common_rank(is_last_joiner))
 
 
-class DistributedDataParallel(Module, Joinable):
+class _Reducer:
+    """``model.reducer``: torch's ``Reducer`` Python contract on torchlane's C++ reducer.
+
+    Libraries drive torch DDP through this object (Lightning's manual optimisation and
+    accelerate's ``trigger_sync_in_backward`` call ``prepare_for_backward``). Each call maps onto
+    torchlane's reducer; what has no counterpart raises naming the call.
+    """
+
+    def __init__(self, ddp):
+        self._ddp = weakref.ref(ddp)
+        self._sample_rate = 100
+
+    @property
+    def _cpp(self):
+        return self._ddp()._reducer
+
+    def prepare_for_backward(self, outputs):
+        """Arm the reducer for a synchronised backward from ``outputs`` (a tensor or a list)."""
+        self._cpp.prepare_for_backward(_find_tensors(outputs))
+
+    def prepare_for_forward(self):
+        self._cpp.prepare_for_forward()
+
+    def _rebuild_buckets(self) -> bool:
+        return self._cpp.rebuild_buckets()
+
+    def _set_static_graph(self):
+        self._ddp()._make_static()
+
+    def _set_ddp_runtime_logging_sample_rate(self, sample_rate):
+        self._sample_rate = int(sample_rate)
+
+    def _get_zeros_like_grad_buckets(self):
+        raise NotImplementedError(
+            "torchlane.DistributedDataParallel: reducer._get_zeros_like_grad_buckets() has no "
+            "counterpart (torchlane's GradBuckets live in C++ only); see docs/ddp.md"
+        )
+
+    def __getattr__(self, name):
+        raise AttributeError(
+            f"torchlane.DistributedDataParallel's reducer has no torch Reducer method {name!r}; "
+            "see docs/ddp.md for the supported calls"
+        )
+
+
+class _LoggingData:
+    def __init__(self, strs_map, ints_map):
+        self.strs_map = strs_map
+        self.ints_map = ints_map
+
+
+class _Logger:
+    """``model.logger``: the subset of torch's ``dist.Logger`` that DDP code calls."""
+
+    def __init__(self, ddp):
+        self._ddp = weakref.ref(ddp)
+        self._comm_hook = ""
+        self._join = False
+
+    def _set_static_graph(self):
+        pass  # the static graph is visible in the logging data (static_graph)
+
+    def _set_comm_hook_name(self, name):
+        self._comm_hook = str(name)
+
+    def _set_uneven_input_join(self):
+        self._join = True
+
+    def set_construction_data_and_log(self, *args, **kwargs):
+        pass
+
+    def set_runtime_stats_and_log(self):
+        pass
+
+    def _get_ddp_logging_data(self):
+        ddp = self._ddp()
+        buckets = ddp._reducer.buckets()
+        stats = ddp._reducer.stats()
+        pg = ddp.process_group
+        ints = {
+            "world_size": dist.get_world_size(pg),
+            "rank": dist.get_rank(pg),
+            "bucket_cap_bytes": ddp.bucket_bytes_cap,
+            "find_unused_parameters": int(ddp.find_unused_parameters),
+            "gradient_as_bucket_view": int(ddp.gradient_as_bucket_view),
+            "static_graph": int(ddp.static_graph),
+            "broadcast_buffers": int(bool(ddp.broadcast_buffers)),
+            "num_parameter_tensors": len(ddp._params),
+            "total_parameter_size_bytes": sum(p.numel() * p.element_size() for p in ddp._params),
+            "has_rebuilt_buckets": int(bool(stats.get("bytes_reduced", 0))),
+            "is_multi_device_module": 0,
+            "join_uneven_inputs": int(self._join),
+        }
+        strs = {
+            "module_name": type(ddp.module).__name__,
+            "backend_name": pg.name(),
+            "dtypes": ", ".join(sorted({str(p.dtype).replace("torch.", "") for p in ddp._params})),
+            "bucket_sizes": ", ".join(str(b["bytes"]) for b in buckets),
+            "device_ids": ", ".join(str(i) for i in (ddp.device_ids or [])),
+            "comm_hook": self._comm_hook,
+        }
+        return _LoggingData(strs, ints)
+
+
+class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
     """Data parallelism at the module level, with torch DDP's arguments and behaviour.
 
     Gradients are packed into size-capped buckets (``bucket_cap_mb``, the first bucket capped at
@@ -134,6 +240,19 @@ class DistributedDataParallel(Module, Joinable):
     gradients for the same parameters and the same bucket layout, and otherwise raises on every
     rank naming what each rank is missing (it gives up overlapping communication with backward).
     """
+
+    # Note [A torch DDP without torch's reducer]
+    # accelerate, Lightning, torch.distributed.checkpoint and dynamo recognise DDP with
+    # isinstance(model, torch.nn.parallel.DistributedDataParallel): for anything else they wrap
+    # the model again (two all-reduces per step), skip the no_sync/prepare_for_backward protocol
+    # (silent divergence) or keep the `module.` prefix. So torchlane's class IS a torch DDP, but
+    # its __init__ never runs torch's: that would build a torch Reducer whose hooks all-reduce
+    # every gradient a second time. Only Module.__init__ and Joinable.__init__ run; every torch
+    # DDP method that would reach state only torch's __init__ creates (its Reducer, Logger,
+    # modules_buffers, ...) is overridden below, either with torchlane's version or with one
+    # that raises naming the method (see _UNSUPPORTED). `reducer` and `logger` are small Python
+    # objects with the parts of torch's Reducer/Logger contract that other code calls, mapped
+    # onto torchlane's C++ reducer (_Reducer, _Logger above).
 
     def __init__(
         self,
@@ -158,7 +277,7 @@ class DistributedDataParallel(Module, Joinable):
         check_finite: bool = False,
         verify_layout: bool | None = None,
     ):
-        super().__init__()
+        Module.__init__(self)  # not torch DDP's: Note [A torch DDP without torch's reducer]
         Joinable.__init__(self)
         if not isinstance(module, Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -228,20 +347,115 @@ class DistributedDataParallel(Module, Joinable):
         self._verify_params_across_ranks()
         if init_sync:
             self._broadcast(self._module_states())
+        self.check_finite = check_finite
+        self.verify_layout = verify_layout
+        self._make_reducer()
+
+    def _make_reducer(self):
         self._reducer = _C.Reducer(
             self._params,
             self._param_names,
-            process_group,
+            self.process_group,
             self.bucket_bytes_cap,
             min(_FIRST_BUCKET_CAP_BYTES, self.bucket_bytes_cap),
-            find_unused_parameters,
-            gradient_as_bucket_view,
-            static_graph,
-            check_finite,
-            verify_layout,
+            self.find_unused_parameters,
+            self.gradient_as_bucket_view,
+            self.static_graph,
+            self.check_finite,
+            self.verify_layout,
         )
-        self.check_finite = check_finite
-        self.verify_layout = verify_layout
+        self._synced_forwards = 0
+        self._has_comm_hook = False
+        self.reducer = _Reducer(self)
+        self.logger = _Logger(self)
+        if not self.require_backward_grad_sync:
+            self._reducer.allow_local_backward()
+
+    # ---- torch DDP's attributes and private API (Note [A torch DDP without torch's reducer]) ----
+
+    @property
+    def require_backward_grad_sync(self) -> bool:
+        return self.__dict__.get("_require_backward_grad_sync", True)
+
+    @require_backward_grad_sync.setter
+    def require_backward_grad_sync(self, value: bool) -> None:
+        # Setting it off (no_sync(), accelerate, Lightning) is what allows a backward to
+        # accumulate locally; see Note [No silent gradient loss] in reducer.hpp.
+        self.__dict__["_require_backward_grad_sync"] = bool(value)
+        reducer = self.__dict__.get("_reducer")
+        if not value and reducer is not None:
+            reducer.allow_local_backward()
+
+    def _make_static(self):
+        """static_graph=True after construction: rebuilds the C++ reducer, before the first
+        synchronised forward only (torch allows it only then too, in effect)."""
+        if self.static_graph:
+            warnings.warn(
+                "You've set static_graph to be True, no need to set it again.", stacklevel=3
+            )
+            return
+        if self._synced_forwards or self._has_comm_hook:
+            raise RuntimeError(
+                "torchlane.DistributedDataParallel: _set_static_graph() must be called before the "
+                "first forward and before register_comm_hook; pass static_graph=True to the "
+                "constructor instead"
+            )
+        self.static_graph = True
+        self._make_reducer()
+
+    def _set_static_graph(self):
+        """As torch DDP's: turn on static_graph (before the first forward)."""
+        self._make_static()
+
+    def _get_ddp_logging_data(self):
+        data = self.logger._get_ddp_logging_data()
+        return {**data.strs_map, **data.ints_map}
+
+    def _set_ddp_runtime_logging_sample_rate(self, sample_rate):
+        if sample_rate < 1:
+            raise ValueError(
+                "DDP runtime logging sample rate should be equal or greater than 1, got "
+                f"{sample_rate}"
+            )
+        self.reducer._set_ddp_runtime_logging_sample_rate(sample_rate)
+
+    def _register_fused_optim(self, optim, *args, optim_params=None, **kwargs):
+        raise NotImplementedError(
+            "torchlane.DistributedDataParallel does not support _register_fused_optim (an "
+            "optimizer run from the reducer per bucket); call optimizer.step() after backward"
+        )
+
+    def _log_and_throw(self, err_type, err_msg):
+        raise err_type(err_msg)
+
+    def will_sync_module_buffers(self):
+        return bool(self._will_sync_buffers())
+
+    def _check_reducer_finalized(self):
+        # prepare_for_forward raises (naming the unready parameters) if a reduction is pending.
+        self._reducer.prepare_for_forward()
+
+    def __getstate__(self):
+        if self.process_group is not dist.distributed_c10d._get_default_group():
+            raise RuntimeError(
+                "DDP Pickling/Unpickling are only supported when using DDP with the default "
+                "process group. That is, when you have called init_process_group and have not "
+                "passed process_group argument to DDP constructor"
+            )
+        if self._has_comm_hook:
+            raise RuntimeError(
+                "torchlane.DistributedDataParallel cannot pickle a model with a communication "
+                "hook (its state lives in C++); register the hook again on the copy"
+            )
+        state = dict(self.__dict__)
+        for name in ("process_group", "_reducer", "reducer", "logger"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.process_group = dist.distributed_c10d._get_default_group()
+        Module.__setstate__(self, state)
+        self._make_reducer()
 
     # ---- construction helpers ----
 
@@ -352,6 +566,13 @@ class DistributedDataParallel(Module, Joinable):
     def _will_sync_buffers(self):
         return self.require_forward_param_sync and self.broadcast_buffers and self._module_buffers()
 
+    # Note [torch.compile of the wrapped model]: as torch DDP's forward, this frame is skipped
+    # by dynamo (its reducer calls are not traceable) while the wrapped module's forward, called
+    # inside _inside_ddp_forward(), is compiled whole. _inside_ddp_forward marks this model as
+    # the active DDP module, so dynamo's DDPOptimizer splits the compiled graph at
+    # bucket_bytes_cap boundaries and each piece's backward runs the C++ gradient hooks as the
+    # eager backward does, keeping bucket all-reduces overlapped with the rest of the backward.
+    @torch.compiler.disable(recursive=False)
     def forward(self, *inputs, **kwargs):
         with torch.autograd.profiler.record_function("torchlane.DistributedDataParallel.forward"):
             grad_sync = torch.is_grad_enabled() and self.require_backward_grad_sync
@@ -374,12 +595,14 @@ class DistributedDataParallel(Module, Joinable):
             if self.device_ids:
                 device = torch.device(self._params[0].device.type, self.device_ids[0])
                 inputs, kwargs = _move_to(inputs, device), _move_to(kwargs, device)
-            output = self.module(*inputs, **kwargs)
+            with self._inside_ddp_forward():
+                output = self.module(*inputs, **kwargs)
             dynamic_unused = self.find_unused_parameters and not self.static_graph
             if dynamic_unused and grad_sync:
                 output = _pass_through_sink(output)
             if grad_sync:
                 self.require_forward_param_sync = True
+                self._synced_forwards += 1
                 self._reducer.prepare_for_backward(_find_tensors(output))
             else:
                 self.require_forward_param_sync = False
@@ -449,6 +672,7 @@ class DistributedDataParallel(Module, Joinable):
         if make_cpp is not None:
             cpp_hook = make_cpp(state, self.process_group)
             self._reducer.register_cpp_comm_hook(cpp_hook)
+            self._has_comm_hook = True
         else:
             if not callable(hook):
                 raise TypeError(f"Communication hook must be callable, got {type(hook).__name__}")
@@ -461,6 +685,8 @@ class DistributedDataParallel(Module, Joinable):
             except ValueError:
                 pass  # no signature to inspect (a builtin): let the call decide
             self._reducer.register_python_comm_hook(state, hook)
+            self._has_comm_hook = True
+            self.logger._set_comm_hook_name(getattr(hook, "__qualname__", repr(hook)))
 
     @property
     def grads_finite(self) -> bool:
@@ -488,6 +714,67 @@ class DistributedDataParallel(Module, Joinable):
         stats["buckets"] = buckets
         stats["num_buckets"] = len(buckets)
         return stats
+
+
+# torch DDP methods that would run torch code against state torchlane never builds (torch's
+# Reducer, Logger, modules_buffers, ...): Note [A torch DDP without torch's reducer].
+_UNSUPPORTED = (
+    "_register_accum_grad_hook",
+    "_delayed_all_reduce_hook",
+    "_register_delay_all_reduce_hook",
+    "_setup_in_backward_optimizers",
+    "_fire_reducer_autograd_hook",
+    "_root_copy_hook",
+    "_module_wait_for_copy_hook",
+    "_ddp_init_helper",
+    "_build_params_for_reducer",
+    "_assign_modules_buffers",
+    "_build_debug_param_to_name_mapping",
+    "_lazy_init",
+    "_pre_forward",
+    "_post_forward",
+    "_run_ddp_forward",
+    "_clear_grad_buffer",
+    "scatter",
+    "to_kwargs",
+    "gather",
+    "_check_global_requires_backward_grad_sync",
+    "_check_and_sync_module_buffers",
+    "_sync_final_model",
+    "_match_all_reduce_for_bwd_pass",
+    "_match_unused_params_allreduce",
+    "_register_buffer_comm_hook",
+    "_register_builtin_comm_hook",
+    "_check_sync_bufs_post_fwd",
+    "_check_sync_bufs_pre_fwd",
+    "_find_common_rank",
+    "_sync_buffers",
+    "_sync_module_buffers",
+    "_default_broadcast_coalesced",
+    "_passing_sync_batchnorm_handle",
+    "_check_comm_hook",
+    "_set_sparse_metadata",
+    "_update_process_group",
+    "_set_ddp_sink_clone",
+    "_remove_autograd_hooks",
+    "_set_mixed_precision_param_dtype",
+)
+
+
+def _unsupported(name):
+    def method(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"torchlane.DistributedDataParallel does not support torch DDP's {name}() (it needs "
+            "torch's own Reducer); see docs/ddp.md for the differences from torch DDP"
+        )
+
+    method.__name__ = name
+    return method
+
+
+for _name in _UNSUPPORTED:
+    if hasattr(torch.nn.parallel.DistributedDataParallel, _name):
+        setattr(DistributedDataParallel, _name, _unsupported(_name))
 
 
 def _move_to(obj, device):
