@@ -352,7 +352,8 @@ def straggler_report(
     """Per rank: median compute ms and its ratio to the median of the other ranks; a rank is
     slow in a step when its ratio exceeds ``threshold`` and it is at least ``min_excess_ms``
     slower (sub-millisecond jitter is not a straggler), a straggler when it is slow for
-    ``patience`` consecutive steps; ``since_step`` is the first step of the first such run."""
+    ``patience`` consecutive steps and its median ratio from there on exceeds ``threshold``;
+    ``since_step`` is the first step of that run."""
     if not runs:
         raise ValueError("no rank*.jsonl records to report on")
     steps = sorted(set.intersection(*({r["step"] for r in recs} for recs in runs.values())))
@@ -366,11 +367,15 @@ def straggler_report(
             )
             ratios.append(by[rank][s] / max(others, 1e-9))
             slow.append(ratios[-1] > threshold and by[rank][s] - others >= min_excess_ms)
+        # The first run of `patience` slow steps after which the rank stays slower in the
+        # median (a burst of noise is not a straggler).
         since, run_len = None, 0
-        for s, is_slow in zip(steps, slow, strict=True):
+        for j, is_slow in enumerate(slow):
             run_len = run_len + 1 if is_slow else 0
-            if run_len == patience and since is None:
-                since = s - patience + 1
+            if run_len >= patience and since is None:
+                first = j - patience + 1
+                if _median(ratios[first:]) > threshold:
+                    since = steps[first]
         out["ranks"][rank] = {
             "median_compute_ms": _median([by[rank][s] for s in steps]),
             "median_step_ms": _median([r["step_ms"] for r in runs[rank]]),
