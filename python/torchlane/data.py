@@ -300,8 +300,8 @@ class StragglerBalancer:
 
     ``step`` all-gathers (time, tokens) (one tiny collective), keeps an exponential moving
     average of each rank's throughput (tokens / s), and when the slowest rank's time has exceeded
-    the fastest's by ``threshold`` for ``patience`` consecutive steps, sets the sampler's shares
-    proportional to the measured throughputs (normalised to mean 1) and starts counting again.
+    the fastest's by ``threshold`` for ``patience`` consecutive steps, moves the sampler's shares
+    halfway towards the measured throughputs (normalised to mean 1) and starts counting again.
     Every change is logged (``changes`` and the optional ``log`` callable). All ranks compute the
     same shares from the same gathered numbers, so their plans stay identical. The math stays
     exact through Note [Global token normalisation].
@@ -355,8 +355,11 @@ class StragglerBalancer:
             ]
         self.slow_steps = self.slow_steps + 1 if max(times) > self.threshold * min(times) else 0
         if self.slow_steps >= self.patience:
+            # Halfway from the current shares to the measured throughputs: one noisy step
+            # must not swing the split, and a real slowdown converges geometrically.
             mean = sum(self.rate) / len(self.rate)
-            shares = [r / mean for r in self.rate]
+            old = self.sampler.shares
+            shares = [0.5 * o + 0.5 * r / mean for o, r in zip(old, self.rate, strict=True)]
             change = {
                 "step": self.steps,
                 "old_shares": list(self.sampler.shares),
