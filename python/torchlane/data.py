@@ -299,9 +299,9 @@ class StragglerBalancer:
             bal.step(time.perf_counter() - t0, tokens=sum(lengths[i] for i in indices))
 
     ``step`` all-gathers (time, tokens) (one tiny collective), keeps an exponential moving
-    average of each rank's throughput (tokens / s), and when the slowest rank's time has exceeded
-    the fastest's by ``threshold`` for ``patience`` consecutive steps, moves the sampler's shares
-    halfway towards the measured throughputs (normalised to mean 1) and starts counting again.
+    average of each rank's step time, and when the slowest rank's time has exceeded the
+    fastest's by ``threshold`` for ``patience`` consecutive steps, scales each share by mean time
+    / its time, moves the shares halfway there (normalised to mean 1) and starts counting again.
     Every change is logged (``changes`` and the optional ``log`` callable). All ranks compute the
     same shares from the same gathered numbers, so their plans stay identical. The math stays
     exact through Note [Global token normalisation].
@@ -326,7 +326,7 @@ class StragglerBalancer:
             raise ValueError(f"ema must be in (0, 1], got {ema!r}")
         self.sampler, self.patience, self.threshold, self.ema = sampler, patience, threshold, ema
         self.group, self.log = group, log
-        self.rate: list[float] | None = None
+        self.time_ema: list[float] | None = None
         self.slow_steps = 0
         self.steps = 0
         self.changes: list[dict] = []
@@ -346,25 +346,30 @@ class StragglerBalancer:
     def observe(self, times: Sequence[float], tokens: Sequence[float]) -> list[float]:
         """The pure part of :meth:`step`: update from every rank's (time, tokens)."""
         self.steps += 1
-        rate = [max(n, 1.0) / max(t, 1e-9) for t, n in zip(times, tokens, strict=True)]
-        if self.rate is None:
-            self.rate = rate
+        times = [max(float(t), 1e-9) for t in times]
+        if self.time_ema is None:
+            self.time_ema = times
         else:
-            self.rate = [
-                self.ema * r + (1 - self.ema) * o for r, o in zip(rate, self.rate, strict=True)
+            self.time_ema = [
+                self.ema * t + (1 - self.ema) * o for t, o in zip(times, self.time_ema, strict=True)
             ]
         self.slow_steps = self.slow_steps + 1 if max(times) > self.threshold * min(times) else 0
         if self.slow_steps >= self.patience:
-            # Halfway from the current shares to the measured throughputs: one noisy step
-            # must not swing the split, and a real slowdown converges geometrically.
-            mean = sum(self.rate) / len(self.rate)
+            # Each rank's share scaled by mean time / its time (the fixed point is equal times,
+            # also when a step has a fixed cost besides its tokens), normalised to mean 1, then
+            # moved only halfway: one noisy step must not swing the split, and a persistent
+            # slowdown converges geometrically.
             old = self.sampler.shares
-            shares = [0.5 * o + 0.5 * r / mean for o, r in zip(old, self.rate, strict=True)]
+            mean_t = sum(self.time_ema) / len(self.time_ema)
+            target = [o * mean_t / t for o, t in zip(old, self.time_ema, strict=True)]
+            norm = sum(target) / len(target)
+            shares = [0.5 * o + 0.5 * t / norm for o, t in zip(old, target, strict=True)]
             change = {
                 "step": self.steps,
-                "old_shares": list(self.sampler.shares),
+                "old_shares": list(old),
                 "new_shares": shares,
                 "times": list(times),
+                "tokens": list(tokens),
                 "slowest_rank": max(range(len(times)), key=lambda r: times[r]),
             }
             self.sampler.set_shares(shares)
@@ -372,4 +377,5 @@ class StragglerBalancer:
             if self.log is not None:
                 self.log(change)
             self.slow_steps = 0
+            self.time_ema = None  # times measured under the old shares no longer apply
         return list(self.sampler.shares)
