@@ -130,3 +130,96 @@ def random_batch(tokens, block_size, batch_size, generator):
     offsets = torch.arange(block_size + 1)
     windows = tokens[starts[:, None] + offsets[None, :]]
     return windows[:, :-1], windows[:, 1:]
+
+
+def documents(tokens, max_len, min_len=2):
+    """Split a token tensor into documents at blank lines (two newlines), as (start, length)
+    pairs of at most max_len tokens (longer documents are cut into max_len pieces; pieces shorter
+    than min_len are dropped). Lengths are skewed: one-line paragraphs next to long functions."""
+    nl = (tokens[:-1] == 10) & (tokens[1:] == 10)
+    cuts = (nl.nonzero().flatten() + 2).tolist()
+    out, start = [], 0
+    for end in [*cuts, len(tokens)]:
+        for s in range(start, end, max_len):
+            n = min(max_len, end - s)
+            if n >= min_len:
+                out.append((s, n))
+        start = end
+    return out
+
+
+class DocumentBatches:
+    """Variable-length documents, split per global step by torchlane.data.TokenBalancedSampler
+    (`--sampler tokens`): each rank gets about the same number of tokens, padded only to its own
+    longest document. next() returns (x, y, local_tokens); y is -100 on padding.
+
+    With pack_len, each rank's documents come packed into rows of pack_len tokens, and next()
+    also returns the per-row cu_seqlens (attention stays within each document: see
+    torchlane.varlen_attention) and per-token positions restarting at every document.
+    """
+
+    def __init__(self, tokens, block_size, batch_size, rank, world_size, seed=0, pack=False):
+        from torchlane.data import TokenBalancedSampler
+
+        self.tokens, self.pack = tokens, pack
+        self.docs = documents(tokens, block_size + 1)
+        # A document of n tokens gives n - 1 (input, target) pairs.
+        lengths = [n - 1 for _, n in self.docs]
+        self.sampler = TokenBalancedSampler(
+            lengths,
+            batch_size * world_size,
+            world_size,
+            rank,
+            seed=seed,
+            drop_last=True,
+            pack_len=block_size if pack else None,
+        )
+        self.batches_per_epoch = len(self.sampler)
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"corpus too small: {len(self.docs)} documents < one global batch")
+        self.epoch, self.index, self._steps = 0, 0, None
+
+    def state(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state):
+        self.epoch, self.index, self._steps = state["epoch"], state["index"], None
+
+    def next(self):
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._steps = self.epoch + 1, 0, None
+        if self._steps is None:
+            self.sampler.set_epoch(self.epoch)
+            self._steps = self.sampler.global_steps()
+        part = self.sampler.plan_step(self._steps[self.index])[self.sampler.rank]
+        self.index += 1
+        if self.pack:
+            return self._packed(part)
+        width = max((self.docs[i][1] - 1 for i in part), default=1)
+        x = torch.zeros(max(len(part), 1), width, dtype=torch.long)
+        y = torch.full_like(x, -100)
+        for row, i in enumerate(part):
+            s, n = self.docs[i]
+            x[row, : n - 1] = self.tokens[s : s + n - 1]
+            y[row, : n - 1] = self.tokens[s + 1 : s + n]
+        return x, y, int((y != -100).sum())
+
+    def _packed(self, rows):
+        width = self.sampler.pack_len
+        x = torch.zeros(max(len(rows), 1), width, dtype=torch.long)
+        y = torch.full_like(x, -100)
+        pos = torch.zeros_like(x)
+        cu = []
+        for r, row in enumerate(rows):
+            at, offs = 0, [0]
+            for i, start, n in row:
+                s = self.docs[i][0] + start
+                x[r, at : at + n] = self.tokens[s : s + n]
+                y[r, at : at + n] = self.tokens[s + 1 : s + n + 1]
+                pos[r, at : at + n] = torch.arange(n)
+                at += n
+                offs.append(at)
+            if at < width:
+                offs.append(width)  # the padding tail is its own (ignored) segment
+            cu.append(torch.tensor(offs))
+        return x, y, int((y != -100).sum()), cu, pos

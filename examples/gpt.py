@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.attend = attention_fn(cfg.attention)
 
-    def forward(self, x):
+    def forward(self, x, cu_seqlens=None):
         # Sizes from qkv's output, not x: under tensor (and sequence) parallelism qkv returns
         # this rank's heads over the whole sequence (examples/gpt_tp.py).
         qkv = self.qkv(x)
@@ -68,7 +68,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.split(h * d, dim=2)
         # (B, S, H*D) -> (B, H, S, D)
         q, k, v = (t.view(b, s, h, d).transpose(1, 2) for t in (q, k, v))
-        y = self.attend(q, k, v)
+        if cu_seqlens is None:
+            y = self.attend(q, k, v)
+        else:  # packed rows: attention within each document (block-diagonal causal)
+            import torchlane
+
+            y = torch.stack(
+                [torchlane.varlen_attention(q[i], k[i], v[i], cu_seqlens[i]) for i in range(b)]
+            )
         y = y.transpose(1, 2).reshape(b, s, h * d)
         return self.drop(self.proj(y))
 
@@ -86,8 +93,8 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, cu_seqlens=None):
+        x = x + self.attn(self.ln1(x), cu_seqlens)
         return x + self.mlp(self.ln2(x))
 
 
@@ -120,14 +127,16 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, pos=None, cu_seqlens=None):
+        """pos and cu_seqlens (per row) for packed rows of several documents (--pack)."""
         b, s = idx.shape
         if s > self.cfg.block_size:
             raise ValueError(f"sequence length {s} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(s, device=idx.device)
+        if pos is None:
+            pos = torch.arange(s, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cu_seqlens)
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits

@@ -101,7 +101,25 @@ def parse_args(argv=None):
         default="even",
         help="even, profile, or comma-separated layer counts per stage (n_layer + 2 layers)",
     )
+    if args.tp < 1 or (args.dp is not None and args.dp < 1):
+        p.error(f"--tp and --dp must be >= 1, got --tp {args.tp} --dp {args.dp}")
+    # ---- data / monitor ----
+    a(
+        "--sampler",
+        choices=("windows", "tokens"),
+        default="windows",
+        help="windows: fixed-length windows, DistributedSampler-style; tokens: documents (split "
+        "at blank lines) balanced by tokens over ranks (torchlane.data.TokenBalancedSampler)",
+    )
+    a("--pack", action="store_true", help="--sampler tokens: pack documents into full rows")
+    # Not "--monitor": torchrun's parser takes it as an abbreviation of its --monitor-interval.
+    a("--monitoring", action="store_true", help="per-rank JSONL under <out-dir>/monitor")
+    a("--watchdog-s", type=float, default=None, help="--monitoring: hang report after N s")
     args = p.parse_args(argv)
+    if args.pack and args.sampler != "tokens":
+        p.error("--pack needs --sampler tokens")
+    if args.sampler == "tokens" and (args.tp > 1 or args.pp > 1):
+        p.error("--sampler tokens works with data parallelism only (--tp 1 --pp 1)")
     if args.tp < 1 or (args.dp is not None and args.dp < 1):
         p.error(f"--tp and --dp must be >= 1, got --tp {args.tp} --dp {args.dp}")
     if args.attention == "auto":
@@ -436,6 +454,26 @@ class JsonLog:
 # ----------------------------------------------------------------------------- main
 
 
+def document_loss(model, batch, args, device, world):
+    """--sampler tokens: this rank's summed next-token loss times world / global token count, so
+    that DDP's average is the per-token mean over the whole global step (exact however the
+    documents were split; Note [Global token normalisation] in torchlane/data.py)."""
+    from torchlane.data import global_token_count, token_normalized_loss
+
+    x, y, n_local = batch[:3]
+    x, y = x.to(device), y.to(device)
+    kwargs = {}
+    if args.pack:
+        kwargs = {"cu_seqlens": batch[3], "pos": batch[4].to(device)}
+    with autocast(args, device):
+        logits = model(x, **kwargs)
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    n = global_token_count(n_local) if world > 1 else n_local
+    return token_normalized_loss(loss_sum, max(n, 1), world), loss_sum.item() / max(n_local, 1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
@@ -453,9 +491,14 @@ def main(argv=None):
 
     data, description = corpus.load_bytes(args.data, int(args.max_data_mb * 1e6))
     train_tokens, val_tokens = corpus.split(data)
-    batches = corpus.ShardedBatches(
-        train_tokens, args.block_size, args.batch_size, dp_rank, dp_size, args.seed
-    )
+    if args.sampler == "tokens":
+        batches = corpus.DocumentBatches(
+            train_tokens, args.block_size, args.batch_size, dp_rank, dp_size, args.seed, args.pack
+        )
+    else:
+        batches = corpus.ShardedBatches(
+            train_tokens, args.block_size, args.batch_size, dp_rank, dp_size, args.seed
+        )
 
     cfg = GPTConfig(
         256, args.block_size, args.n_layer, args.n_head, args.n_embd, args.dropout, args.attention
@@ -509,6 +552,12 @@ def main(argv=None):
             resumed_at=step if args.resume else None,
         )
 
+    mon = None
+    if args.monitoring:
+        from torchlane.monitor import Monitor
+
+        ddp = model if world > 1 and args.ddp == "torchlane" else None
+        mon = Monitor(out_dir / "monitor", ddp, rank=rank, watchdog_timeout=args.watchdog_s)
     progress = Progress(rank, args.max_steps, step, args.no_progress)
     if step == 0 or step % args.eval_every == 0:
         val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
@@ -523,16 +572,30 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
+        if mon:
+            mon.start_step()
         for micro in range(args.grad_accum if pipe is None else 0):
-            x, y = batches.next()
-            x, y = x.to(device), y.to(device)
             last = micro == args.grad_accum - 1
             sync = model.no_sync() if (dp_size > 1 and not last) else contextlib.nullcontext()
+            if args.sampler == "tokens":
+                with sync:
+                    loss, local_mean = document_loss(model, batches.next(), args, device, dp_size)
+                    if mon:
+                        mon.mark("forward")
+                    (loss / args.grad_accum).backward()
+                loss_sum += local_mean / args.grad_accum  # this rank's per-token mean (logs)
+                continue
+            x, y = batches.next()
+            x, y = x.to(device), y.to(device)
             with sync:
                 with autocast(args, device):
                     _, loss = model(x, y)
+                if mon:
+                    mon.mark("forward")
                 (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
+        if mon:
+            mon.mark("backward")
         if pipe is not None:
             x, y = batches.next()
             loss_sum = pipe.step(x.to(device), y.to(device), raw_model.cross_entropy).item()
@@ -548,6 +611,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
+        if mon:
+            mon.end_step(loss=loss_sum)
         progress.update(step, loss_sum, tokens_per_step / dt, dt * 1e3, lr)
         log(
             type="train",
@@ -567,6 +632,8 @@ def main(argv=None):
                 ckpt_dir, raw_model, optimizer, step, batches, best_val, dp_rank, dp_group
             )
     progress.close()
+    if mon:
+        mon.close()
     elapsed = time.perf_counter() - t_run
 
     sampler = raw_model

@@ -179,3 +179,30 @@ def test_train_gpt_pipeline_matches_one_process(tmp_path):
         torch.testing.assert_close(
             torch.tensor(losses(log)), torch.tensor(losses(one)), rtol=1e-4, atol=0
         )
+
+
+def test_train_gpt_token_sampler_pack_and_monitor(tmp_path):
+    """--sampler tokens with and without --pack train on the same documents per step with the
+    global-token loss and per-document attention, so the two runs' losses agree; --monitoring
+    writes per-rank JSONL that `python -m torchlane.monitor` reports on."""
+    if not _torchlane_has("varlen_attention"):
+        pytest.skip("this torchlane build has no varlen_attention")
+    flags = ["--max-steps", "3", "--eval-every", "3", "--sampler", "tokens", "--ddp", "torchlane"]
+    padded, _ = _train(tmp_path / "padded", *flags)
+    packed, _ = _train(tmp_path / "packed", *flags, "--pack", "--monitoring")
+    vals = [[r["val_loss"] for r in log if r["type"] == "val"] for log in (padded, packed)]
+    assert vals[0] == pytest.approx(vals[1], rel=1e-4, abs=1e-4)
+    mon = tmp_path / "packed" / "monitor"
+    assert sorted(p.name for p in mon.glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "torchlane.monitor", str(mon), "--no-plot"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0 and "3 steps on 2 ranks" in r.stdout, r.stdout + r.stderr

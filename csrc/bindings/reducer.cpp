@@ -3,10 +3,31 @@
 #include "reducer/bucket_plan.hpp"
 #include "reducer/reducer.hpp"
 
+#include <chrono>
+
 #include <torch/csrc/distributed/c10d/python_comm_hook.h>
 
 namespace torchlane::bindings {
 namespace {
+
+py::dict flight_record_to_dict(const Reducer& reducer) {
+  const auto& f = *reducer.flight_record();
+  py::dict d;
+  d["iteration"] = f.iteration.load();
+  d["iteration_first_seq"] = f.iteration_first_seq.load();
+  d["launched_seq"] = f.launched_seq.load();
+  d["launched_bucket"] = f.launched_bucket.load();
+  d["launched_bytes"] = f.launched_bytes.load();
+  d["launched_ns"] = f.launched_ns.load();
+  d["completed_seq"] = f.completed_seq.load();
+  d["completed_bucket"] = f.completed_bucket.load();
+  d["completed_ns"] = f.completed_ns.load();
+  // The same steady clock as the reducer's timestamps, so now_ns - launched_ns is an age.
+  d["now_ns"] = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::steady_clock::now().time_since_epoch())
+                    .count();
+  return d;
+}
 
 py::dict stats_to_dict(const Reducer& reducer) {
   const auto stats = reducer.stats();
@@ -126,7 +147,9 @@ void bind_reducer(py::module_& m, py::module_& testing) {
       .def("run_zero_allreduces", &Reducer::run_zero_allreduces,
            py::call_guard<py::gil_scoped_release>())
       .def("buckets", &buckets_to_list)
-      .def("stats", &stats_to_dict);
+      .def("stats", &stats_to_dict)
+      .def("flight_record", &flight_record_to_dict,
+           "Last launched/completed bucket collective (Note [Flight record]); lock-free");
 
 }
 

@@ -350,6 +350,8 @@ void Reducer::on_gradient_ready(int64_t index) {
     backward_started_ = true;
     require_finalize_ = true;
     first_hook_ns_ = now_ns();
+    flight_->iteration_first_seq.store(collective_seq_ + 1, std::memory_order_relaxed);
+    flight_->iteration.fetch_add(1, std::memory_order_relaxed);
     for (auto i : unused_) {
       mark_ready(i);
     }
@@ -448,6 +450,8 @@ void Reducer::launch_bucket(size_t b) {
   auto& bucket = buckets_[b];
   RECORD_FUNCTION("torchlane::allreduce_bucket", std::vector<c10::IValue>({bucket.buffer}));
   bucket.launch_ns = now_ns();
+  flight_->on_launch(++collective_seq_, static_cast<int64_t>(b), bucket.buffer.nbytes(),
+                     bucket.launch_ns);
   if (comm_hook_) {
     auto grad_bucket = make_grad_bucket(b, bucket.buffer);
     bucket.future = comm_hook_->runHook(grad_bucket);
@@ -464,7 +468,15 @@ void Reducer::launch_bucket(size_t b) {
   // The callback may run after finalize_backward returned (futures wake waiters before running
   // callbacks), so it writes only to a slot it co-owns.
   auto done = bucket.done_ns;
-  bucket.future->addCallback([done](c10::ivalue::Future&) { done->store(now_ns()); });
+  // Note [Flight record]: on_launch above ran before the launch, so a launch that hangs shows.
+  auto flight = flight_;
+  const int64_t seq = collective_seq_;
+  const auto bucket_index = static_cast<int64_t>(b);
+  bucket.future->addCallback([done, flight, seq, bucket_index](c10::ivalue::Future&) {
+    const int64_t t = now_ns();
+    done->store(t);
+    flight->on_complete(seq, bucket_index, t);
+  });
 }
 
 // Future::wait() returns normally when the future completed with an error (a peer died, the

@@ -15,6 +15,7 @@
 #include <torch/csrc/distributed/c10d/comm.hpp>
 
 #include "reducer/bucket_plan.hpp"
+#include "reducer/flight_record.hpp"
 #include "comm/comm_hook.hpp"
 
 namespace torchlane {
@@ -122,6 +123,10 @@ class Reducer {
     return buckets_;
   }
   StepStats stats() const;
+  // Live progress for the hang watchdog; see Note [Flight record].
+  const std::shared_ptr<FlightRecord>& flight_record() const {
+    return flight_;
+  }
   // check_finite: whether the last reduced gradients were all finite (the same on every rank).
   bool grads_finite() const {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -202,6 +207,9 @@ class Reducer {
   mutable std::mutex stats_mutex_;
   StepStats last_stats_;
   int64_t step_bytes_sent_ = 0;
+  // Shared with bucket completion callbacks, which may outlive the reducer.
+  std::shared_ptr<FlightRecord> flight_ = std::make_shared<FlightRecord>();
+  int64_t collective_seq_ = 0;
 };
 
 }  // namespace torchlane

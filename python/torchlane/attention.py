@@ -13,7 +13,8 @@ import torch
 
 from torchlane import _C  # also loads the op registrations
 
-__all__ = ["attention"]
+__all__ = ["attention", "varlen_attention"]
+
 
 def attention(
     q: torch.Tensor,
@@ -105,3 +106,65 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("torchlane::attention_fwd", _backward, setup_context=_setup_context)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+):
+    """Attention within each document of a packed sequence (block-diagonal, flash's varlen form).
+
+    Args:
+        q: (H, T, D) queries of T packed tokens; k, v: (Hkv, T, D).
+        cu_seqlens: (n + 1,) integer offsets ``[0, l0, l0 + l1, ..., T]`` of the n documents
+            (:func:`torchlane.data.cu_seqlens_for_row` builds it from a packed row).
+        causal: causal within each document (top-left aligned per document).
+        scale: as in :func:`attention`.
+
+    Returns:
+        (H, T, D): token t of document d attends only to tokens of d (and, when causal, only to
+        the earlier ones). Computed as one :func:`attention` call per document on its slice (the
+        fused CPU/CUDA kernels take no offsets), so its accuracy and gradients are those of the
+        op; the cost is one op launch per document. See docs/data.md.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"torchlane.varlen_attention: {name} must be a torch.Tensor, got {type(t).__name__}"
+            )
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            "torchlane.varlen_attention: q, k, v must be 3-D (heads, tokens, head_dim), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    total = q.shape[1]
+    if k.shape[1] != total or v.shape[1] != total:
+        raise ValueError(
+            "torchlane.varlen_attention: q, k, v must have the same number of tokens, got "
+            f"{total}, {k.shape[1]}, {v.shape[1]}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            "torchlane.varlen_attention: cu_seqlens must be a 1-D int32/int64 tensor, got "
+            f"shape {tuple(cu_seqlens.shape)} dtype {cu_seqlens.dtype}"
+        )
+    offs = cu_seqlens.tolist()
+    if len(offs) < 2 or offs[0] != 0 or offs[-1] != total:
+        raise ValueError(
+            f"torchlane.varlen_attention: cu_seqlens must start at 0 and end at the token count "
+            f"{total}, got {offs}"
+        )
+    if any(b <= a for a, b in zip(offs, offs[1:], strict=False)):
+        raise ValueError(
+            f"torchlane.varlen_attention: cu_seqlens must be strictly increasing, got {offs}"
+        )
+    outs = [
+        attention(q[None, :, a:b], k[None, :, a:b], v[None, :, a:b], causal=causal, scale=scale)[0]
+        for a, b in zip(offs, offs[1:], strict=False)
+    ]
+    return torch.cat(outs, dim=1)
