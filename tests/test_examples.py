@@ -148,3 +148,26 @@ def test_train_gpt_resume_is_exact(straight_runs, tmp_path):
     resumed = [r["loss"] for r in log2 if r["type"] == "train"]
     assert len(resumed) == 30
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight), rtol=1e-5, atol=1e-6)
+
+
+def test_train_gpt_diloco_streaming_loss_falls(tmp_path):
+    """--diloco 5 --streaming 2 on 2 ranks (torchrun): logs train and val loss, val loss falls."""
+    records, out = _train(
+        tmp_path,
+        "--diloco",
+        "5",
+        "--streaming",
+        "2",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "30",
+        "--eval-every",
+        "15",
+        "--attention",
+        "sdpa",
+    )
+    vals = [r["val_loss"] for r in records if r["type"] == "val"]
+    trains = [r for r in records if r["type"] == "train"]
+    assert len(trains) == 30 and len(vals) == 3
+    assert vals[-1] < vals[0] - 0.3, vals
