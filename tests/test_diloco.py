@@ -118,10 +118,12 @@ def simulate(world, steps, H, fragments, overlap, outer_lr, momentum, nesterov):
     return trajectory
 
 
-def _diloco_run(rank, world, steps, kw, hook):
+def _diloco_run(rank, world, steps, kw, hook, hook_state=None):
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    diloco = torchlane.DiLoCo(model, opt, hook=hook, bucket_cap_mb=0.001, **kw)
+    diloco = torchlane.DiLoCo(
+        model, opt, hook=hook, hook_state=hook_state, bucket_cap_mb=0.001, **kw
+    )
     out = []
     for step in range(steps):
         _loss(model, step, rank).backward()
@@ -155,6 +157,18 @@ def test_diloco_matches_float64_reference(case):
     if case == "diloco":
         assert torch.equal(results[0][0][H - 1], results[1][0][H - 1])
         assert not torch.equal(results[0][0][H - 2], results[1][0][H - 2])
+
+
+def _topk_run(rank, world, steps, kw):
+    return _diloco_run(rank, world, steps, kw, torchlane.hooks.topk, torchlane.hooks.TopKState(1.0))
+
+
+def test_diloco_topk_hook_dense_equals_reference():
+    # ratio 1 sends every element: the C++ hook path (several buckets) must give plain DiLoCo.
+    kw = dict(sync_every=3, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+    results = dist.run(_topk_run, 2, args=(9, kw))
+    ref = simulate(2, 9, 3, 1, 0, 0.7, 0.9, True)
+    assert (results[0][0][-1] - ref[0][-1]).abs().max().item() < 1e-5
 
 
 def test_diloco_bf16_hook_close_to_reference():
