@@ -13,5 +13,6 @@ void bind_comm(py::module_& m, py::module_& testing);
 void bind_reducer(py::module_& m, py::module_& testing);
 void bind_hooks(py::module_& m, py::module_& testing);
 void bind_attention(py::module_& m, py::module_& testing);
+void bind_ps(py::module_& m, py::module_& testing);
 
 }  // namespace torchlane::bindings

@@ -9,4 +9,5 @@ PYBIND11_MODULE(_C, m) {
   b::bind_hooks(m, testing);
   b::bind_reducer(m, testing);
   b::bind_attention(m, testing);
+  b::bind_ps(m, testing);
 }
