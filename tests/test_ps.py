@@ -117,7 +117,7 @@ def test_ps_worker_killed_others_continue():
     out = dist.run(
         _ps_rank,
         3,
-        args=(1, 1, 10, 0, None, dict(die=(2, 4), heartbeat_timeout_s=1.0, _keep_updates=True)),
+        args=(1, 1, 10, 0, None, dict(die=(2, 4), heartbeat_timeout_s=3.0, _keep_updates=True)),
         may_die=(2,),
     )
     report = out[0]

@@ -39,7 +39,7 @@ __all__ = ["ParameterServer"]
 
 _HEADER, _PAYLOAD, _REPLY, _PARAMS = 11, 12, 13, 14  # message tags
 _PULL, _PUSH, _LEAVE = 1, 2, 3  # header kinds: [kind, model signature, round, shard numel]
-_OK, _WRONG_MODEL = 0, 1  # reply status: [status, version]
+_OK, _WRONG_MODEL, _DROPPED = 0, 1, 2  # reply status: [status, version]
 
 
 def _signature(params):
@@ -148,7 +148,10 @@ class ParameterServer:
     def _heartbeat(self):
         key = f"torchlane/ps/heartbeat/{self.rank}"
         while not self._beat.wait(0.2):
-            self._store.add(key, 1)
+            try:
+                self._store.add(key, 1)
+            except Exception:  # the store (on rank 0) is gone: the job is ending
+                return
 
     def _exchange(self, kind, local):
         """Pushes (kind _PUSH) the pseudo-gradient to every server, then pulls the parameters."""
@@ -169,6 +172,12 @@ class ParameterServer:
         for w in works:
             w.wait(self._timeout)
         for s in range(self.num_servers):
+            if replies[s][0].item() == _DROPPED:
+                self._beat.set()
+                raise RuntimeError(
+                    f"torchlane.ps: server {s} dropped worker {self.rank}: no heartbeat for "
+                    f"{self.heartbeat_timeout_s} s (raise heartbeat_timeout_s on a busy machine)"
+                )
             if replies[s][0].item() == _WRONG_MODEL:
                 self._beat.set()
                 raise ValueError(
@@ -290,7 +299,11 @@ class ParameterServer:
         kind, signature, _round, numel = (int(v) for v in header)
         lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
         if kind == _LEAVE:
-            self.server.remove(worker, left=True)
+            if worker in self.server.live_workers:
+                self.server.remove(worker, left=True)
+            return
+        if worker not in self.server.live_workers:  # dropped for silence: tell it, keep going
+            self._send_params(worker, _DROPPED)
             return
         if signature != self.signature or numel != hi - lo:
             self.server.remove(worker, left=True)
