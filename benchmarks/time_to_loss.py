@@ -34,9 +34,9 @@ METHODS = {
     "diloco_h10": ["--diloco", "10"],
     "diloco_h50": ["--diloco", "50"],
     "streaming_diloco_h10_f2": ["--diloco", "10", "--streaming", "2"],
-    "ps_s0": ["--ps", "1", "--max-staleness", "0", "--outer-lr", "1", "--outer-momentum", "0"],
-    "ps_s2": ["--ps", "1", "--max-staleness", "2", "--outer-lr", "1", "--outer-momentum", "0"],
-    "ps_async": ["--ps", "1", "--outer-lr", "1", "--outer-momentum", "0"],
+    "ps_s0": ["--ps", "1", "--max-staleness", "0", "--outer-lr", "0.25", "--outer-momentum", "0"],
+    "ps_s2": ["--ps", "1", "--max-staleness", "2", "--outer-lr", "0.25", "--outer-momentum", "0"],
+    "ps_async": ["--ps", "1", "--outer-lr", "0.25", "--outer-momentum", "0"],
 }
 
 
