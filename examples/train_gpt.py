@@ -101,8 +101,6 @@ def parse_args(argv=None):
         default="even",
         help="even, profile, or comma-separated layer counts per stage (n_layer + 2 layers)",
     )
-    if args.tp < 1 or (args.dp is not None and args.dp < 1):
-        p.error(f"--tp and --dp must be >= 1, got --tp {args.tp} --dp {args.dp}")
     # ---- data / monitor ----
     a(
         "--sampler",
@@ -115,6 +113,15 @@ def parse_args(argv=None):
     # Not "--monitor": torchrun's parser takes it as an abbreviation of its --monitor-interval.
     a("--monitoring", action="store_true", help="per-rank JSONL under <out-dir>/monitor")
     a("--watchdog-s", type=float, default=None, help="--monitoring: hang report after N s")
+    # ---- diloco / ps ----
+    a("--diloco", type=int, default=0, metavar="H", help="DiLoCo: sync every H inner steps")
+    a("--outer-lr", type=float, default=0.7, help="--diloco/--ps: outer SGD learning rate")
+    a("--outer-momentum", type=float, default=0.9, help="--diloco/--ps: outer Nesterov momentum")
+    a("--streaming", type=int, default=0, metavar="F", help="--diloco: F staggered fragments")
+    a("--ps", type=int, default=0, metavar="N_SERVERS", help="async parameter server")
+    a("--max-staleness", type=int, default=None, help="--ps: rounds ahead (default: unbounded)")
+    a("--ps-sync-every", type=int, default=10, help="--ps: a worker pushes every N steps")
+    a("--post-local-sgd", type=int, default=0, metavar="H", help="torch's PostLocalSGDOptimizer")
     args = p.parse_args(argv)
     if args.pack and args.sampler != "tokens":
         p.error("--pack needs --sampler tokens")
@@ -122,6 +129,10 @@ def parse_args(argv=None):
         p.error("--sampler tokens works with data parallelism only (--tp 1 --pp 1)")
     if args.tp < 1 or (args.dp is not None and args.dp < 1):
         p.error(f"--tp and --dp must be >= 1, got --tp {args.tp} --dp {args.dp}")
+    if args.diloco < 0 or args.ps < 0 or (args.diloco and args.ps):
+        p.error("--diloco H and --ps N_SERVERS must be >= 0, and not both set")
+    if (args.diloco or args.ps or args.post_local_sgd) and (args.tp > 1 or args.pp > 1):
+        p.error("--diloco, --ps and --post-local-sgd work with data parallelism only (--tp 1 --pp 1)")
     if args.attention == "auto":
         args.attention = "torchlane" if _torchlane_has("attention") else "sdpa"
     for name in (
@@ -451,6 +462,137 @@ class JsonLog:
             self.f.close()
 
 
+# ----------------------------------------------------------------------------- diloco / ps
+
+
+def make_diloco(raw_model, optimizer, args):
+    import torchlane
+
+    hooks = {
+        "none": None,
+        "bf16": torchlane.hooks.bf16_compress,
+        "fp16": torchlane.hooks.fp16_compress,
+    }
+    if args.hook not in hooks:
+        raise SystemExit(f"--diloco supports --hook none, bf16 or fp16, got {args.hook}")
+    fragments = max(1, args.streaming)
+    return torchlane.DiLoCo(
+        raw_model,
+        optimizer,
+        outer_lr=args.outer_lr,
+        outer_momentum=args.outer_momentum,
+        nesterov=args.outer_momentum > 0,
+        sync_every=args.diloco,
+        hook=hooks[args.hook],
+        fragments=fragments,
+        overlap_steps=1 if fragments > 1 else 0,
+    )
+
+
+def post_local_sgd(ddp, optimizer, args):
+    """torch's local SGD (the baseline of --diloco): DDP's post_localSGD_hook all-reduces
+    gradients for --warmup-steps steps, then each rank steps alone (a subgroup of one rank, as
+    on separate machines) and PeriodicModelAverager averages the parameters every H steps."""
+    from torch.distributed.algorithms.ddp_comm_hooks import post_localSGD_hook as plsgd
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        raise SystemExit("--post-local-sgd needs --ddp torch")
+    alone, _ = dist.new_subgroups(group_size=1)
+    state = plsgd.PostLocalSGDState(None, alone, start_localSGD_iter=args.warmup_steps)
+    ddp.register_comm_hook(state, plsgd.post_localSGD_hook)
+    averager = PeriodicModelAverager(period=args.post_local_sgd, warmup_steps=args.warmup_steps)
+    return PostLocalSGDOptimizer(optim=optimizer, averager=averager)
+
+
+def main_ps(args, rank, world, device):
+    """--ps N: ranks 0..N-1 serve the parameters; the others train, each pushing its change and
+    pulling the global parameters every --ps-sync-every steps; worker 0 (rank N) logs."""
+    import torchlane
+
+    if world <= args.ps:
+        raise SystemExit(f"--ps {args.ps}: needs more than {args.ps} ranks, got {world}")
+    data, description = corpus.load_bytes(args.data, int(args.max_data_mb * 1e6))
+    train_tokens, val_tokens = corpus.split(data)
+    cfg = GPTConfig(
+        256, args.block_size, args.n_layer, args.n_head, args.n_embd, args.dropout, args.attention
+    )
+    raw_model = GPT(cfg).to(device)
+    ps = torchlane.ps.ParameterServer(
+        raw_model,
+        num_servers=args.ps,
+        sync_every=args.ps_sync_every,
+        max_staleness=args.max_staleness,
+        outer_lr=args.outer_lr,
+        outer_momentum=args.outer_momentum,
+        nesterov=args.outer_momentum > 0,
+    )
+    if ps.is_server:
+        report = ps.serve()
+        stale = [r["staleness"] for r in report["log"]]
+        print(
+            f"server {rank}: applied {report['version']} updates, max staleness "
+            f"{max(stale, default=0)}, dead workers {report['dead_workers']}",
+            flush=True,
+        )
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    worker, workers = rank - args.ps, world - args.ps
+    batches = corpus.ShardedBatches(
+        train_tokens, args.block_size, args.batch_size, worker, workers, args.seed
+    )
+    optimizer = make_optimizer(raw_model, args)
+    log = JsonLog(Path(args.out_dir) / "log.jsonl", worker, append=False)
+    tokens_per_step = args.batch_size * args.block_size * workers
+    if worker == 0:
+        print(
+            f"corpus: {description}\nmodel: {raw_model.num_params() / 1e6:.2f}M parameters\n"
+            f"{args.ps} server(s), {workers} worker(s), push every {args.ps_sync_every} steps, "
+            f"max staleness {args.max_staleness}",
+            flush=True,
+        )
+        log(type="config", args=vars(args), config=cfg.to_dict(), world_size=world)
+    progress = Progress(worker, args.max_steps, 0, args.no_progress)
+    val = evaluate(raw_model, val_tokens, args, device, 1, data_rank=0)
+    progress.write(f"step {0:5d}  val loss {val:.4f}")
+    log(type="val", step=0, val_loss=val)
+    t_run, best_val = time.perf_counter(), val
+    for step in range(1, args.max_steps + 1):
+        t0 = time.perf_counter()
+        lr = lr_at(step - 1, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batches.next()
+        with autocast(args, device):
+            _, loss = raw_model(x.to(device), y.to(device))
+        loss.backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ps.step()
+        dt = time.perf_counter() - t0
+        progress.update(step, loss.item(), tokens_per_step / dt, dt * 1e3, lr)
+        log(type="train", step=step, loss=loss.item(), lr=lr, step_ms=dt * 1e3)
+        if step % args.eval_every == 0 or step == args.max_steps:
+            # This worker's copy (pulled at its last push), on the same windows as rank 0 of DDP.
+            val = evaluate(raw_model, val_tokens, args, device, 1, data_rank=0)
+            best_val = min(best_val, val)
+            progress.write(f"step {step:5d}  val loss {val:.4f}")
+            log(type="val", step=step, val_loss=val)
+    ps.close()
+    progress.close()
+    elapsed = time.perf_counter() - t_run
+    if worker == 0:
+        log(type="summary", step=args.max_steps, best_val_loss=best_val, train_seconds=elapsed)
+        print(f"done: {args.max_steps} steps, best val loss {best_val:.4f}")
+    log.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -488,6 +630,8 @@ def main(argv=None):
         mesh = init_mesh(dp=args.dp, tp=args.tp, pp=args.pp)
         dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
         dp_group = mesh["dp"].get_group()
+    if args.ps:
+        return main_ps(args, rank, world, device)
 
     data, description = corpus.load_bytes(args.data, int(args.max_data_mb * 1e6))
     train_tokens, val_tokens = corpus.split(data)
@@ -524,7 +668,11 @@ def main(argv=None):
         pipe = make_pipeline(raw_model, mesh, args).attach_optimizer(optimizer)
         model = None
     else:
-        model = wrap_ddp(raw_model, args, device, dp_group) if dp_size > 1 else raw_model
+        wrap = dp_size > 1 and not args.diloco
+        model = wrap_ddp(raw_model, args, device, dp_group) if wrap else raw_model
+    diloco = make_diloco(raw_model, optimizer, args) if args.diloco else None
+    if args.post_local_sgd and world > 1:
+        optimizer = post_local_sgd(model, optimizer, args)
 
     log = JsonLog(out_dir / "log.jsonl", rank, append=args.resume)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * dp_size
@@ -576,7 +724,8 @@ def main(argv=None):
             mon.start_step()
         for micro in range(args.grad_accum if pipe is None else 0):
             last = micro == args.grad_accum - 1
-            sync = model.no_sync() if (dp_size > 1 and not last) else contextlib.nullcontext()
+            wrapped = model is not raw_model
+            sync = model.no_sync() if (wrapped and not last) else contextlib.nullcontext()
             if args.sampler == "tokens":
                 with sync:
                     loss, local_mean = document_loss(model, batches.next(), args, device, dp_size)
@@ -609,6 +758,8 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if diloco is not None:
+            diloco.step()
         step += 1
         dt = time.perf_counter() - t0
         if mon:
@@ -623,11 +774,19 @@ def main(argv=None):
             tokens_per_s=tokens_per_step / dt,
         )
         if step % args.eval_every == 0 or step == stop:
+            if diloco is not None:
+                diloco.wait()  # no all-reduce in flight while evaluate's runs
             val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
             best_val = val if best_val is None else min(best_val, val)
             progress.write(f"step {step:5d}  val loss {val:.4f}")
             log(type="val", step=step, val_loss=val)
-        if pipe is None and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop):
+        # Replicas differ between synchronisations: no checkpoints in --diloco / --post-local-sgd.
+        if (
+            pipe is None
+            and diloco is None
+            and not args.post_local_sgd
+            and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop)
+        ):
             ckpt_file = save_checkpoint(
                 ckpt_dir, raw_model, optimizer, step, batches, best_val, dp_rank, dp_group
             )

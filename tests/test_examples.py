@@ -206,3 +206,26 @@ def test_train_gpt_token_sampler_pack_and_monitor(tmp_path):
         env=env,
     )
     assert r.returncode == 0 and "3 steps on 2 ranks" in r.stdout, r.stdout + r.stderr
+
+
+def test_train_gpt_diloco_streaming_loss_falls(tmp_path):
+    """--diloco 5 --streaming 2 on 2 ranks (torchrun): logs train and val loss, val loss falls."""
+    records, out = _train(
+        tmp_path,
+        "--diloco",
+        "5",
+        "--streaming",
+        "2",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "30",
+        "--eval-every",
+        "15",
+        "--attention",
+        "sdpa",
+    )
+    vals = [r["val_loss"] for r in records if r["type"] == "val"]
+    trains = [r for r in records if r["type"] == "train"]
+    assert len(trains) == 30 and len(vals) == 3
+    assert vals[-1] < vals[0] - 0.3, vals

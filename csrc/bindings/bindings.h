@@ -15,5 +15,6 @@ void bind_hooks(py::module_& m, py::module_& testing);
 void bind_attention(py::module_& m, py::module_& testing);
 void bind_parallel(py::module_& m, py::module_& testing);
 void bind_sharding(py::module_& m, py::module_& testing);
+void bind_ps(py::module_& m, py::module_& testing);
 
 }  // namespace torchlane::bindings

@@ -11,4 +11,5 @@ PYBIND11_MODULE(_C, m) {
   b::bind_attention(m, testing);
   b::bind_parallel(m, testing);
   b::bind_sharding(m, testing);
+  b::bind_ps(m, testing);
 }
