@@ -8,7 +8,9 @@
 CPU with Gloo by default, --device cuda with NCCL. The corpus defaults to the Python standard
 library's source (present on every machine); --data takes any text file or folder. Rank 0 shows a
 progress bar, evaluates periodically, writes a JSON-lines log and checkpoints to --out-dir, and
-prints sampled text at the end. --resume continues from the last checkpoint in --out-dir.
+prints sampled text at the end. --resume continues from the last checkpoint in --out-dir;
+under torchrun the default is --resume auto: a restarted attempt (--max-restarts) resumes from the
+newest valid checkpoint and appends to log.jsonl, a first attempt without one starts fresh.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -72,8 +75,13 @@ def parse_args(argv=None):
     a("--out-dir", default="runs/train_gpt")
     a(
         "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in <out-dir>/checkpoints",
+        nargs="?",
+        const="yes",
+        choices=("auto", "yes", "no"),
+        default=None,
+        help="yes (the bare flag): continue from the newest checkpoint in <out-dir>/checkpoints, "
+        "which must exist; auto: from it if there is one, else start fresh (the default under "
+        "torchrun, so that --max-restarts resumes); no: start fresh (the default otherwise)",
     )
     a(
         "--stop-at",
@@ -86,6 +94,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=1337)
     a("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     args = p.parse_args(argv)
+    if args.resume is None:  # torchrun (elastic agent) sets TORCHELASTIC_RESTART_COUNT
+        args.resume = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else "no"
     if args.attention == "auto":
         args.attention = "torchlane" if _torchlane_has("attention") else "sdpa"
     for name in (
@@ -257,8 +267,16 @@ def save_checkpoint(ckpt_dir, raw_model, optimizer, step, batches, best_val, ran
     best = float("nan") if best_val is None else float(best_val)
     ck = _checkpoint_module()
     if ck is not None:
+        # A run's steps only go forward, unless it started fresh (--resume no) in an out-dir
+        # that holds an older run's later steps: those are replaced (Note [Checkpoint retention]).
         return ck.save(
-            ckpt_dir, raw_model, optimizer, step, data_position=batches.state(), best_val=best
+            ckpt_dir,
+            raw_model,
+            optimizer,
+            step,
+            data_position=batches.state(),
+            best_val=best,
+            discard_newer=True,
         )
     path = Path(ckpt_dir) / "last.pt"
     if rank == 0:
@@ -282,7 +300,7 @@ def load_checkpoint(ckpt_dir, raw_model, optimizer, batches):
     and data position; None when there is none."""
     ck = _checkpoint_module()
     if ck is not None:
-        info = ck.load(ckpt_dir, raw_model, optimizer)
+        info = ck.load(ckpt_dir, raw_model, optimizer, missing_ok=True)
         if info is None:
             return None
         step, position, best = info.step, info.data_position, info.extra.get("best_val")
@@ -365,6 +383,13 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    random.seed(args.seed + rank)  # Python's and numpy's streams too; the checkpoint restores them
+    try:
+        import numpy as np
+
+        np.random.seed(args.seed + rank)
+    except ImportError:
+        pass
 
     data, description = corpus.load_bytes(args.data, int(args.max_data_mb * 1e6))
     train_tokens, val_tokens = corpus.split(data)
@@ -380,14 +405,18 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     step, best_val = 0, None
-    if args.resume:
+    resumed = False
+    if args.resume != "no":
         loaded = load_checkpoint(ckpt_dir, raw_model, optimizer, batches)
-        if loaded is None:
+        if loaded is None and args.resume == "yes":
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        step, best_val = loaded
+        if loaded is not None:
+            step, best_val = loaded
+            resumed = True
     model = wrap_ddp(raw_model, args, device) if world > 1 else raw_model
 
-    log = JsonLog(out_dir / "log.jsonl", rank, append=args.resume)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    log = JsonLog(out_dir / "log.jsonl", rank, append=resumed or attempt > 0)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
     if rank == 0:
         print(
@@ -397,7 +426,7 @@ def main(argv=None):
             f"attention={args.attention}, "
             f"hook={args.hook}, dtype={args.dtype}, {tokens_per_step} tokens/step, "
             f"{batches.batches_per_epoch} batches/epoch/rank"
-            + (f", resumed at step {step}" if args.resume else ""),
+            + (f", resumed at step {step} (attempt {attempt})" if resumed else ""),
             flush=True,
         )
         log(
@@ -407,7 +436,8 @@ def main(argv=None):
             world_size=world,
             params=raw_model.num_params(),
             corpus=description,
-            resumed_at=step if args.resume else None,
+            resumed_at=step if resumed else None,
+            attempt=attempt,
         )
 
     progress = Progress(rank, args.max_steps, step, args.no_progress)
