@@ -8,7 +8,9 @@
 CPU with Gloo by default, --device cuda with NCCL. The corpus defaults to the Python standard
 library's source (present on every machine); --data takes any text file or folder. Rank 0 shows a
 progress bar, evaluates periodically, writes a JSON-lines log and checkpoints to --out-dir, and
-prints sampled text at the end. --resume continues from the last checkpoint in --out-dir.
+prints sampled text at the end. --resume continues from the last checkpoint in --out-dir;
+under torchrun the default is --resume auto: a restarted attempt (--max-restarts) resumes from the
+newest valid checkpoint and appends to log.jsonl, a first attempt without one starts fresh.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -72,8 +75,13 @@ def parse_args(argv=None):
     a("--out-dir", default="runs/train_gpt")
     a(
         "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in <out-dir>/checkpoints",
+        nargs="?",
+        const="yes",
+        choices=("auto", "yes", "no"),
+        default=None,
+        help="yes (the bare flag): continue from the newest checkpoint in <out-dir>/checkpoints, "
+        "which must exist; auto: from it if there is one, else start fresh (the default under "
+        "torchrun, so that --max-restarts resumes); no: start fresh (the default otherwise)",
     )
     a(
         "--stop-at",
@@ -133,6 +141,8 @@ def parse_args(argv=None):
         p.error("--diloco H and --ps N_SERVERS must be >= 0, and not both set")
     if (args.diloco or args.ps or args.post_local_sgd) and (args.tp > 1 or args.pp > 1):
         p.error("--diloco, --ps and --post-local-sgd work with data parallelism only (--tp 1 --pp 1)")
+    if args.resume is None:  # torchrun (elastic agent) sets TORCHELASTIC_RESTART_COUNT
+        args.resume = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else "no"
     if args.attention == "auto":
         args.attention = "torchlane" if _torchlane_has("attention") else "sdpa"
     for name in (
@@ -152,7 +162,7 @@ def parse_args(argv=None):
             p.error(
                 f"--microbatches {args.microbatches} must divide --batch-size {args.batch_size}"
             )
-        if args.grad_accum != 1 or args.resume or args.stop_at:
+        if args.grad_accum != 1 or args.resume == "yes" or args.stop_at:
             p.error("--pp > 1 does not support --grad-accum > 1, --resume or --stop-at yet")
         if args.tp > 1 and args.clip > 0:
             p.error("--pp > 1 with --tp > 1 needs --clip 0 (the pipeline's norm is not tp-aware)")
@@ -355,6 +365,8 @@ def save_checkpoint(ckpt_dir, raw_model, optimizer, step, batches, best_val, ran
     best = float("nan") if best_val is None else float(best_val)
     ck = _checkpoint_module()
     if ck is not None:
+        # A run's steps only go forward, unless it started fresh (--resume no) in an out-dir
+        # that holds an older run's later steps: those are replaced (Note [Checkpoint retention]).
         return ck.save(
             ckpt_dir,
             raw_model,
@@ -363,6 +375,7 @@ def save_checkpoint(ckpt_dir, raw_model, optimizer, step, batches, best_val, ran
             data_position=batches.state(),
             best_val=best,
             process_group=group,
+            discard_newer=True,
         )
     path = Path(ckpt_dir) / "last.pt"
     if rank == 0:
@@ -386,7 +399,7 @@ def load_checkpoint(ckpt_dir, raw_model, optimizer, batches, group=None):
     and data position; None when there is none."""
     ck = _checkpoint_module()
     if ck is not None:
-        info = ck.load(ckpt_dir, raw_model, optimizer, process_group=group)
+        info = ck.load(ckpt_dir, raw_model, optimizer, process_group=group, missing_ok=True)
         if info is None:
             return None
         step, position, best = info.step, info.data_position, info.extra.get("best_val")
@@ -620,6 +633,13 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    random.seed(args.seed + rank)  # Python's and numpy's streams too; the checkpoint restores them
+    try:
+        import numpy as np
+
+        np.random.seed(args.seed + rank)
+    except ImportError:
+        pass
     # The data a step reads depends only on (seed, step, dp rank, dp size).
     mesh, dp_rank, dp_size, dp_group = None, rank, world, None
     if args.tp > 1 or args.dp is not None or args.pp > 1:
@@ -658,11 +678,14 @@ def main(argv=None):
         ckpt_dir = ckpt_dir / f"tp{mesh['tp'].get_local_rank()}-of-{args.tp}"
     optimizer = make_optimizer(raw_model, args)
     step, best_val = 0, None
-    if args.resume:
+    resumed = False
+    if args.resume != "no":
         loaded = load_checkpoint(ckpt_dir, raw_model, optimizer, batches, dp_group)
-        if loaded is None:
+        if loaded is None and args.resume == "yes":
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        step, best_val = loaded
+        if loaded is not None:
+            step, best_val = loaded
+            resumed = True
     pipe = None
     if args.pp > 1:  # after the optimizer: its groups read the parameters' shapes
         pipe = make_pipeline(raw_model, mesh, args).attach_optimizer(optimizer)
@@ -674,7 +697,8 @@ def main(argv=None):
     if args.post_local_sgd and world > 1:
         optimizer = post_local_sgd(model, optimizer, args)
 
-    log = JsonLog(out_dir / "log.jsonl", rank, append=args.resume)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    log = JsonLog(out_dir / "log.jsonl", rank, append=resumed or attempt > 0)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * dp_size
     if rank == 0:
         print(
@@ -685,7 +709,7 @@ def main(argv=None):
             f"attention={args.attention}, "
             f"hook={args.hook}, dtype={args.dtype}, {tokens_per_step} tokens/step, "
             f"{batches.batches_per_epoch} batches/epoch/rank"
-            + (f", resumed at step {step}" if args.resume else ""),
+            + (f", resumed at step {step} (attempt {attempt})" if resumed else ""),
             flush=True,
         )
         log(
@@ -697,7 +721,8 @@ def main(argv=None):
             tp=args.tp,
             params=count_params(cfg),
             corpus=description,
-            resumed_at=step if args.resume else None,
+            resumed_at=step if resumed else None,
+            attempt=attempt,
         )
 
     mon = None

@@ -45,7 +45,7 @@ def main():
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
-    info = checkpoint.load(args.ckpt_dir, model, opt)
+    info = checkpoint.load(args.ckpt_dir, model, opt, missing_ok=True)
     start = info.data_position if info else 0
     print(f"rank {rank} attempt {attempt}: starting at step {start}", flush=True)
     for step in range(start, args.steps):

@@ -87,7 +87,9 @@ void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout
       scalar_t* out_tile = out + ((b * p.H + h) * p.Sq + m0) * D;
       acc_t* lse_tile = lse + (b * p.H + h) * p.Sq + m0;
       for (int64_t r = 0; r < rows; ++r) {
-        store_row(o_acc.data() + r * D, out_tile + r * D, D, acc_t(1) / l_run[r]);
+        // l = 0: a row whose logits are all -inf, see Note [Softmax max subtraction]
+        store_row(o_acc.data() + r * D, out_tile + r * D, D,
+                  l_run[r] > acc_t(0) ? acc_t(1) / l_run[r] : acc_t(0));
         lse_tile[r] = m_run[r] + std::log(l_run[r]);
       }
     }

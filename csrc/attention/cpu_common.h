@@ -165,14 +165,29 @@ inline __m512 exp_avx512(__m512 y) {
 }
 #endif
 
-// exp(scale * x - sub), vectorised; see Note [Softmax exp on AVX-512].
+// Note [Softmax max subtraction]
+// The softmax subtracts the row maximum m = scale * max_j x[j] (rounded) so that every exponent
+// is <= 0, and the backward subtracts lse >= m. The fused multiply-subtract fma(x, scale, -m)
+// does not round scale * x first, so for the row's largest logits it exceeds 0 by up to half an
+// ulp of m: at |logits| ~1e9 (fp32 ulp 64) exp(32) and beyond overflowed the sum to inf and the
+// output to inf/inf = NaN. Rounding the product first would fix it only where the compiler does
+// not contract the multiply and subtract back into an fma (GCC's default -ffp-contract=fast
+// may), so the exponent is clamped instead: min(0, fma(x, scale, -m)), one vminps per vector.
+// Exact math never exceeds 0 there; the clamp only touches values within rounding of the max,
+// and it keeps NaN (vminps returns its second operand, the fma's result, when either is NaN).
+// A row whose visible logits are all -inf (SDPA: output 0, gradients 0) keeps m = -inf and
+// l = 0; online_softmax_tile writes P = 0 for it (never exp(-inf - -inf) = NaN), the output is
+// stored as 0 (1/l is taken as 0 for l = 0) and its lse = -inf makes the backward's P and dS 0.
+
+// exp(min(0, scale * x - sub)), vectorised; see Note [Softmax exp on AVX-512] and
+// Note [Softmax max subtraction].
 template <typename Vec>
 inline Vec exp_scaled(const Vec& x, const Vec& scale, const Vec& sub) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<typename Vec::value_type, float>)
-    return exp_avx512(_mm512_fmsub_ps(x, scale, sub));
+    return exp_avx512(_mm512_min_ps(_mm512_setzero_ps(), _mm512_fmsub_ps(x, scale, sub)));
 #endif
-  return fast_exp(at::vec::fmsub(x, scale, sub));
+  return fast_exp(at::vec::minimum(at::vec::fmsub(x, scale, sub), Vec(0)));
 }
 
 // y[j] = exp(scale * x[j] - sub) for j < n, returns the sum (of the values before y's rounding
@@ -247,6 +262,10 @@ void online_softmax_tile(const Problem& p, const acc_t* S, int64_t lds, acc_t sc
       continue;
     }
     const acc_t m_new = std::max(m_run[r], scale * row_max(s_row, vis));
+    if (m_new == -std::numeric_limits<acc_t>::infinity()) {  // Note [Softmax max subtraction]
+      std::fill(p_row, p_row + fill_end, out_t(0));
+      continue;
+    }
     // exp(-inf) = 0 on the first tile; no exp when the max stays (a -inf max: the sum is NaN)
     const acc_t alpha = m_new == m_run[r] ? acc_t(1) : std::exp(m_run[r] - m_new);
     const acc_t sum = exp_sub_sum(s_row, vis, m_new, scale, p_row);
@@ -272,6 +291,11 @@ void probs_and_dscores_rows(const Problem& p, acc_t* P, acc_t* dS, int64_t ld, a
     acc_t* p_row = P + r * ld;
     acc_t* ds_row = dS + r * ld;
     const int64_t vis = p.visible(m0 + r, n0, cols);
+    if (lse[r] == -std::numeric_limits<acc_t>::infinity()) {  // Note [Softmax max subtraction]
+      std::fill(p_row, p_row + cols, acc_t(0));
+      std::fill(ds_row, ds_row + cols, acc_t(0));
+      continue;
+    }
     const Vec d(delta[r]), vlse(lse[r]), vscale(scale);
     int64_t j = 0;
     for (; j + Vec::size() <= vis; j += Vec::size()) {  // one pass: P, then dS from it

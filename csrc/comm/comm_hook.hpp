@@ -56,6 +56,23 @@ class CommHook : public c10d::CommHookInterface {
     return {};
   }
 
+  // Note [Rolling back a non-finite step]
+  // With check_finite, a step whose reduced gradients hold a NaN/Inf is skipped by the caller
+  // (`if model.grads_finite: opt.step()`). A stateful hook must then forget that step too, or one
+  // NaN on one rank lives on in its error-feedback memory and poisons every later step. So the
+  // reducer calls enable_step_rollback() once when it registers the hook with check_finite on,
+  // and end_step(grads_finite) once per synchronised step, after the write-back (on every rank
+  // alike: grads_finite is computed from the reduced values). A hook with state keeps what it
+  // needs to undo the step while rollback is enabled (PowerSGD: its memories and counters,
+  // which it replaces rather than mutates, so a copy of the references; top-k: a copy of each
+  // residual it is about to change) and restores it on end_step(false): the following steps
+  // then equal those of a run in which the skipped step never happened. Stateless hooks
+  // (bf16/fp16 casts) keep the defaults.
+  void enable_step_rollback() {
+    rollback_enabled_ = true;
+  }
+  virtual void end_step(bool grads_finite) {}
+
   // Bytes sent by this rank since the last call (the reducer calls it once per step).
   int64_t take_bytes_sent() {
     return bytes_sent_.exchange(0);
@@ -67,6 +84,7 @@ class CommHook : public c10d::CommHookInterface {
   }
 
   c10::intrusive_ptr<c10d::ProcessGroup> process_group_;
+  bool rollback_enabled_ = false;  // See Note [Rolling back a non-finite step]
 
  private:
   std::atomic<int64_t> bytes_sent_{0};

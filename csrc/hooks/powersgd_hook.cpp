@@ -365,6 +365,34 @@ void PowerSGDHook::begin_step_locked() {
   outstanding_.clear();
   collectives_.clear();
   last_index_ = -1;
+  if (rollback_enabled_) {  // Note [Rolling back a non-finite step]
+    snapshot_.taken = true;
+    snapshot_.iter = iter_;
+    snapshot_.numel_before = numel_before_;
+    snapshot_.numel_after = numel_after_;
+    snapshot_.seeds = seeds_;
+    std::lock_guard<std::mutex> guard(memory_->mutex);
+    snapshot_.buckets = memory_->buckets;
+  }
+}
+
+void PowerSGDHook::end_step(bool grads_finite) {
+  std::lock_guard<std::mutex> guard(mutex_);
+  if (!snapshot_.taken) {
+    return;
+  }
+  if (!grads_finite) {
+    for (auto& f : outstanding_) {
+      f->wait();  // done already (the reducer waited on every result); finish() has written
+    }
+    iter_ = snapshot_.iter;
+    numel_before_ = snapshot_.numel_before;
+    numel_after_ = snapshot_.numel_after;
+    seeds_ = snapshot_.seeds;
+    std::lock_guard<std::mutex> memory_guard(memory_->mutex);
+    memory_->buckets = std::move(snapshot_.buckets);
+  }
+  snapshot_ = Snapshot();
 }
 
 void PowerSGDHook::advance_pending_locked(size_t keep) {

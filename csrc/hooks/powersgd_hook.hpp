@@ -76,6 +76,7 @@ class PowerSGDHook : public CommHook {
   c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
   void flush() override;
   std::vector<CollectiveEvent> step_collectives() const override;
+  void end_step(bool grads_finite) override;
   std::string name() const override {
     return "powersgd";
   }
@@ -125,6 +126,15 @@ class PowerSGDHook : public CommHook {
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> outstanding_;  // second one launched
   std::vector<CollectiveEvent> collectives_;  // issued in this (or the last finished) step
   std::shared_ptr<Memories> memory_ = std::make_shared<Memories>();
+  // The state before the current step, kept while step rollback is enabled. Memories are replaced
+  // (never written in place) by finish(), so copying the map copies references only.
+  struct Snapshot {
+    bool taken = false;
+    int64_t iter = 0, numel_before = 0, numel_after = 0;
+    PowerSGDSeeds seeds{0};
+    std::unordered_map<int64_t, BucketMemory> buckets;
+  };
+  Snapshot snapshot_;
 };
 
 }  // namespace torchlane::hooks

@@ -272,8 +272,49 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::allreduce_mean(at::Tensor buff
   return hooks::allreduce_mean(process_group_, std::move(buffer));
 }
 
+void TopKHook::save_for_rollback(const c10d::GradBucket& bucket) {
+  if (!rollback_enabled_) {
+    return;
+  }
+  if (!step_open_) {
+    step_open_ = true;
+    saved_iter_ = iter_;
+    saved_residuals_.clear();
+  }
+  const auto index = static_cast<int64_t>(bucket.getIndex());
+  if (saved_residuals_.count(index) == 0) {
+    auto it = residuals_.find(index);
+    BucketResidual saved;
+    if (it != residuals_.end() && it->second.residual.defined()) {
+      saved.shapes = it->second.shapes;
+      saved.residual = it->second.residual.clone();
+    }
+    saved_residuals_.emplace(index, std::move(saved));
+  }
+}
+
+void TopKHook::end_step(bool grads_finite) {
+  std::lock_guard<std::mutex> guard(mutex_);
+  if (!step_open_) {
+    return;
+  }
+  if (!grads_finite) {  // Note [Rolling back a non-finite step]
+    iter_ = saved_iter_;
+    for (auto& [index, saved] : saved_residuals_) {
+      if (saved.residual.defined()) {
+        residuals_[index] = std::move(saved);
+      } else {
+        residuals_.erase(index);
+      }
+    }
+  }
+  step_open_ = false;
+  saved_residuals_.clear();
+}
+
 c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& bucket) {
   std::lock_guard<std::mutex> guard(mutex_);
+  save_for_rollback(bucket);
   at::Tensor buffer = bucket.getBufferRef();
   if (iter_ < options_.start_iter) {
     maybe_increase_iter(bucket);

@@ -63,6 +63,7 @@ class TopKHook : public CommHook {
  public:
   TopKHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group, TopKOptions options);
 
+  void end_step(bool grads_finite) override;
   c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
   std::string name() const override {
     return "topk";
@@ -92,6 +93,12 @@ class TopKHook : public CommHook {
   mutable std::mutex mutex_;
   int64_t iter_ = 0;
   std::unordered_map<int64_t, BucketResidual> residuals_;
+  // Note [Rolling back a non-finite step]: iter_ at the step's first bucket and a copy of each
+  // residual (undefined: it did not exist) before the step changed it.
+  bool step_open_ = false;
+  int64_t saved_iter_ = 0;
+  std::unordered_map<int64_t, BucketResidual> saved_residuals_;
+  void save_for_rollback(const c10d::GradBucket& bucket);
 };
 
 }  // namespace torchlane::hooks

@@ -51,8 +51,9 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
       const int i = m0 + r, j = n0 + c;
       x = (j >= p.seqlen_k || (p.causal && j > i)) ? kNegInf : x * p.scale;
     });
-    // Online softmax. Every row sees key 0 in the first tile, so m_run is finite from then on and
-    // a row that is fully masked in a later tile gets p = exp(-inf) = 0 and alpha = 1.
+    // Online softmax. Every row sees key 0 in the first tile, so m_run is finite from then on
+    // (unless its logits are -inf) and a row that is fully masked in a later tile gets
+    // p = exp(-inf) = 0 and alpha = 1.
     Rows tile_max, alpha, tile_sum;
     Tile::row_max(s, tile_max);
     Tile::template for_each_row<M>([&](int sl, int) {
@@ -60,7 +61,12 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
       alpha[sl] = m_run[sl] == kNegInf ? 0.f : Tile::exp(m_run[sl] - m_new);
       m_run[sl] = m_new;
     });
-    Tile::for_each(s, [&](float& x, int sl, int, int) { x = Tile::exp(x - m_run[sl]); });
+    // A row whose logits so far are all -inf keeps m = -inf, l = 0 and gets p = 0 (not
+    // exp(-inf - -inf) = NaN); its output is 0 and its lse -inf, as SDPA's. See
+    // Note [Softmax max subtraction] in csrc/attention/cpu_common.h.
+    Tile::for_each(s, [&](float& x, int sl, int, int) {
+      x = m_run[sl] == kNegInf ? 0.f : Tile::exp(fminf(x - m_run[sl], 0.f));
+    });
     Tile::row_sum(s, tile_sum);
     Tile::template for_each_row<M>(
         [&](int sl, int) { l_run[sl] = l_run[sl] * alpha[sl] + tile_sum[sl]; });
@@ -70,7 +76,7 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
 
   Rows inv_l, lse;
   Tile::template for_each_row<M>([&](int sl, int) {
-    inv_l[sl] = 1.f / l_run[sl];
+    inv_l[sl] = l_run[sl] > 0.f ? 1.f / l_run[sl] : 0.f;
     lse[sl] = m_run[sl] + Tile::log(l_run[sl]);
   });
   E* o_ptr =

@@ -573,6 +573,9 @@ void Reducer::finalize_locked() {
     }
   }
   write_back_gradients();
+  if (comm_hook_counts_bytes_ && options_.check_finite) {  // Note [Rolling back a non-finite step]
+    static_cast<CommHook*>(comm_hook_.get())->end_step(grads_finite_);
+  }
   publish_stats();
   require_finalize_ = false;
   iterations_ += 1;
@@ -728,6 +731,9 @@ void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) 
               "already reduced gradients ",
               iterations_, " time(s)");
   comm_hook_counts_bytes_ = dynamic_cast<CommHook*>(hook.get()) != nullptr;
+  if (comm_hook_counts_bytes_ && options_.check_finite) {  // Note [Rolling back a non-finite step]
+    static_cast<CommHook*>(hook.get())->enable_step_rollback();
+  }
   comm_hook_ = std::move(hook);
 }
 

@@ -2,7 +2,8 @@
 
     from torchlane import checkpoint
 
-    info = checkpoint.load("ckpt/", model, optimizer, scheduler=scheduler)   # None on a fresh start
+    info = checkpoint.load("ckpt/", model, optimizer, scheduler=scheduler, missing_ok=True)
+    # info is None on a fresh start (no checkpoint yet)
     start = info.step + 1 if info else 0
     for step in range(start, num_steps):
         ...
@@ -17,8 +18,26 @@ A checkpoint is one ordinary `torch.save` file, `<dir>/ckpt-<step>.pt`, readable
 model (no `module.` prefix), so it loads into a bare model. Rank 0 writes it to a temporary file
 in the same directory, fsyncs it, renames it into place and fsyncs the directory: the newest
 `ckpt-*.pt` is always complete, whatever moment the job dies at. Only the last `keep_last`
-checkpoints are kept. The file carries a SHA-256 digest of its own content ("checksum"), which
+checkpoints are kept (see Note [Checkpoint retention]). The file carries a SHA-256 digest of its own content ("checksum"), which
 `load` recomputes: a truncated or bit-flipped file is detected instead of loaded.
+
+Note [Checkpoint retention]
+`load` resumes from the highest step number, so "newest" means highest step. A `save` of step s
+into a directory that already holds checkpoints of higher steps (a rollback, a run restarted from
+step 0 into an old directory) would either be deleted again by keep-last-K or be shadowed by the
+abandoned run's files at the next `load`. Neither is acceptable, so such a save refuses with a
+CheckpointError naming the higher steps and writes nothing, unless the caller passes
+`discard_newer=True`: then the new file is written and made durable first, and only then are the
+higher-step files removed, so the file just written is the newest and is never removed. Keep-last-K
+then removes the oldest steps among the rest; the file just written is never one of them.
+
+Note [Checkpoint errors]
+`save` writes nothing partial: the state is serialised in memory first, so a full disk shows as an
+OSError of the plain file write, raised as a CheckpointError naming the path and the errno (for
+example ENOSPC); the temporary file is removed and older checkpoints are untouched. `load`
+validates everything it will apply (model keys and shapes under strict=True, presence of the
+optimizer state and of every stateful keyword) before it changes anything, and a directory that
+does not exist is an error unless the caller passes `missing_ok=True` (a fresh start).
 
 Note [Checkpoint RNG state]
 Each rank has its own random streams (dropout, data augmentation), so `save` gathers every
@@ -37,7 +56,9 @@ ranks load the same bytes or all of them raise.
 """
 
 import dataclasses
+import errno
 import hashlib
+import io
 import os
 import random
 import re
@@ -106,6 +127,7 @@ def save(
     keep_last=3,
     process_group=None,
     verify_replicas=True,
+    discard_newer=False,
     **extra,
 ):
     """Write a checkpoint of `model`, `optimizer`, `step` and every rank's RNG state.
@@ -114,14 +136,21 @@ def save(
     model: the module, bare or wrapped in (torchlane or torch) DistributedDataParallel.
     optimizer: a torch.optim.Optimizer or None.
     data_position: anything describing where the data stream is (epoch, batch index, ...).
-    keep_last: keep only this many newest checkpoints in `path` (None keeps all).
+    keep_last: keep only this many newest checkpoints in `path` (None keeps all). The file just
+        written is never removed. See Note [Checkpoint retention].
+    discard_newer: if `path` holds checkpoints of steps higher than `step`, save refuses with a
+        CheckpointError naming them (nothing is written); with True it writes the new checkpoint
+        and then removes those higher-step files, so that `load` resumes from this one.
     extra: more state to save under its keyword: objects with a `state_dict()` method (an LR
         scheduler, a GradScaler) are saved through it and restored by passing the same keyword
         to `load`; anything else (tensors, numbers, strings, lists, dicts of those) is saved
         as-is and returned in `Checkpoint.extra`.
-    Returns the path of the written file on every rank.
+    Returns the path of the written file on every rank. A failed write (a full disk: ENOSPC)
+    raises CheckpointError naming the file and the errno; older checkpoints stay intact.
     """
     _check_step(step)
+    if not isinstance(discard_newer, bool):
+        raise TypeError(f"checkpoint.save: discard_newer must be True or False, got {discard_newer!r}")
     if keep_last is not None and (
         isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
     ):
@@ -144,6 +173,14 @@ def save(
     error = None
     if rank == 0:
         try:
+            newer = [(s, p) for s, p in list_checkpoints(path) if s > step]
+            if newer and not discard_newer:
+                raise CheckpointError(
+                    f"checkpoint.save: {os.fspath(path)} holds checkpoints of higher steps "
+                    f"{[s for s, _ in newer]} than step {step}; `load` would resume from those. "
+                    "Pass discard_newer=True to replace them by this one, or save elsewhere. "
+                    "Nothing was written"
+                )
             state = {
                 "format": FORMAT,
                 "step": int(step),
@@ -158,9 +195,12 @@ def save(
             # Also rejects values that torch.load(weights_only=True) would refuse to load back.
             state["checksum"] = _digest(state, where="checkpoint")
             _write_atomically(os.fspath(path), target, state)
+            for _, old in newer:  # discard_newer=True: only once the new file is durable
+                os.remove(old)
             if keep_last is not None:
                 for _, old in list_checkpoints(path)[:-keep_last]:
-                    os.remove(old)
+                    if old != target:  # never the file just written
+                        os.remove(old)
         except BaseException as e:  # noqa: B036 - the other ranks must learn about any failure
             error = e
     if world > 1:
@@ -176,6 +216,21 @@ def save(
 
 
 def _write_atomically(directory, target, state):
+    # Serialise in memory first: torch.save's C++ writer reports a failed write (a full disk) as
+    # an unreadable RuntimeError, a plain file write as an OSError with its errno.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        _write_file(directory, target, buffer.getbuffer())
+    except OSError as e:
+        code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else "unknown errno"
+        raise CheckpointError(
+            f"checkpoint.save: writing {target} failed with {code} ({e.strerror or e}); "
+            "nothing was written and older checkpoints are intact"
+        ) from e
+
+
+def _write_file(directory, target, data):
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):  # leftovers of a writer that died mid-write
         if name.startswith(".ckpt-") and name.endswith(".tmp"):
@@ -183,7 +238,7 @@ def _write_atomically(directory, target, state):
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -242,6 +297,7 @@ def load(
     strict=True,
     restore_rng=True,
     process_group=None,
+    missing_ok=False,
     **stateful,
 ):
     """Load the newest checkpoint in directory `path` (or the file `path`) on every rank.
@@ -250,9 +306,15 @@ def load(
     keyword object in `stateful` (by `load_state_dict`, matching the keyword given to `save`).
     fallback: if the newest checkpoint is corrupt or truncated, warn and try the previous one
         instead of raising.
+    missing_ok: with True, a directory `path` that does not exist is a fresh start (returns None);
+        with False (default) it raises FileNotFoundError, so a typo is not a silent fresh start.
+    Everything is validated before anything is applied: a checkpoint that lacks a stateful key,
+    the optimizer state or (strict=True) a model key leaves model, optimizer and extras unchanged.
     Returns a Checkpoint (step, data_position, extra), or None when `path` is a directory
     holding no checkpoint (a fresh start).
     """
+    if not isinstance(missing_ok, bool):
+        raise TypeError(f"checkpoint.load: missing_ok must be True or False, got {missing_ok!r}")
     module = _unwrap(model, "checkpoint.load")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -271,6 +333,15 @@ def load(
         directory = os.path.dirname(path) or "."
     else:
         directory = path
+        # Rank 0 decides (it picks the files too) and every rank raises alike, never one alone.
+        missing = torch.tensor([0 if os.path.isdir(path) else 1], dtype=torch.int64)
+        if world > 1:
+            dist.broadcast(missing, src=_global_rank(pg, 0), group=pg)
+        if missing.item() and not missing_ok:
+            raise FileNotFoundError(
+                f"checkpoint.load: checkpoint directory {path} does not exist (on rank 0); pass "
+                "missing_ok=True to allow a fresh start"
+            )
 
     # Rank 0 picks the candidates (newest first) and the others follow it. See Note [Checkpoint agreement].
     candidates = []
@@ -355,21 +426,54 @@ def _compare(state, pg, world):
     return bad, [bytes(row[1:].tolist()).hex()[:16] for row in rows]
 
 
-def _apply(state, file, module, optimizer, stateful, strict, restore_rng, rank, world):
+def _validate(state, file, module, optimizer, stateful, strict):
+    """Every check that can fail, before _apply changes anything. See Note [Checkpoint errors]."""
     model_state = state["model"]
     consume_prefix_in_state_dict_if_present(model_state, "module.")
-    module.load_state_dict(model_state, strict=strict)
-    if optimizer is not None:
-        if state["optimizer"] is None:
+    own = module.state_dict()
+    if strict:
+        missing = [k for k in own if k not in model_state]
+        unexpected = [k for k in model_state if k not in own]
+        if missing or unexpected:
             raise CheckpointError(
-                f"checkpoint {file} holds no optimizer state, but an optimizer was passed"
+                f"checkpoint {file} does not match the model: missing keys {missing}, unexpected "
+                f"keys {unexpected}; nothing was loaded"
             )
+    for k, v in model_state.items():
+        mine = own.get(k)
+        if isinstance(mine, torch.Tensor) and isinstance(v, torch.Tensor) and mine.shape != v.shape:
+            raise CheckpointError(
+                f"checkpoint {file}: {k!r} has shape {list(v.shape)} in the checkpoint and "
+                f"{list(mine.shape)} in the model; nothing was loaded"
+            )
+    if optimizer is not None:
+        saved = state["optimizer"]
+        if saved is None:
+            raise CheckpointError(
+                f"checkpoint {file} holds no optimizer state, but an optimizer was passed; "
+                "nothing was loaded"
+            )
+        groups = optimizer.state_dict()["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in saved["param_groups"]]:
+            raise CheckpointError(
+                f"checkpoint {file}: its optimizer state has parameter groups of sizes "
+                f"{[len(g['params']) for g in saved['param_groups']]}, the optimizer "
+                f"{[len(g['params']) for g in groups]}; nothing was loaded"
+            )
+    absent = [name for name in stateful if name not in state["extra"]]
+    if absent:
+        raise CheckpointError(
+            f"checkpoint {file} holds no state for {', '.join(map(repr, absent))}; it holds {sorted(state['extra'])}; "
+            "nothing was loaded"
+        )
+
+
+def _apply(state, file, module, optimizer, stateful, strict, restore_rng, rank, world):
+    _validate(state, file, module, optimizer, stateful, strict)
+    module.load_state_dict(state["model"], strict=strict)
+    if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     for name, obj in stateful.items():
-        if name not in state["extra"]:
-            raise CheckpointError(
-                f"checkpoint {file} holds no state for {name!r}; it holds {sorted(state['extra'])}"
-            )
         obj.load_state_dict(state["extra"][name])
     if restore_rng:
         if state["world_size"] == world:

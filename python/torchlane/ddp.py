@@ -23,7 +23,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.nn import Module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from torchlane import _C
+from torchlane import _C, _agree
 
 _MiB = 1024 * 1024
 _DEFAULT_BUCKET_CAP_MB = 25
@@ -313,8 +313,10 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             bucket_cap_mb = _DEFAULT_BUCKET_CAP_MB
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
             raise TypeError(f"bucket_cap_mb must be a number, got {bucket_cap_mb!r}")
-        if not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
-            raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb}")
+        if not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)) or bucket_cap_mb >= 2**40:
+            raise ValueError(
+                f"bucket_cap_mb must be a finite number > 0 and < 2**40 MiB, got {bucket_cap_mb}"
+            )
 
         self.module = module
         self.process_group = process_group
@@ -345,6 +347,19 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         self._params = [p for _, p in named]
         self._set_devices(device_ids, output_device)
         self._verify_params_across_ranks()
+        # See Note [Options that must agree across ranks] (torchlane/_agree.py).
+        _agree.check_same_on_all_ranks(
+            "torchlane.DistributedDataParallel",
+            {
+                "bucket_cap_mb": bucket_cap_mb,
+                "find_unused_parameters": bool(find_unused_parameters),
+                "static_graph": bool(static_graph),
+                "check_finite": bool(check_finite),
+                "broadcast_buffers": bool(broadcast_buffers),
+                "verify_layout": bool(verify_layout),
+            },
+            process_group,
+        )
         if init_sync:
             self._broadcast(self._module_states())
         self.check_finite = check_finite

@@ -24,7 +24,7 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from torchlane import _C
+from torchlane import _C, _agree
 
 __all__ = [
     "PowerSGDState",
@@ -69,6 +69,16 @@ def _default_group(process_group):
     return dist.distributed_c10d._get_default_group()
 
 
+def _check_agree(hook_name, options, process_group):
+    """Every rank must register the same hook with the same options: they decide the size of
+    each collective. See Note [Options that must agree across ranks] (torchlane/_agree.py)."""
+    _agree.check_same_on_all_ranks(
+        f"torchlane.hooks.{hook_name}",
+        {"hook": hook_name, "state": options},
+        process_group,
+    )
+
+
 def _run_on_bucket(cpp_hook, bucket):
     """Runs a C++ hook on a torch DDP GradBucket and returns a completed Future."""
     index = bucket.index()
@@ -107,7 +117,9 @@ def _cast_group(state, process_group, hook_name):
 
 def _make_cast(wire_dtype, hook_name):
     def make(state, process_group):
-        return _C.CastCompressHook(_cast_group(state, process_group, hook_name), wire_dtype)
+        group = _cast_group(state, process_group, hook_name)
+        _check_agree(hook_name, None, group)
+        return _C.CastCompressHook(group, wire_dtype)
 
     return make
 
@@ -183,8 +195,10 @@ class PowerSGDState(_CppHookState):
         self._cpp_hook = None
 
     def _make(self, process_group):
+        process_group = _default_group(process_group)
+        _check_agree("powersgd", repr(self), process_group)
         self._cpp_hook = _C.PowerSGDHook(
-            _default_group(process_group),
+            process_group,
             rank=self.rank,
             start_powerSGD_iter=self.start_powerSGD_iter,
             min_compression_rate=self.min_compression_rate,
@@ -286,8 +300,10 @@ class TopKState(_CppHookState):
         self._cpp_hook = None
 
     def _make(self, process_group):
+        process_group = _default_group(process_group)
+        _check_agree("topk", repr(self), process_group)
         self._cpp_hook = _C.TopKHook(
-            _default_group(process_group),
+            process_group,
             ratio=self.ratio,
             start_iter=self.start_iter,
             ratio_warmup_iters=self.ratio_warmup_iters,
