@@ -138,7 +138,7 @@ int run(const std::string& name, const c10::intrusive_ptr<c10d::ProcessGroup>& p
     } else if (hook == "topk") {
       torchlane::hooks::TopKOptions o;
       o.ratio = 0.2;
-      o.start_iter = 1;
+      o.start_iter = 2;
       o.min_compression_rate = 1.0;
       ddp.register_comm_hook(torchlane::topk_hook(pg, o));
     } else {
