@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,23 +35,39 @@ def build():
     build_dir = ROOT / "build" / "cpp-test"
     if not (build_dir / "CMakeCache.txt").exists():
         subprocess.run(
-            ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DTORCHLANE_WITH_ATTENTION=OFF",
-             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+            [
+                "cmake",
+                "-S",
+                str(ROOT),
+                "-B",
+                str(build_dir),
+                "-DTORCHLANE_WITH_ATTENTION=OFF",
+                f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            ],
             check=True,
         )
-    subprocess.run(["cmake", "--build", str(build_dir), "-j", "2", "--target", "train_mlp"],
-                   check=True)
+    subprocess.run(
+        ["cmake", "--build", str(build_dir), "-j", "2", "--target", "train_mlp"], check=True
+    )
     return build_dir / "train_mlp"
 
 
 def run_cpp(program, world, steps, hidden):
-    store = tempfile.mktemp(prefix="torchlane_cpp_bench_")
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port_cached()))
-        procs.append(subprocess.Popen([str(program), str(steps), str(hidden)], env=env,
-                                      stdout=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            OMP_NUM_THREADS="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port_cached()),
+        )
+        procs.append(
+            subprocess.Popen(
+                [str(program), str(steps), str(hidden)], env=env, stdout=subprocess.PIPE, text=True
+            )
+        )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"the C++ program failed: {outs}")
@@ -74,14 +89,18 @@ def _free_port_cached():
 
 def python_ranks(rank, world, steps, hidden):
     import torch
-    from torch import nn
-
     import torchlane
+    from torch import nn
 
     def make():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(IN, hidden), nn.GELU(), nn.Linear(hidden, hidden),
-                             nn.GELU(), nn.Linear(hidden, OUT))
+        return nn.Sequential(
+            nn.Linear(IN, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, OUT),
+        )
 
     torch.manual_seed(0)
     x_all = torch.randn(GLOBAL_BATCH * 4, IN)
@@ -111,8 +130,9 @@ def python_ranks(rank, world, steps, hidden):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--hidden", default="256,1024")
     p.add_argument("--steps", type=int, default=200)
@@ -129,11 +149,19 @@ def main(argv=None):
         row["torchlane_py_over_cpp"] = py["torchlane_py"] / cpp
         row["torch_py_over_cpp"] = py["torch_py"] / cpp
         rows.append(row)
-        print(f"hidden {hidden:5d}: C++ torchlane {cpp:7.3f} ms | Python torchlane "
-              f"{py['torchlane_py']:7.3f} ms ({row['torchlane_py_over_cpp']:.2f}x) | torch DDP "
-              f"{py['torch_py']:7.3f} ms ({row['torch_py_over_cpp']:.2f}x)", flush=True)
-    out = {"world_size": args.world_size, "steps": args.steps, "global_batch": GLOBAL_BATCH,
-           "note": "median step ms of rank 0; shared, noisy 2-core machine", "rows": rows}
+        print(
+            f"hidden {hidden:5d}: C++ torchlane {cpp:7.3f} ms | Python torchlane "
+            f"{py['torchlane_py']:7.3f} ms ({row['torchlane_py_over_cpp']:.2f}x) | torch DDP "
+            f"{py['torch_py']:7.3f} ms ({row['torch_py_over_cpp']:.2f}x)",
+            flush=True,
+        )
+    out = {
+        "world_size": args.world_size,
+        "steps": args.steps,
+        "global_batch": GLOBAL_BATCH,
+        "note": "median step ms of rank 0; shared, noisy 2-core machine",
+        "rows": rows,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")

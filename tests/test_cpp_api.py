@@ -6,9 +6,8 @@ import os
 import shutil
 import subprocess
 
-import pytest
-
 import dist
+import pytest
 from cpp_api_cases import STEPS, losses_case, mismatch_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,8 +18,10 @@ WORLD = 2
 def _skip_reason():
     if shutil.which("cmake") is None:
         return "cmake is not installed (apt-get install cmake)"
-    if not any(os.path.exists(os.path.join(d, "gloo", "config.h"))
-               for d in ("/usr/include", "/usr/local/include")):
+    if not any(
+        os.path.exists(os.path.join(d, "gloo", "config.h"))
+        for d in ("/usr/include", "/usr/local/include")
+    ):
         return "no Gloo headers for init_process_group (make cpp-deps: apt-get install libgloo-dev)"
     return None
 
@@ -33,17 +34,28 @@ def program():
     import torch
 
     env = dict(os.environ, CCACHE_BASEDIR=os.path.dirname(ROOT), CCACHE_NOHASHDIR="1")
-    configure = ["cmake", "-S", ROOT, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release",
-                 "-DTORCHLANE_WITH_ATTENTION=OFF",
-                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    configure = [
+        "cmake",
+        "-S",
+        ROOT,
+        "-B",
+        BUILD,
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DTORCHLANE_WITH_ATTENTION=OFF",
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+    ]
     if shutil.which("ccache"):
         configure.append("-DCMAKE_CXX_COMPILER_LAUNCHER=ccache")
     # Incremental: the build directory is kept under build/ between runs.
     if not os.path.exists(os.path.join(BUILD, "CMakeCache.txt")):
         subprocess.run(configure, check=True, env=env, capture_output=True)
     jobs = os.environ.get("MAX_JOBS", "2")
-    subprocess.run(["cmake", "--build", BUILD, "-j", jobs, "--target", "torchlane_api_test"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        ["cmake", "--build", BUILD, "-j", jobs, "--target", "torchlane_api_test"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     return os.path.join(BUILD, "torchlane_api_test")
 
 
@@ -53,8 +65,15 @@ def run_cpp(program, case, tmp_path, world=WORLD):
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([program, case, store], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                [program, case, store],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     out = []
     try:
         for p in procs:
@@ -112,5 +131,5 @@ def test_mismatched_layout_raises_python_message(program, tmp_path):
     for rank, (_, lines) in enumerate(cpp):
         (line,) = [x for x in lines if x.startswith("MISMATCH ")]
         assert py_messages[rank] is not None
-        assert line[len("MISMATCH "):] == py_messages[rank]
+        assert line[len("MISMATCH ") :] == py_messages[rank]
         assert "fc1.weight" in line

@@ -55,8 +55,9 @@ std::string list_str(It begin, It end) {
 // no part in the loss get an undefined gradient here, so the graph below them still runs and
 // their parameters' hooks fire (Note [Finding unused parameters]).
 struct OutputSink : public torch::autograd::Function<OutputSink> {
+  // at::TensorList: the form of a list apply() records as tensor inputs (one graph node).
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                torch::autograd::variable_list tensors) {
+                                                at::TensorList tensors) {
     ctx->set_materialize_grads(false);
     torch::autograd::variable_list out;
     for (const auto& t : tensors) {
@@ -239,7 +240,7 @@ std::vector<at::Tensor> DistributedDataParallel::finish_forward(std::vector<at::
       }
     }
     if (!needs_grad.empty()) {
-      auto sunk = OutputSink::apply(needs_grad);
+      auto sunk = OutputSink::apply(at::TensorList(needs_grad));
       for (size_t j = 0; j < positions.size(); ++j) {
         outs[positions[j]] = sunk[j];
       }
