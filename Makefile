@@ -77,3 +77,30 @@ lint:
 
 clean:
 	rm -rf build python/torchlane/_C*.so
+
+# ---- C++ API (CMakeLists.txt, docs/cpp_api.md) ----
+# libtorchlane + find_package(torchlane), the LibTorch example trained on $(NPROC) ranks, and the
+# C++ API tests. cmake/ccache and the Gloo headers (Note [Gloo headers]) come from apt.
+CPP_PREFIX := $(CURDIR)/build/cpp-install
+TORCH_CMAKE = $(shell $(PYTHON) -c "import torch; print(torch.utils.cmake_prefix_path)")
+.PHONY: cpp-deps cpp-lib cpp-demo cpp-test
+cpp-deps:
+	@command -v cmake >/dev/null && test -f /usr/include/gloo/config.h || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake libgloo-dev)
+
+cpp-lib: deps cpp-deps
+	cmake -S . -B build/cpp -DTORCHLANE_BUILD_TESTS=OFF -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE)" \
+		$$(command -v ccache >/dev/null && echo -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+	cmake --build build/cpp -j $(MAX_JOBS)
+	cmake --install build/cpp --prefix $(CPP_PREFIX)
+
+# The example is its own CMake project: it finds the installed package like a user's would.
+cpp-demo: cpp-lib
+	cmake -S examples/cpp -B build/cpp-demo -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE);$(CPP_PREFIX)"
+	cmake --build build/cpp-demo -j $(MAX_JOBS)
+	$(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) --no-python \
+		./build/cpp-demo/train_mlp
+
+cpp-test: build cpp-deps
+	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
+	$(PYTHON) -m pytest -q tests/test_cpp_api.py

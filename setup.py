@@ -59,7 +59,9 @@ def _extension():
         link += san
     if _native():
         cxx.append("-march=native" if not cuda else "-mavx2")
-    sources = _sources("csrc/**/*.cpp")
+    # csrc/api/ is the C++ API of libtorchlane (CMakeLists.txt), not part of the extension.
+    api = os.path.join("csrc", "api", "")
+    sources = [s for s in _sources("csrc/**/*.cpp") if not s.startswith(api)]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if cuda:
         sources += _sources("csrc/**/*.cu")

@@ -1,0 +1,216 @@
+// The C++ API test program, run on N ranks by tests/test_cpp_api.py:
+//   RANK=r WORLD_SIZE=n torchlane_api_test <case> <file-store-path>
+// Cases: replica, bucket_view, losses, no_sync, unused, hook:{bf16,fp16,powersgd,topk},
+// mismatch. Each prints "RESULT <key> <value>" lines; a failed check throws (exit code 1).
+// Models and data are formulas (sin/cos of aranges) that tests/test_cpp_api.py rebuilds in
+// Python for the comparison with python/torchlane/ddp.py.
+#include <torchlane/torchlane.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+
+namespace {
+
+constexpr int64_t kIn = 6, kHidden = 10, kOut = 3, kGlobalBatch = 8, kSteps = 4;
+constexpr double kLr = 0.1;
+
+struct NetImpl : torch::nn::Module {
+  NetImpl(int64_t hidden, bool with_unused) {
+    fc1 = register_module("fc1", torch::nn::Linear(kIn, hidden));
+    fc2 = register_module("fc2", torch::nn::Linear(hidden, hidden));
+    if (with_unused) {
+      unused = register_module("unused", torch::nn::Linear(hidden, kOut));
+    }
+    fc3 = register_module("fc3", torch::nn::Linear(hidden, kOut));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    return fc3->forward(torch::tanh(fc2->forward(torch::tanh(fc1->forward(x)))));
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr}, fc3{nullptr}, unused{nullptr};
+};
+TORCH_MODULE(Net);
+
+// Parameter i (named_parameters order) = 0.5 * sin(0.7 * arange(numel) + i + offset).
+void init_params(torch::nn::Module& m, double offset) {
+  torch::NoGradGuard g;
+  int64_t i = 0;
+  for (auto& p : m.parameters()) {
+    auto v = torch::sin(torch::arange(p.numel(), torch::kFloat) * 0.7 + (i++) + offset) * 0.5;
+    p.copy_(v.reshape(p.sizes()));
+  }
+}
+
+// The global batch of step s; rank r trains rows [r*B/n, (r+1)*B/n).
+std::pair<at::Tensor, at::Tensor> batch(int64_t step) {
+  auto x = torch::sin(torch::arange(kGlobalBatch * kIn, torch::kFloat) * 0.31 + step)
+               .reshape({kGlobalBatch, kIn});
+  auto y = torch::cos(torch::arange(kGlobalBatch * kOut, torch::kFloat) * 0.17 + 2 * step)
+               .reshape({kGlobalBatch, kOut});
+  return {x, y};
+}
+
+void sgd(torch::nn::Module& m) {
+  torch::NoGradGuard g;
+  for (auto& p : m.parameters()) {
+    if (p.grad().defined()) {
+      p.sub_(p.grad() * kLr);
+      p.grad().zero_();
+    }
+  }
+}
+
+double max_diff(torch::nn::Module& a, torch::nn::Module& b) {
+  auto pa = a.parameters(), pb = b.parameters();
+  TORCH_CHECK(pa.size() == pb.size());
+  double d = 0;
+  for (size_t i = 0; i < pa.size(); ++i) {
+    d = std::max(d, (pa[i] - pb[i]).abs().max().item<double>());
+  }
+  return d;
+}
+
+// Largest difference of this rank's parameters from rank 0's.
+double diff_from_rank0(torch::nn::Module& m, const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  double d = 0;
+  for (auto& p : m.parameters()) {
+    std::vector<at::Tensor> t{p.detach().clone()};
+    pg->broadcast(t)->wait();
+    d = std::max(d, (t[0] - p.detach()).abs().max().item<double>());
+  }
+  return d;
+}
+
+at::Tensor shard(const at::Tensor& t, int rank, int world) {
+  const int64_t local = t.size(0) / world;
+  return t.narrow(0, rank * local, local);
+}
+
+void result(const std::string& key, double value) {
+  std::printf("RESULT %s %.9g\n", key.c_str(), value);
+  std::fflush(stdout);
+}
+
+void check(bool ok, const std::string& what) {
+  TORCH_CHECK(ok, "check failed: ", what);
+}
+
+int run(const std::string& name, const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  const int rank = pg->getRank(), world = pg->getSize();
+  torchlane::DDPOptions opts;
+  opts.bucket_cap_mb = 0.0002;  // ~200 bytes: several buckets
+  const bool unused = name == "unused";
+  opts.find_unused_parameters = unused;
+  opts.gradient_as_bucket_view = name == "bucket_view";
+
+  if (name == "mismatch") {
+    Net net(rank == 1 ? kHidden + 1 : kHidden, false);
+    try {
+      torchlane::DistributedDataParallel ddp(net.ptr(), pg, opts);
+    } catch (const c10::Error& e) {
+      std::printf("MISMATCH %s\n", e.what_without_backtrace());
+      return 0;
+    }
+    TORCH_CHECK(false, "a mismatched layout was not detected");
+  }
+
+  Net net(kHidden, unused);
+  init_params(*net, 0.1 * rank);  // rank-dependent: construction must broadcast rank 0's
+  torchlane::DistributedDataParallel ddp(net.ptr(), pg, opts);
+  Net replica(kHidden, unused);
+  init_params(*replica, 0.0);
+  result("init_diff", max_diff(*net, *replica));
+
+  std::string hook;
+  if (name.rfind("hook:", 0) == 0) {
+    hook = name.substr(5);
+    if (hook == "bf16") {
+      ddp.register_comm_hook(torchlane::bf16_compress_hook(pg));
+    } else if (hook == "fp16") {
+      ddp.register_comm_hook(torchlane::fp16_compress_hook(pg));
+    } else if (hook == "powersgd") {
+      torchlane::hooks::PowerSGDOptions o;
+      o.start_iter = 2;
+      o.min_compression_rate = 1.5;
+      ddp.register_comm_hook(torchlane::powersgd_hook(pg, o));
+    } else if (hook == "topk") {
+      torchlane::hooks::TopKOptions o;
+      o.ratio = 0.2;
+      o.start_iter = 2;
+      o.min_compression_rate = 1.0;
+      ddp.register_comm_hook(torchlane::topk_hook(pg, o));
+    } else {
+      TORCH_CHECK(false, "unknown hook ", hook);
+    }
+  }
+
+  for (int64_t step = 0; step < kSteps; ++step) {
+    auto [x, y] = batch(step);
+    if (name == "no_sync") {
+      // Two micro-batches: the first accumulates locally, the second synchronises both.
+      auto [x2, y2] = batch(step + 100);
+      {
+        auto guard = ddp.no_sync();
+        torch::mse_loss(ddp.forward(shard(x2, rank, world)), shard(y2, rank, world)).backward();
+      }
+      // Inside no_sync the gradient is this rank's own.
+      {
+        auto local = net->fc1->weight.grad().clone();
+        std::vector<at::Tensor> t{local.clone()};
+        pg->broadcast(t)->wait();
+        if (rank != 0) {
+          check((t[0] - local).abs().max().item<double>() > 1e-4, "no_sync grads were reduced");
+        }
+      }
+      torch::mse_loss(ddp.forward(shard(x, rank, world)), shard(y, rank, world)).backward();
+      torch::mse_loss(replica->forward(x2), y2).backward();
+      torch::mse_loss(replica->forward(x), y).backward();
+    } else {
+      auto loss = torch::mse_loss(ddp.forward(shard(x, rank, world)), shard(y, rank, world));
+      loss.backward();
+      if (rank == 0) {
+        result("loss" + std::to_string(step), loss.item<double>());
+      }
+      torch::mse_loss(replica->forward(x), y).backward();
+    }
+    if (unused) {
+      check(!net->unused->weight.grad().defined(), "the unused parameter got a gradient");
+    }
+    if (!hook.empty() && step == kSteps - 1) {
+      auto stats = ddp.comm_stats();
+      result("bytes_reduced", static_cast<double>(stats.bytes_reduced));
+      result("bytes_sent", static_cast<double>(stats.bytes_sent));
+      result("num_buckets", static_cast<double>(stats.num_buckets));
+    }
+    sgd(*net);
+    sgd(*replica);
+  }
+  result("replica_diff", max_diff(*net, *replica));
+  result("rank0_diff", diff_from_rank0(*net, pg));
+  result("num_buckets", static_cast<double>(ddp.comm_stats().num_buckets));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s <case> <file-store-path>\n", argv[0]);
+    return 2;
+  }
+  torch::set_num_threads(1);
+  try {
+    torchlane::ProcessGroupOptions po;
+    po.file_store_path = argv[2];
+    po.timeout = std::chrono::seconds(60);
+    auto pg = torchlane::init_process_group(po);
+    return run(argv[1], pg);
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "ERROR %s\n", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ERROR %s\n", e.what());
+  }
+  return 1;
+}

@@ -1,0 +1,135 @@
+"""The C++ API (csrc/api/, docs/cpp_api.md): tests/cpp/test_ddp.cpp built with CMake against the
+installed torch and run on 2 ranks, compared with the one-process replica and with
+python/torchlane/ddp.py on the same model and data (tests/cpp_api_cases.py)."""
+
+import os
+import shutil
+import subprocess
+
+import dist
+import pytest
+from cpp_api_cases import STEPS, losses_case, mismatch_case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(ROOT, "build", "cpp-test")
+WORLD = 2
+
+
+def _skip_reason():
+    if shutil.which("cmake") is None:
+        return "cmake is not installed (apt-get install cmake)"
+    if not any(
+        os.path.exists(os.path.join(d, "gloo", "config.h"))
+        for d in ("/usr/include", "/usr/local/include")
+    ):
+        return "no Gloo headers for init_process_group (make cpp-deps: apt-get install libgloo-dev)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def program():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    import torch
+
+    env = dict(os.environ, CCACHE_BASEDIR=os.path.dirname(ROOT), CCACHE_NOHASHDIR="1")
+    configure = [
+        "cmake",
+        "-S",
+        ROOT,
+        "-B",
+        BUILD,
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DTORCHLANE_WITH_ATTENTION=OFF",
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+    ]
+    if shutil.which("ccache"):
+        configure.append("-DCMAKE_CXX_COMPILER_LAUNCHER=ccache")
+    # Incremental: the build directory is kept under build/ between runs.
+    if not os.path.exists(os.path.join(BUILD, "CMakeCache.txt")):
+        subprocess.run(configure, check=True, env=env, capture_output=True)
+    jobs = os.environ.get("MAX_JOBS", "2")
+    subprocess.run(
+        ["cmake", "--build", BUILD, "-j", jobs, "--target", "torchlane_api_test"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    return os.path.join(BUILD, "torchlane_api_test")
+
+
+def run_cpp(program, case, tmp_path, world=WORLD):
+    """Runs one case on `world` ranks; returns per rank ({key: value}, other stdout lines)."""
+    store = str(tmp_path / f"store-{case.replace(':', '-')}")
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+        procs.append(
+            subprocess.Popen(
+                [program, case, store],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=120)
+            assert p.returncode == 0, f"{case}: rank exited with {p.returncode}: {stderr}"
+            results, lines = {}, []
+            for line in stdout.splitlines():
+                if line.startswith("RESULT "):
+                    _, key, value = line.split()
+                    results[key] = float(value)
+                else:
+                    lines.append(line)
+            out.append((results, lines))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+@pytest.mark.parametrize("case", ["replica", "bucket_view", "no_sync", "unused"])
+def test_matches_one_process_replica(program, case, tmp_path):
+    for rank, (r, _) in enumerate(run_cpp(program, case, tmp_path)):
+        assert r["init_diff"] == 0.0, f"rank {rank}: parameters were not broadcast from rank 0"
+        assert r["replica_diff"] <= 1e-6, (rank, r)
+        assert r["rank0_diff"] == 0.0, (rank, r)
+        assert r["num_buckets"] > 1
+
+
+def test_losses_match_python_ddp(program, tmp_path):
+    (cpp, _), _ = run_cpp(program, "replica", tmp_path)
+    cpp_losses = [cpp[f"loss{s}"] for s in range(STEPS)]
+    py_losses = dist.run(losses_case, WORLD)[0]
+    assert cpp_losses == pytest.approx(py_losses, rel=1e-6, abs=0)
+    assert cpp_losses[-1] < cpp_losses[0]
+
+
+# (tolerance to the uncompressed replica or None, bytes_sent / bytes_reduced at most)
+HOOKS = {"bf16": (2e-2, 0.5), "fp16": (2e-3, 0.5), "powersgd": (None, 0.9), "topk": (None, 0.9)}
+
+
+@pytest.mark.parametrize("hook", sorted(HOOKS))
+def test_comm_hooks(program, hook, tmp_path):
+    tol, ratio = HOOKS[hook]
+    for rank, (r, _) in enumerate(run_cpp(program, f"hook:{hook}", tmp_path)):
+        assert r["rank0_diff"] == 0.0, (rank, r)  # the hook's result is the same on every rank
+        assert 0 < r["bytes_sent"] <= ratio * r["bytes_reduced"], (rank, r)  # it compressed
+        if tol is not None:
+            assert r["replica_diff"] <= tol, (rank, r)
+
+
+def test_mismatched_layout_raises_python_message(program, tmp_path):
+    py_messages = dist.run(mismatch_case, WORLD)
+    cpp = run_cpp(program, "mismatch", tmp_path)
+    for rank, (_, lines) in enumerate(cpp):
+        (line,) = [x for x in lines if x.startswith("MISMATCH ")]
+        assert py_messages[rank] is not None
+        assert line[len("MISMATCH ") :] == py_messages[rank]
+        assert "fc1.weight" in line
