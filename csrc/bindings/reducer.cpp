@@ -94,7 +94,8 @@ void bind_reducer(py::module_& m, py::module_& testing) {
       py::arg("sizes_bytes"), py::arg("dtypes"), py::arg("order"), py::arg("first_cap_bytes"),
       py::arg("cap_bytes"), "Pure bucket assignment; see Note [Bucket assignment].");
 
-  py::class_<Reducer>(m, "Reducer")
+  // See Note [Destroying C++ objects that own a process group].
+  py::class_<Reducer, NoGilPtr<Reducer>>(m, "Reducer")
       .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,
                        c10::intrusive_ptr<c10d::ProcessGroup> pg, int64_t bucket_cap_bytes,
                        int64_t first_bucket_cap_bytes, bool find_unused,
@@ -108,8 +109,8 @@ void bind_reducer(py::module_& m, py::module_& testing) {
              options.static_graph = static_graph;
              options.check_finite = check_finite;
              options.verify_layout = verify_layout;
-             return std::make_unique<Reducer>(std::move(params), std::move(names), std::move(pg),
-                                              options);
+             return NoGilPtr<Reducer>(
+                 new Reducer(std::move(params), std::move(names), std::move(pg), options));
            }),
            py::arg("params"), py::arg("param_names"), py::arg("process_group"),
            py::arg("bucket_cap_bytes"), py::arg("first_bucket_cap_bytes"),

@@ -21,7 +21,8 @@ void bind_sharding(py::module_& m, py::module_& testing) {
       "(offsets, numel, padded_numel, shard_numel); see Note [Sharded flat bucket].");
   m.def("zero_all_gather_flat", &sh::all_gather_flat, py::arg("process_group"), py::arg("flats"),
         py::arg("shards"), py::call_guard<py::gil_scoped_release>());
-  py::class_<sh::ShardedReducer>(m, "ShardedReducer")
+  // See Note [Destroying C++ objects that own a process group].
+  py::class_<sh::ShardedReducer, NoGilPtr<sh::ShardedReducer>>(m, "ShardedReducer")
       .def(py::init<std::vector<at::Tensor>, std::vector<std::vector<int64_t>>,
                     std::vector<at::Tensor>, sh::ProcessGroupPtr, int64_t,
                     std::optional<at::ScalarType>>(),
