@@ -321,7 +321,9 @@ def make_pipeline(raw_model, mesh, args):
         try:
             balance = [int(n) for n in balance.split(",")]
         except ValueError:
-            raise SystemExit(f"--pipeline-balance: even, profile or counts like 2,4; got {balance}")
+            raise SystemExit(
+                f"--pipeline-balance: even, profile or counts like 2,4; got {balance}"
+            ) from None
     return pipeline(
         pipeline_layers(raw_model),
         mesh,

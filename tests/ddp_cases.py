@@ -4,10 +4,9 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 import torchlane
 from models import MultiOutput, batch, loss_fn, make_model
+from torch import nn
 
 PER_RANK = 4
 LR = 0.1
@@ -142,12 +141,12 @@ def compare_with_torch(rank, world, cases, steps=5):
         opt_theirs = torch.optim.SGD(theirs.parameters(), lr=LR)
         diffs, grads_agree, stats, raised = [], True, [], None
         for step in range(steps):
-            raised = [_message(lambda m=m, o=o: _sync_step(m, o, name, step, rank, world, scenario))
+            raised = [_message(lambda m=m, o=o: _sync_step(m, o, name, step, rank, world, scenario))  # noqa: B023 (called at once)
                       for m, o in ((ours, opt_ours), (theirs, opt_theirs))]
             if any(raised):
                 break  # compared by the test: torch DDP must have raised the same way
             diff = 0.0
-            for (n, p), q in zip(ours.module.named_parameters(), theirs.module.parameters()):
+            for (_, p), q in zip(ours.module.named_parameters(), theirs.module.parameters(), strict=True):
                 diff = max(diff, (p.float() - q.float()).abs().max().item())
                 grads_agree &= (p.grad is None) == (q.grad is None)
             diffs.append(diff)
@@ -281,7 +280,7 @@ def nonfinite(rank, world, gradient_as_bucket_view):
             opt_ours.step()
         if all(torch.isfinite(p.grad).all() for p in theirs.parameters()):
             opt_theirs.step()
-    diff = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters()))
+    diff = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters(), strict=True))
     return flags, diff
 
 

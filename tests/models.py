@@ -10,7 +10,7 @@ class MLP(nn.Module):
     def __init__(self, d_in=12, hidden=32, d_out=4, layers=3):
         super().__init__()
         dims = [d_in] + [hidden] * (layers - 1) + [d_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):

@@ -1,12 +1,11 @@
 """torchlane.DistributedDataParallel against single-process training and torch DDP (Gloo)."""
 
-import pytest
-import torch
-from torch import nn
-
 import ddp_cases
 import dist
+import pytest
+import torch
 import torchlane
+from torch import nn
 from torchlane import _C
 
 # ---- pure bucket assignment (Note [Bucket assignment]) ----
@@ -79,13 +78,13 @@ def _assert_params_close(got, want, name):
             tol = dict(rtol=2e-2, atol=2e-3)
         else:
             tol = dict(rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(got[key], want[key], **tol, msg=lambda m: f"{name}.{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], **tol, msg=lambda m: f"{name}.{key}: {m}")  # noqa: B023
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_matches_single_process_training(world):
     results = dist.run(ddp_cases.train_torchlane, world, args=(SINGLE_CASES,))
-    for (name, _), per_rank in zip(SINGLE_CASES, zip(*results)):
+    for (name, _), per_rank in zip(SINGLE_CASES, zip(*results, strict=True), strict=True):
         want = ddp_cases.train_reference(name, world)
         for params, _ in per_rank:
             _assert_params_close(params, want, name)

@@ -135,8 +135,8 @@ std::pair<const scalar_t*, const scalar_t*> probs_and_dscores(const BwdArgs<scal
             acc_t(0), w.P.data(), BN);
   tile_gemm(false, true, rows, cols, p.D, acc_t(1), row_ptr<scalar_t>(a.dout, b, h, m0), a.dout.ss,
             row_ptr<scalar_t>(a.v, b, hk, n0), a.v.ss, acc_t(0), w.dS.data(), BN);
-  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), BN, acc_t(1), a.lse, a.delta, b, h, m0,
-                         rows, n0, cols);
+  probs_and_dscores_rows(p, w.P.data(), w.dS.data(), BN, acc_t(1), a.lse, a.delta, b, h, m0, rows,
+                         n0, cols);
   return {w.P.data(), w.dS.data()};
 }
 
@@ -242,7 +242,6 @@ void bwd_by_tile(const BwdArgs<scalar_t>& a, scalar_t* dq, scalar_t* dk, scalar_
   });
 }
 
-
 }  // namespace
 
 // Low-precision inputs run the fp32 kernel on fp32 copies; see Note [Low precision on the CPU].
@@ -295,8 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
   if (packed_kernels_available(ct)) {
     const at::Tensor delta = compute_delta<float>(dout, out, grad_lse);
-    bwd_packed(p, layout_of(q), layout_of(k), layout_of(v), layout_of(dout),
-               lse.data_ptr<float>(), delta.data_ptr<float>(), dq, dk, dv);
+    bwd_packed(p, layout_of(q), layout_of(k), layout_of(v), layout_of(dout), lse.data_ptr<float>(),
+               delta.data_ptr<float>(), dq, dk, dv);
   } else {
     AT_DISPATCH_FLOATING_TYPES(ct, "attention_bwd_cpu", [&] {
       const at::Tensor delta = compute_delta<scalar_t>(dout, out, grad_lse);

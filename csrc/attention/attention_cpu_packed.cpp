@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/cpu_microkernel.h"
 #include "attention/cpu_common.h"
+#include "attention/cpu_microkernel.h"
 #include "attention/cpu_workspace.h"
 
 // Note [Packed attention on the CPU]
@@ -65,10 +65,14 @@ struct PackShape {
 template <typename W>
 PackShape pack_shape(Pack how, int64_t S, int64_t D) {
   switch (how) {
-    case Pack::Rows: return {S, mk::words<W>(D), mk::words<W>(D)};
-    case Pack::PairsT: return {mk::words<W>(D), S, mk::padded_ld(round_up(S, kNR))};
-    case Pack::Pairs: return {mk::words<W>(S), D, mk::padded_ld(round_up(D, kNR))};
-    case Pack::RowsT: return {D, mk::words<W>(S), mk::padded_ld(mk::words<W>(S))};
+    case Pack::Rows:
+      return {S, mk::words<W>(D), mk::words<W>(D)};
+    case Pack::PairsT:
+      return {mk::words<W>(D), S, mk::padded_ld(round_up(S, kNR))};
+    case Pack::Pairs:
+      return {mk::words<W>(S), D, mk::padded_ld(round_up(D, kNR))};
+    case Pack::RowsT:
+      return {D, mk::words<W>(S), mk::padded_ld(mk::words<W>(S))};
   }
   return {0, 0, 0};
 }
@@ -85,13 +89,21 @@ bool usable_as_is(Pack how, int64_t D, int64_t ss) {
 
 // Packs the S x D matrix src (row stride ld_src) into dst with the given shape (sh.ld apart).
 template <typename W, typename T>
-void pack_matrix(const T* src, int64_t ld_src, int64_t S, int64_t D, Pack how,
-                 const PackShape& sh, W* dst) {
+void pack_matrix(const T* src, int64_t ld_src, int64_t S, int64_t D, Pack how, const PackShape& sh,
+                 W* dst) {
   switch (how) {
-    case Pack::Rows: mk::pack_rows(src, ld_src, S, D, dst, sh.ld); break;
-    case Pack::PairsT: mk::pack_pairs_t(src, ld_src, S, D, dst, sh.ld); break;
-    case Pack::Pairs: mk::pack_pairs(src, ld_src, S, D, dst, sh.ld); break;
-    case Pack::RowsT: mk::pack_rows_t(src, ld_src, S, D, dst, sh.ld); break;
+    case Pack::Rows:
+      mk::pack_rows(src, ld_src, S, D, dst, sh.ld);
+      break;
+    case Pack::PairsT:
+      mk::pack_pairs_t(src, ld_src, S, D, dst, sh.ld);
+      break;
+    case Pack::Pairs:
+      mk::pack_pairs(src, ld_src, S, D, dst, sh.ld);
+      break;
+    case Pack::RowsT:
+      mk::pack_rows_t(src, ld_src, S, D, dst, sh.ld);
+      break;
   }
   for (int64_t i = 0; i < sh.rows; ++i)
     std::fill(dst + i * sh.ld + sh.written, dst + (i + 1) * sh.ld, W(0));
@@ -292,8 +304,7 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
         const int64_t cols = std::min(BN, n_end - n0);
         float* S = s_buf;
-        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_shape.block(kt, n0),
-                    kt.ld, 0.0f, S, lds);
+        mk::gemm<W>(rows, cols, dw, s_alpha, q_a, ldq, kt_shape.block(kt, n0), kt.ld, 0.0f, S, lds);
         // P in place of S (fp32, already in "rows" layout), or straight into its bf16 pack
         const W* pv_a = reinterpret_cast<const W*>(S);
         if constexpr (P != 1) {
@@ -349,8 +360,8 @@ struct PairOperands {
 //  dq (rows x D)            += scale dS K                     when dq != nullptr.
 template <typename W>
 void tile_pair(const Problem& p, const float* lse, const float* delta, BwdTiles<W>& w,
-               const PairOperands<W>& o, int64_t b, int64_t h, int64_t m0, int64_t rows,
-               int64_t n0, int64_t cols, float* dvT, float* dkT, int64_t ldkv, float* dq) {
+               const PairOperands<W>& o, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0,
+               int64_t cols, float* dvT, float* dkT, int64_t ldkv, float* dq) {
   constexpr int64_t P = mk::kPack<W>;
   const int64_t D = p.D, dw = mk::words<W>(D), ld = w.ld;
   const float scale = static_cast<float>(p.scale);
@@ -416,8 +427,8 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
   // floats, holds keys j * BN..; acc_n floats for each of dK^T, dV^T
   const int64_t n_ntiles = (p.Sk + BN - 1) / BN, ldb = mk::padded_ld(BN);
   const int64_t blk_n = D * ldb, acc_n = n_ntiles * blk_n;
-  const Blocked<W> t_shape{Pack::PairsT, p.Sk, D, BN};   // K^T, V^T
-  const Blocked<W> qt_shape{Pack::RowsT, p.Sq, D, BM};   // Q^T, dO^T
+  const Blocked<W> t_shape{Pack::PairsT, p.Sk, D, BN};  // K^T, V^T
+  const Blocked<W> qt_shape{Pack::RowsT, p.Sq, D, BM};  // Q^T, dO^T
   // per_q_head: dK^T, dV^T partial sums of every (batch, query head), 2 * acc_n floats each
   AlignedArray<float> partials(per_q_head ? p.B * p.H * 2 * acc_n : 0, Huge::kYes);
   at::parallel_for(0, per_q_head ? p.B * p.H : p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -479,10 +490,10 @@ void bwd_by_head(const Problem& p, const Layout& q, const Layout& k, const Layou
             for (int64_t n0 = kc0; n0 < n_end; n0 += BN) {
               o.kT = {t_shape.block(kt, n0), kt.ld};
               o.vT = {t_shape.block(vt, n0), vt.ld};
-              o.k = {kp.ptr + (n0 / mk::kPack<W>) * kp.ld, kp.ld};
+              o.k = {kp.ptr + (n0 / mk::kPack<W>)*kp.ld, kp.ld};
               const int64_t blk = (n0 / BN) * blk_n;
-              tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0),
-                        pv + blk, pk + blk, ldb, dq_sum + m0 * D);
+              tile_pair(p, lse, delta, w, o, b, h, m0, rows, n0, std::min(BN, p.Sk - n0), pv + blk,
+                        pk + blk, ldb, dq_sum + m0 * D);
             }
           }
         }
@@ -588,8 +599,8 @@ void bwd_by_tile(const Problem& p, const Layout& q, const Layout& k, const Layou
       std::fill(dq_acc.data(), dq_acc.data() + BM * D, 0.0f);
       const int64_t n_end = p.key_end(m0, rows);
       for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-        tile_pair(p, lse, delta, w, operands(b * p.H + h, b * p.Hkv + hk, m0, n0), b, h, m0,
-                  rows, n0, std::min(BN, p.Sk - n0), nullptr, nullptr, 0, dq_acc.data());
+        tile_pair(p, lse, delta, w, operands(b * p.H + h, b * p.Hkv + hk, m0, n0), b, h, m0, rows,
+                  n0, std::min(BN, p.Sk - n0), nullptr, nullptr, 0, dq_acc.data());
       }
       store_rows(dq_acc.data(), D, dq + ((b * p.H + h) * p.Sq + m0) * D, rows, D, nullptr);
     }

@@ -305,8 +305,8 @@ void probs_and_dscores_rows(const Problem& p, acc_t* P, acc_t* dS, int64_t ld, a
     }
     exp_sub_sum(p_row + j, vis - j, lse[r], scale, p_row + j);  // the tail
     std::fill(p_row + vis, p_row + cols, acc_t(0));
-    at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row + j, p_row + j,
-                  ds_row + j, cols - j);
+    at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row + j, p_row + j, ds_row + j,
+                  cols - j);
   }
 }
 
@@ -324,36 +324,36 @@ at::Tensor compute_delta(const at::Tensor& dout_in, const at::Tensor& out_in,
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   at::Tensor d = at::empty({B, H, S}, dout.options().dtype(acc));
   acc_t* d_data = d.data_ptr<acc_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dout.scalar_type(), "attention_delta",
-                                  [&] {
-    using Vec = at::vec::Vectorized<acc_t>;
-    const auto* g = dout.const_data_ptr<scalar_t>();
-    const auto* o = out.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B * H * S, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> ga, oa;  // rows converted to acc_t where the dtypes differ
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        ga.resize(D);
-        oa.resize(D);
-      }
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / (H * S), h = (i / S) % H, s = i % S;
-        const scalar_t* gr = g + b * dout.stride(0) + h * dout.stride(1) + s * dout.stride(2);
-        const scalar_t* orow = o + b * out.stride(0) + h * out.stride(1) + s * out.stride(2);
-        const acc_t *x, *y;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          x = gr, y = orow;
-        } else {
-          for (int64_t j = 0; j < D; ++j) {
-            ga[j] = static_cast<acc_t>(gr[j]);
-            oa[j] = static_cast<acc_t>(orow[j]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, dout.scalar_type(), "attention_delta", [&] {
+        using Vec = at::vec::Vectorized<acc_t>;
+        const auto* g = dout.const_data_ptr<scalar_t>();
+        const auto* o = out.const_data_ptr<scalar_t>();
+        at::parallel_for(0, B * H * S, 64, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> ga, oa;  // rows converted to acc_t where the dtypes differ
+          if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+            ga.resize(D);
+            oa.resize(D);
           }
-          x = ga.data(), y = oa.data();
-        }
-        d_data[i] = at::vec::map2_reduce_all<acc_t>([](Vec a, Vec c) { return a * c; },
-                                                   [](Vec a, Vec c) { return a + c; }, x, y, D);
-      }
-    });
-  });
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t b = i / (H * S), h = (i / S) % H, s = i % S;
+            const scalar_t* gr = g + b * dout.stride(0) + h * dout.stride(1) + s * dout.stride(2);
+            const scalar_t* orow = o + b * out.stride(0) + h * out.stride(1) + s * out.stride(2);
+            const acc_t *x, *y;
+            if constexpr (std::is_same_v<scalar_t, acc_t>) {
+              x = gr, y = orow;
+            } else {
+              for (int64_t j = 0; j < D; ++j) {
+                ga[j] = static_cast<acc_t>(gr[j]);
+                oa[j] = static_cast<acc_t>(orow[j]);
+              }
+              x = ga.data(), y = oa.data();
+            }
+            d_data[i] = at::vec::map2_reduce_all<acc_t>(
+                [](Vec a, Vec c) { return a * c; }, [](Vec a, Vec c) { return a + c; }, x, y, D);
+          }
+        });
+      });
   if (grad_lse.has_value() && grad_lse->defined())
     d.sub_(grad_lse->to(acc));
   return d;

@@ -1,6 +1,7 @@
 // Note [CPU attention tuning knobs]
-// Every tuning knob of the CPU attention kernels is read here from the environment; nothing else in csrc/attention/ calls getenv. They exist for tuning and tests:
-// the defaults are what the kernels are built and measured for.
+// Every tuning knob of the CPU attention kernels is read here from the environment; nothing else in
+// csrc/attention/ calls getenv. They exist for tuning and tests: the defaults are what the kernels
+// are built and measured for.
 //
 //   TORCHLANE_ATTN_CPU_BLOCKS="fwdM,fwdN,bwdM,bwdN[,bwdKCfloats]"   (read once per process)
 //       tile sizes (Blocks below); the backward sizes of every kind are set together.

@@ -130,12 +130,23 @@ void column_block(int64_t M, int64_t kw, const W* A, int64_t lda, const W* B, in
   const W* a = A + m * lda;
   C += m * ldc;
   switch (M - m) {
-    case 5: micro<5, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
-    case 4: micro<4, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
-    case 3: micro<3, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
-    case 2: micro<2, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
-    case 1: micro<1, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask); break;
-    default: break;
+    case 5:
+      micro<5, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask);
+      break;
+    case 4:
+      micro<4, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask);
+      break;
+    case 3:
+      micro<3, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask);
+      break;
+    case 2:
+      micro<2, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask);
+      break;
+    case 1:
+      micro<1, NV>(kw, a, lda, B, ldb, alpha, beta, C, ldc, mask);
+      break;
+    default:
+      break;
   }
 }
 
@@ -199,40 +210,55 @@ void amx_block(int64_t kw, const uint32_t* A, int64_t lda, const uint32_t* B, in
   const int64_t sc = ldc * 4;
   if (direct && beta == 1.0f) {
     _tile_loadd(0, C, sc);
-    if constexpr (NT > 1) _tile_loadd(1, C + 16, sc);
-    if constexpr (MT > 1) _tile_loadd(2, C + 16 * ldc, sc);
-    if constexpr (MT > 1 && NT > 1) _tile_loadd(3, C + 16 * ldc + 16, sc);
+    if constexpr (NT > 1)
+      _tile_loadd(1, C + 16, sc);
+    if constexpr (MT > 1)
+      _tile_loadd(2, C + 16 * ldc, sc);
+    if constexpr (MT > 1 && NT > 1)
+      _tile_loadd(3, C + 16 * ldc + 16, sc);
   } else {
     _tile_zero(0);
-    if constexpr (NT > 1) _tile_zero(1);
-    if constexpr (MT > 1) _tile_zero(2);
-    if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+    if constexpr (NT > 1)
+      _tile_zero(1);
+    if constexpr (MT > 1)
+      _tile_zero(2);
+    if constexpr (MT > 1 && NT > 1)
+      _tile_zero(3);
   }
   const int64_t sa = lda * 4, sb = ldb * 4;
   for (int64_t kk = 0; kk < kw; kk += 16) {
     _tile_loadd(4, A + kk, sa);
     _tile_loadd(6, B + kk * ldb, sb);
-    if constexpr (NT > 1) _tile_loadd(7, B + kk * ldb + 16, sb);
+    if constexpr (NT > 1)
+      _tile_loadd(7, B + kk * ldb + 16, sb);
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NT > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NT > 1)
+      _tile_dpbf16ps(1, 4, 7);
     if constexpr (MT > 1) {
       _tile_loadd(5, A + 16 * lda + kk, sa);
       _tile_dpbf16ps(2, 5, 6);
-      if constexpr (NT > 1) _tile_dpbf16ps(3, 5, 7);
+      if constexpr (NT > 1)
+        _tile_dpbf16ps(3, 5, 7);
     }
   }
   if (direct) {
     _tile_stored(0, C, sc);
-    if constexpr (NT > 1) _tile_stored(1, C + 16, sc);
-    if constexpr (MT > 1) _tile_stored(2, C + 16 * ldc, sc);
-    if constexpr (MT > 1 && NT > 1) _tile_stored(3, C + 16 * ldc + 16, sc);
+    if constexpr (NT > 1)
+      _tile_stored(1, C + 16, sc);
+    if constexpr (MT > 1)
+      _tile_stored(2, C + 16 * ldc, sc);
+    if constexpr (MT > 1 && NT > 1)
+      _tile_stored(3, C + 16 * ldc + 16, sc);
     return;
   }
   alignas(64) float t[4][256];
   _tile_stored(0, t[0], 64);
-  if constexpr (NT > 1) _tile_stored(1, t[1], 64);
-  if constexpr (MT > 1) _tile_stored(2, t[2], 64);
-  if constexpr (MT > 1 && NT > 1) _tile_stored(3, t[3], 64);
+  if constexpr (NT > 1)
+    _tile_stored(1, t[1], 64);
+  if constexpr (MT > 1)
+    _tile_stored(2, t[2], 64);
+  if constexpr (MT > 1 && NT > 1)
+    _tile_stored(3, t[3], 64);
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   for (int i = 0; i < MT; ++i) {
     for (int j = 0; j < NT; ++j) {
@@ -259,10 +285,14 @@ void amx_gemm(int64_t Ma, int64_t Na, int64_t Ka, float alpha, const uint32_t* A
       const uint32_t* a = A + m * lda;
       const uint32_t* b = B + n;
       float* c = C + m * ldc + n;
-      if (two_m && two_n) amx_block<2, 2>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
-      else if (two_m) amx_block<2, 1>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
-      else if (two_n) amx_block<1, 2>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
-      else amx_block<1, 1>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
+      if (two_m && two_n)
+        amx_block<2, 2>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
+      else if (two_m)
+        amx_block<2, 1>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
+      else if (two_n)
+        amx_block<1, 2>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
+      else
+        amx_block<1, 1>(Ka, a, lda, b, ldb, alpha, beta, c, ldc);
     }
   }
 }
@@ -322,8 +352,8 @@ namespace {
 #if TORCHLANE_HAVE_AVX512
 // The AVX-512 micro-kernels over all of C (Note [Packed tile GEMMs]).
 template <typename W>
-void vector_gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda,
-                 const W* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+void vector_gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int64_t lda, const W* B,
+                 int64_t ldb, float beta, float* C, int64_t ldc) {
   for (int64_t n0 = 0; n0 < N; n0 += kNR) {
     const int64_t nv = std::min<int64_t>(kNR, N - n0 + 15) / 16;  // vectors in this block
     __mmask16 mask[4];
@@ -332,10 +362,18 @@ void vector_gemm(int64_t M, int64_t N, int64_t kw, float alpha, const W* A, int6
     const W* b = B + n0;
     float* c = C + n0;
     switch (nv) {
-      case 4: column_block<4>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
-      case 3: column_block<3>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
-      case 2: column_block<2>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
-      default: column_block<1>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask); break;
+      case 4:
+        column_block<4>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask);
+        break;
+      case 3:
+        column_block<3>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask);
+        break;
+      case 2:
+        column_block<2>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask);
+        break;
+      default:
+        column_block<1>(M, kw, A, lda, b, ldb, alpha, beta, c, ldc, mask);
+        break;
     }
   }
 }
@@ -521,7 +559,7 @@ void pack_rows_t(const T* src, int64_t ld, int64_t rows, int64_t cols, W* dst, i
   }
 }
 
-#define TORCHLANE_MK_PACKERS(W, T)                                                         \
+#define TORCHLANE_MK_PACKERS(W, T)                                                    \
   template void pack_rows<W, T>(const T*, int64_t, int64_t, int64_t, W*, int64_t);    \
   template void pack_pairs<W, T>(const T*, int64_t, int64_t, int64_t, W*, int64_t);   \
   template void pack_pairs_t<W, T>(const T*, int64_t, int64_t, int64_t, W*, int64_t); \

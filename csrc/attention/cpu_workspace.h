@@ -20,8 +20,7 @@ inline void* huge_alloc(size_t* bytes) {
   const size_t asked = *bytes;
   *bytes = (asked + kHugePage - 1) / kHugePage * kHugePage;
   void* p = std::aligned_alloc(kHugePage, *bytes);
-  TORCH_CHECK(p != nullptr, "torchlane.attention: cannot allocate ", asked,
-              " bytes of workspace");
+  TORCH_CHECK(p != nullptr, "torchlane.attention: cannot allocate ", asked, " bytes of workspace");
 #ifdef MADV_HUGEPAGE
   madvise(p, *bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
 #endif

@@ -7,7 +7,8 @@
 namespace torchlane::bindings {
 
 void bind_attention(py::module_& m, py::module_& testing) {
-  // The one copy of the input rules, also called by the fake kernels (python/torchlane/attention.py).
+  // The one copy of the input rules, also called by the fake kernels
+  // (python/torchlane/attention.py).
   m.def("_check_attention_inputs", &attention::check_attention_inputs, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("scale"));
   // A private switch of the CPU attention kernel, for tests and benchmarks: name(enabled=None)

@@ -25,8 +25,8 @@ at::Tensor run_comm_hook(const std::shared_ptr<torchlane::CommHook>& hook, at::T
   TORCH_CHECK(bucket_count >= 1 && index >= 0 && index < bucket_count,
               "_run_comm_hook: index must be in [0, bucket_count), got index ", index,
               " and bucket_count ", bucket_count);
-  c10d::GradBucket bucket = comm::make_grad_bucket(static_cast<size_t>(index),
-                                                   static_cast<size_t>(bucket_count), buffer, params);
+  c10d::GradBucket bucket = comm::make_grad_bucket(
+      static_cast<size_t>(index), static_cast<size_t>(bucket_count), buffer, params);
   c10::intrusive_ptr<c10::ivalue::Future> fut;
   {
     py::gil_scoped_release no_gil;
@@ -45,7 +45,8 @@ at::ScalarType wire_dtype_from_name(const std::string& name) {
     return at::kHalf;
   }
   TORCH_CHECK_VALUE(name == "bfloat16" || name == "bf16",
-              "CastCompressHook: wire_dtype must be 'float16' or 'bfloat16', got '", name, "'");
+                    "CastCompressHook: wire_dtype must be 'float16' or 'bfloat16', got '", name,
+                    "'");
   return at::kBFloat16;
 }
 
@@ -96,10 +97,9 @@ void bind_hooks(py::module_& m, py::module_& testing) {
                        bool use_error_feedback, bool warm_start, double orthogonalization_epsilon,
                        int64_t random_seed) {
              return std::make_shared<h::PowerSGDHook>(
-                 std::move(pg),
-                 powersgd_options(rank, start_powerSGD_iter, min_compression_rate,
-                                  use_error_feedback, warm_start, orthogonalization_epsilon,
-                                  random_seed));
+                 std::move(pg), powersgd_options(rank, start_powerSGD_iter, min_compression_rate,
+                                                 use_error_feedback, warm_start,
+                                                 orthogonalization_epsilon, random_seed));
            }),
            py::arg("process_group"), py::arg("rank"), py::arg("start_powerSGD_iter"),
            py::arg("min_compression_rate"), py::arg("use_error_feedback"), py::arg("warm_start"),
@@ -112,9 +112,8 @@ void bind_hooks(py::module_& m, py::module_& testing) {
       });
 
   py::class_<h::TopKHook, CommHook, std::shared_ptr<h::TopKHook>>(m, "TopKHook")
-      .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> pg, double ratio,
-                       int64_t start_iter, int64_t ratio_warmup_iters,
-                       double min_compression_rate, bool layerwise) {
+      .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> pg, double ratio, int64_t start_iter,
+                       int64_t ratio_warmup_iters, double min_compression_rate, bool layerwise) {
              return std::make_shared<h::TopKHook>(
                  std::move(pg), topk_options(ratio, start_iter, ratio_warmup_iters,
                                              min_compression_rate, layerwise));
@@ -141,14 +140,16 @@ void bind_hooks(py::module_& m, py::module_& testing) {
   m.def(
       "_check_topk_options",
       [](double ratio, int64_t start_iter, int64_t ratio_warmup_iters, double min_rate,
-         bool layerwise) { topk_options(ratio, start_iter, ratio_warmup_iters, min_rate, layerwise); },
+         bool layerwise) {
+        topk_options(ratio, start_iter, ratio_warmup_iters, min_rate, layerwise);
+      },
       py::arg("ratio"), py::arg("start_iter"), py::arg("ratio_warmup_iters"),
       py::arg("min_compression_rate"), py::arg("layerwise"));
   m.def("_run_comm_hook", &run_comm_hook, py::arg("hook"), py::arg("buffer"), py::arg("index"),
         py::arg("bucket_count"), py::arg("params"));
   testing.def("topk_count", &h::topk_count, py::arg("numel"), py::arg("ratio"));
   testing.def("topk_ratio_at", &h::topk_ratio_at, py::arg("ratio"), py::arg("warmup_iters"),
-        py::arg("step"));
+              py::arg("step"));
   testing.def(
       "topk_plan",
       [](const std::vector<std::vector<int64_t>>& shapes, double ratio, double min_rate,
@@ -182,6 +183,5 @@ void bind_hooks(py::module_& m, py::module_& testing) {
       },
       py::arg("shapes"), py::arg("rank"), py::arg("min_compression_rate"));
 }
-
 
 }  // namespace torchlane::bindings

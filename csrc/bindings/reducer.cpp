@@ -1,7 +1,7 @@
 // Bindings of csrc/reducer/: the pure bucket plan and the Reducer.
+#include "reducer/reducer.hpp"
 #include "bindings/bindings.h"
 #include "reducer/bucket_plan.hpp"
-#include "reducer/reducer.hpp"
 
 #include <chrono>
 
@@ -123,8 +123,7 @@ void bind_reducer(py::module_& m, py::module_& testing) {
            py::call_guard<py::gil_scoped_release>())
       .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"),
            py::call_guard<py::gil_scoped_release>())
-      .def("rebuild_buckets", &Reducer::rebuild_buckets,
-           py::call_guard<py::gil_scoped_release>())
+      .def("rebuild_buckets", &Reducer::rebuild_buckets, py::call_guard<py::gil_scoped_release>())
       .def("allow_local_backward", &Reducer::allow_local_backward,
            py::call_guard<py::gil_scoped_release>())
       .def(
@@ -151,7 +150,6 @@ void bind_reducer(py::module_& m, py::module_& testing) {
       .def("stats", &stats_to_dict)
       .def("flight_record", &flight_record_to_dict,
            "Last launched/completed bucket collective (Note [Flight record]); lock-free");
-
 }
 
 }  // namespace torchlane::bindings

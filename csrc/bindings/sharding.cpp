@@ -4,8 +4,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "bindings/bindings.h"
-#include "sharding/sharded_reducer.hpp"
 #include "sharding/shard_layout.hpp"
+#include "sharding/sharded_reducer.hpp"
 
 namespace torchlane::bindings {
 

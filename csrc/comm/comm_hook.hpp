@@ -35,7 +35,8 @@ class CommHook : public c10d::CommHookInterface {
 
   at::Tensor parseHookResult(const c10::IValue& result) override {
     TORCH_CHECK(result.isTensor() || result.isTensorList(),
-                "torchlane comm hook: expected the future to hold a Tensor, got ", result.tagKind());
+                "torchlane comm hook: expected the future to hold a Tensor, got ",
+                result.tagKind());
     return result.isTensor() ? result.toTensor() : result.toTensorVector().at(0);
   }
 

@@ -29,8 +29,8 @@ Kept& kept() {
 // Moves the works only `v` references (their collective is done and the process group let go of
 // them) into `drop`; returns how many.
 size_t take_finished(std::vector<WorkPtr>& v, std::vector<WorkPtr>& drop) {
-  const auto finished = std::stable_partition(
-      v.begin(), v.end(), [](const WorkPtr& w) { return w.use_count() > 1; });
+  const auto finished =
+      std::stable_partition(v.begin(), v.end(), [](const WorkPtr& w) { return w.use_count() > 1; });
   const auto n = static_cast<size_t>(v.end() - finished);
   drop.insert(drop.end(), std::make_move_iterator(finished), std::make_move_iterator(v.end()));
   v.erase(finished, v.end());

@@ -12,12 +12,13 @@ inline c10::intrusive_ptr<c10::ivalue::Future> allreduce_mean(
     const c10::intrusive_ptr<c10d::ProcessGroup>& process_group, at::Tensor buffer) {
   buffer.div_(process_group->getSize());
   std::vector<at::Tensor> tensors{buffer};
-  return comm::launched(process_group->allreduce(tensors))->then(
-      [buffer](c10::ivalue::Future& done) {
-        done.value();  // rethrows a communication error
-        return c10::IValue(buffer);
-      },
-      c10::TensorType::get());
+  return comm::launched(process_group->allreduce(tensors))
+      ->then(
+          [buffer](c10::ivalue::Future& done) {
+            done.value();  // rethrows a communication error
+            return c10::IValue(buffer);
+          },
+          c10::TensorType::get());
 }
 
 inline bool is_float_or_double(const at::Tensor& t) {

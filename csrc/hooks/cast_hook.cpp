@@ -1,7 +1,7 @@
 #include "hooks/cast_hook.hpp"
 
-#include <ATen/record_function.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -76,7 +76,7 @@ kernels::CastDtype cast_dtype(at::ScalarType t) {
 at::Tensor cast_compress(const at::Tensor& src, at::ScalarType wire_dtype, int64_t world_size) {
   RECORD_FUNCTION("torchlane::cast_compress", std::vector<c10::IValue>({src}));
   TORCH_CHECK_VALUE(is_narrow(wire_dtype), "cast_compress: wire_dtype must be torch.float16 or ",
-              "torch.bfloat16, got ", wire_dtype);
+                    "torch.bfloat16, got ", wire_dtype);
   TORCH_CHECK_VALUE(world_size >= 1, "cast_compress: world_size must be >= 1, got ", world_size);
   const at::Tensor in = src.contiguous();
   if (!is_wide(in.scalar_type())) {
@@ -100,9 +100,8 @@ at::Tensor cast_compress(const at::Tensor& src, at::ScalarType wire_dtype, int64
 #ifdef TORCHLANE_WITH_CUDA
   if (in.is_cuda()) {
     const c10::cuda::CUDAGuard device_guard(in.device());
-    kernels::CastParams p{in.const_data_ptr(), out.mutable_data_ptr(),
-                          in.numel(),          cast_dtype(in.scalar_type()),
-                          cast_dtype(wire_dtype), divisor};
+    kernels::CastParams p{in.const_data_ptr(),          out.mutable_data_ptr(), in.numel(),
+                          cast_dtype(in.scalar_type()), cast_dtype(wire_dtype), divisor};
     const auto err = kernels::launch_cast_compress(p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "cast_compress: CUDA launch failed: ", cudaGetErrorString(err));
     return out;
@@ -136,12 +135,11 @@ void cast_decompress_into(const at::Tensor& wire, at::Tensor& dst) {
 #ifdef TORCHLANE_WITH_CUDA
   if (in.is_cuda()) {
     const c10::cuda::CUDAGuard device_guard(in.device());
-    kernels::CastParams p{in.const_data_ptr(),          dst.mutable_data_ptr(),
-                          in.numel(),                   cast_dtype(in.scalar_type()),
-                          cast_dtype(dst.scalar_type()), 1.0f};
+    kernels::CastParams p{in.const_data_ptr(),          dst.mutable_data_ptr(),        in.numel(),
+                          cast_dtype(in.scalar_type()), cast_dtype(dst.scalar_type()), 1.0f};
     const auto err = kernels::launch_cast_decompress(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "cast_decompress: CUDA launch failed: ",
-                cudaGetErrorString(err));
+    TORCH_CHECK(err == cudaSuccess,
+                "cast_decompress: CUDA launch failed: ", cudaGetErrorString(err));
     return;
   }
 #endif
@@ -152,8 +150,9 @@ CastCompressHook::CastCompressHook(c10::intrusive_ptr<c10d::ProcessGroup> proces
                                    at::ScalarType wire_dtype)
     : CommHook(std::move(process_group)), wire_dtype_(wire_dtype) {
   TORCH_CHECK(process_group_, "CastCompressHook: process_group must not be None");
-  TORCH_CHECK_VALUE(is_narrow(wire_dtype), "CastCompressHook: wire dtype must be float16 or bfloat16, ",
-              "got ", wire_dtype);
+  TORCH_CHECK_VALUE(is_narrow(wire_dtype),
+                    "CastCompressHook: wire dtype must be float16 or bfloat16, ", "got ",
+                    wire_dtype);
 }
 
 std::string CastCompressHook::name() const {
@@ -180,8 +179,7 @@ c10::intrusive_ptr<c10::ivalue::Future> CastCompressHook::runHook(c10d::GradBuck
 
 namespace {
 
-at::Tensor cast_compress_op(const at::Tensor& src, at::ScalarType wire_dtype,
-                            int64_t world_size) {
+at::Tensor cast_compress_op(const at::Tensor& src, at::ScalarType wire_dtype, int64_t world_size) {
   return cast_compress(src, wire_dtype, world_size);
 }
 

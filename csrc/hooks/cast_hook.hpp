@@ -18,8 +18,7 @@ void cast_decompress_into(const at::Tensor& wire, at::Tensor& dst);
 // fp16 / bf16 compression: each rank sends numel * 2 bytes instead of numel * 4 (float32).
 class CastCompressHook : public CommHook {
  public:
-  CastCompressHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
-                   at::ScalarType wire_dtype);
+  CastCompressHook(c10::intrusive_ptr<c10d::ProcessGroup> process_group, at::ScalarType wire_dtype);
 
   c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
   std::string name() const override;

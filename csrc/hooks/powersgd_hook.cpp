@@ -1,15 +1,15 @@
 #include "hooks/powersgd_hook.hpp"
 
 #include <ATen/record_function.h>
-#include "hooks/allreduce_mean.hpp"
 #include "comm/clock.hpp"
 #include "comm/kept_works.hpp"
+#include "hooks/allreduce_mean.hpp"
 
 #include <chrono>
 #include <cmath>
 #include <exception>
-#include <stdexcept>
 #include <map>
+#include <stdexcept>
 #include <utility>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -71,8 +71,8 @@ PowerSGDPlan powersgd_plan(const std::vector<std::vector<int64_t>>& shapes, int6
         powersgd_should_compress(rows, cols, r, min_compression_rate)) {
       plan.numel_after += (rows + cols) * r;
       auto key = std::make_pair(rows, cols);
-      auto it = std::find_if(groups.begin(), groups.end(),
-                             [&](const auto& g) { return g.first == key; });
+      auto it =
+          std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
       if (it == groups.end()) {
         groups.push_back({key, {}});
         it = std::prev(groups.end());
@@ -248,10 +248,11 @@ void check_options(const PowerSGDOptions& o) {
   TORCH_CHECK_VALUE(o.rank >= 1, "powersgd: rank must be >= 1, got ", o.rank);
   TORCH_CHECK_VALUE(o.start_iter >= 0, "powersgd: start_powerSGD_iter must be >= 0, got ",
                     o.start_iter);
-  TORCH_CHECK_VALUE(!(o.use_error_feedback || o.warm_start) || o.start_iter > 1,
-                    "powersgd: start_powerSGD_iter must be > 1 when use_error_feedback or "
-                    "warm_start is enabled (DDP may rebuild its buckets after the first step), got ",
-                    o.start_iter);
+  TORCH_CHECK_VALUE(
+      !(o.use_error_feedback || o.warm_start) || o.start_iter > 1,
+      "powersgd: start_powerSGD_iter must be > 1 when use_error_feedback or "
+      "warm_start is enabled (DDP may rebuild its buckets after the first step), got ",
+      o.start_iter);
   TORCH_CHECK_VALUE(std::isfinite(o.min_compression_rate) && o.min_compression_rate >= 0,
                     "powersgd: min_compression_rate must be a finite number >= 0, got ",
                     o.min_compression_rate);

@@ -120,8 +120,8 @@ class PowerSGDHook : public CommHook {
   PowerSGDSeeds seeds_;
   int64_t iter_ = 0;
   int64_t numel_before_ = 0, numel_after_ = 0;
-  bool in_step_ = false;       // a runHook call of this step ran; cleared by the last bucket
-  int64_t last_index_ = -1;    // the bucket of the latest runHook call in this step
+  bool in_step_ = false;     // a runHook call of this step ran; cleared by the last bucket
+  int64_t last_index_ = -1;  // the bucket of the latest runHook call in this step
   std::deque<std::shared_ptr<InFlight>> pending_;  // first all-reduce launched, second not yet
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> outstanding_;  // second one launched
   std::vector<CollectiveEvent> collectives_;  // issued in this (or the last finished) step

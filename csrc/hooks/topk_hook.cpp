@@ -2,8 +2,8 @@
 
 #include <ATen/record_function.h>
 
-#include "hooks/allreduce_mean.hpp"
 #include "comm/kept_works.hpp"
+#include "hooks/allreduce_mean.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -136,8 +136,7 @@ TopKPlan topk_plan(const std::vector<std::vector<int64_t>>& shapes, double ratio
       numel *= s;
     }
     const double dense_bytes = static_cast<double>(numel * element_size);
-    const double sent_bytes =
-        static_cast<double>(topk_count(numel, ratio) * (element_size + 4));
+    const double sent_bytes = static_cast<double>(topk_count(numel, ratio) * (element_size + 4));
     if (shapes[t].size() >= 2 && sent_bytes * min_compression_rate < dense_bytes) {
       plan.compressed.push_back(static_cast<int64_t>(t));
       plan.compressed_offsets.push_back(plan.compressed_numel);
@@ -184,9 +183,12 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_(at::Tensor& residual, const at
   // Largest magnitudes via torch's topk; ties may resolve differently from the CPU path.
   at::Tensor picked = std::get<1>(at::topk(residual.abs(), k, 0, true, false));
   picked = std::get<0>(at::sort(picked));
-  kernels::TopKGatherParams p{residual.mutable_data_ptr(),    picked.const_data_ptr<int64_t>(),
-                              values.mutable_data_ptr(),      indices.mutable_data_ptr<int32_t>(),
-                              k, residual.scalar_type() == at::kDouble};
+  kernels::TopKGatherParams p{residual.mutable_data_ptr(),
+                              picked.const_data_ptr<int64_t>(),
+                              values.mutable_data_ptr(),
+                              indices.mutable_data_ptr<int32_t>(),
+                              k,
+                              residual.scalar_type() == at::kDouble};
   const auto err = kernels::launch_topk_gather_clear(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "topk_compress_: CUDA launch failed: ", cudaGetErrorString(err));
   return {values, indices};
@@ -222,12 +224,15 @@ void topk_scatter_add_(at::Tensor& out, const at::Tensor& values, const at::Tens
   TORCH_CHECK(v.device() == out.device() && i.device() == out.device(),
               "topk_scatter_add_: values and indices must be on ", out.device());
   const c10::cuda::CUDAGuard device_guard(out.device());
-  kernels::TopKScatterParams p{out.mutable_data_ptr(), v.const_data_ptr(),
-                               i.const_data_ptr<int32_t>(), v.numel(), scale,
+  kernels::TopKScatterParams p{out.mutable_data_ptr(),
+                               v.const_data_ptr(),
+                               i.const_data_ptr<int32_t>(),
+                               v.numel(),
+                               scale,
                                out.scalar_type() == at::kDouble};
   const auto err = kernels::launch_topk_scatter_add(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "topk_scatter_add_: CUDA launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              "topk_scatter_add_: CUDA launch failed: ", cudaGetErrorString(err));
 #else
   TORCH_CHECK(false, "topk_scatter_add_: unsupported device ", out.device());
 #endif

@@ -33,8 +33,8 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 
 // The wire value is rounded twice, exactly as `src.to(wire).div_(world_size)` rounds it.
 template <typename Src, typename Wire>
-__global__ void cast_compress_kernel(const Src* __restrict__ src, Wire* __restrict__ dst,
-                                     int64_t n, float divisor) {
+__global__ void cast_compress_kernel(const Src* __restrict__ src, Wire* __restrict__ dst, int64_t n,
+                                     float divisor) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const float once = to_float(from_float<Wire>(static_cast<float>(src[i])));

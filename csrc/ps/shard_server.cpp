@@ -70,11 +70,10 @@ int64_t ShardServer::apply(int64_t worker, const at::Tensor& update) {
   TORCH_CHECK_VALUE(w.live, "ShardServer.apply: worker ", worker, " has left");
   TORCH_CHECK_VALUE(w.pulled_round == w.clock, "ShardServer.apply: worker ", worker,
                     " pushed without pulling the parameters of its round ", w.clock);
-  TORCH_CHECK_VALUE(update.numel() == shard_.numel() &&
-                        update.scalar_type() == shard_.scalar_type(),
-                    "ShardServer.apply: worker ", worker, " pushed ", update.numel(), " ",
-                    update.scalar_type(), " elements for a shard of ", shard_.numel(), " ",
-                    shard_.scalar_type());
+  TORCH_CHECK_VALUE(
+      update.numel() == shard_.numel() && update.scalar_type() == shard_.scalar_type(),
+      "ShardServer.apply: worker ", worker, " pushed ", update.numel(), " ", update.scalar_type(),
+      " elements for a shard of ", shard_.numel(), " ", shard_.scalar_type());
   // torch.optim.SGD's single-tensor update, op for op (same kernels, so bitwise the same).
   at::Tensor step = update.view(shard_.sizes());
   if (options_.momentum != 0) {

@@ -17,11 +17,11 @@ struct OuterOptions {
 
 // One line of the server's log: an update as it was applied.
 struct ApplyRecord {
-  int64_t worker;         // rank that pushed it
-  int64_t round;          // the worker's round (its clock when it pulled the parameters)
-  int64_t staleness;      // round minus the slowest live worker's clock at that pull
-  int64_t base_version;   // the shard version the worker pulled
-  int64_t version;        // the shard version this update produced
+  int64_t worker;        // rank that pushed it
+  int64_t round;         // the worker's round (its clock when it pulled the parameters)
+  int64_t staleness;     // round minus the slowest live worker's clock at that pull
+  int64_t base_version;  // the shard version the worker pulled
+  int64_t version;       // the shard version this update produced
 };
 
 // Note [Bounded staleness]

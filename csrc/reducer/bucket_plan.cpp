@@ -34,8 +34,8 @@ std::vector<std::vector<int64_t>> compute_bucket_assignment(const std::vector<Te
               "bucket caps must be positive, got first_cap_bytes=", first_cap_bytes,
               " cap_bytes=", cap_bytes);
   const auto n = static_cast<int64_t>(tensors.size());
-  TORCH_CHECK(static_cast<int64_t>(order.size()) == n, "order has ", order.size(),
-              " entries for ", n, " tensors");
+  TORCH_CHECK(static_cast<int64_t>(order.size()) == n, "order has ", order.size(), " entries for ",
+              n, " tensors");
   std::vector<char> seen(n, 0);
   std::map<GroupKey, OpenBucket> open;
   std::vector<std::pair<int64_t, std::vector<int64_t>>> closed;  // (first position, members)

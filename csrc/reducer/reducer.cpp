@@ -1,9 +1,9 @@
 #include "reducer/reducer.hpp"
 
-#include "reducer/finite_copy.hpp"
 #include "comm/clock.hpp"
 #include "comm/grad_bucket.hpp"
 #include "comm/kept_works.hpp"
+#include "reducer/finite_copy.hpp"
 
 #include <algorithm>
 #include <sstream>
@@ -78,8 +78,8 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
                 "' must be a defined tensor that requires grad");
     TORCH_CHECK(p.layout() == at::kStrided, "parameter '", param_names_[i],
                 "' is not a dense (strided) tensor; torchlane DDP supports dense parameters only");
-    param_meta_.push_back({static_cast<int64_t>(p.numel() * p.element_size()), p.scalar_type(),
-                           p.device()});
+    param_meta_.push_back(
+        {static_cast<int64_t>(p.numel() * p.element_size()), p.scalar_type(), p.device()});
   }
 
   // Note [Gradient-ready hooks]: a post-hook on each parameter's AccumulateGrad node runs right
@@ -88,8 +88,8 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
     auto accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
     TORCH_INTERNAL_ASSERT(accumulator, "no gradient accumulator for parameter ", i);
     accumulator_index_[accumulator.get()] = i;
-    hook_keys_.push_back(accumulator->add_post_hook(
-        std::make_unique<torch::autograd::utils::LambdaPostHook>(
+    hook_keys_.push_back(
+        accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
             [this, i](const torch::autograd::variable_list& outputs,
                       const torch::autograd::variable_list& /*inputs*/) {
               autograd_hook(i);
@@ -102,9 +102,8 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
   for (int64_t i = 0; i < n; ++i) {
     reverse_order[i] = n - 1 - i;
   }
-  initialize_buckets(compute_bucket_assignment(param_meta_, reverse_order,
-                                               options_.first_bucket_cap_bytes,
-                                               options_.bucket_cap_bytes));
+  initialize_buckets(compute_bucket_assignment(
+      param_meta_, reverse_order, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes));
   ready_.assign(n, 0);
   hook_count_.assign(n, 0);
   local_used_host_.assign(n, 0);
@@ -184,8 +183,9 @@ void Reducer::reset_iteration_state() {
 
 void Reducer::check_states_locked() const {
 #ifdef TORCHLANE_DEBUG_CHECKS
-  TORCH_INTERNAL_ASSERT(!require_finalize_ || backward_started_,
-                        "Note [Reducer states]: a reduction in progress without a started backward");
+  TORCH_INTERNAL_ASSERT(
+      !require_finalize_ || backward_started_,
+      "Note [Reducer states]: a reduction in progress without a started backward");
   TORCH_INTERNAL_ASSERT(!(expect_hooks_ && backward_started_) || require_finalize_,
                         "Note [Reducer states]: Reducing without require_finalize_");
   TORCH_INTERNAL_ASSERT(!layout_verified_ || backward_started_,
@@ -319,8 +319,8 @@ void Reducer::autograd_hook(int64_t index) {
     // Note [No silent gradient loss]: torch DDP skips such a gradient without a word (a second
     // backward after one synchronised forward, a loss computed through `.module`), and the ranks
     // drift apart. Local accumulation is only what no_sync() asked for; anything else raises.
-    TORCH_CHECK(local_backward_allowed_,
-                "torchlane.DistributedDataParallel: parameter '", param_names_[index],
+    TORCH_CHECK(local_backward_allowed_, "torchlane.DistributedDataParallel: parameter '",
+                param_names_[index],
                 "' got a gradient in a backward pass that no synchronised forward prepared "
                 "(a second backward after one forward, or a loss computed through `.module`). "
                 "Its gradient would not be averaged across ranks. Run the forward through the "
@@ -372,8 +372,7 @@ void Reducer::on_gradient_ready(int64_t index) {
 }
 
 void Reducer::mark_ready(int64_t index) {
-  TORCH_CHECK(!ready_[index], "torchlane DDP: parameter '", param_names_[index], "' (index ",
-              index,
+  TORCH_CHECK(!ready_[index], "torchlane DDP: parameter '", param_names_[index], "' (index ", index,
               ") received its gradient more than once in one backward pass. This happens with "
               "reentrant backward (e.g. activation checkpointing with use_reentrant=True) or when "
               "a parameter is used by several forward calls whose outputs share one backward. "
@@ -408,7 +407,8 @@ void Reducer::copy_grad_to_bucket(int64_t index) {
   }
   TORCH_CHECK(!grad.is_sparse(), "torchlane DDP does not support sparse gradients (parameter '",
               param_names_[index], "')");
-  const bool scale = !comm_hook_;  // a comm hook receives the unscaled sum (Note [Comm hook contract])
+  const bool scale =
+      !comm_hook_;  // a comm hook receives the unscaled sum (Note [Comm hook contract])
   if (options_.gradient_as_bucket_view && grad.is_alias_of(view)) {
     if (scale) {
       view.mul_(1.0 / static_cast<double>(world_size_));
@@ -437,9 +437,9 @@ void Reducer::launch_ready_buckets() {
   }
   if (next_bucket_ == buckets_.size() && sends_usage_flags() && !local_used_future_) {
     // Which parameters got a gradient on any rank: globally unused ones keep their `.grad`.
-    auto used = at::from_blob(local_used_host_.data(), {static_cast<int64_t>(params_.size())},
-                              at::kInt)
-                    .to(params_.front().device(), /*non_blocking=*/false, /*copy=*/true);
+    auto used =
+        at::from_blob(local_used_host_.data(), {static_cast<int64_t>(params_.size())}, at::kInt)
+            .to(params_.front().device(), /*non_blocking=*/false, /*copy=*/true);
     std::vector<at::Tensor> tensors{used};
     local_used_future_ = comm::launched(process_group_->allreduce(tensors));
     local_used_result_ = used;
@@ -600,8 +600,8 @@ void Reducer::write_back_gradients() {
                       result.scalar_type() == bucket.buffer.scalar_type(),
                   "the communication hook must return a future of a tensor with the bucket's "
                   "numel and dtype: expected ",
-                  bucket.buffer.numel(), " elements of ", bucket.buffer.scalar_type(),
-                  " for ", describe_bucket(b), ", got ",
+                  bucket.buffer.numel(), " elements of ", bucket.buffer.scalar_type(), " for ",
+                  describe_bucket(b), ", got ",
                   result.defined() ? std::to_string(result.numel()) : std::string("undefined"),
                   " elements of ",
                   result.defined() ? c10::toString(result.scalar_type()) : "no dtype");
@@ -713,9 +713,8 @@ bool Reducer::rebuild_buckets() {
                 "(entry ", pos, " = ", i, " is out of range or repeated)");
     seen[i] = 1;
   }
-  initialize_buckets(compute_bucket_assignment(param_meta_, received,
-                                               options_.first_bucket_cap_bytes,
-                                               options_.bucket_cap_bytes));
+  initialize_buckets(compute_bucket_assignment(
+      param_meta_, received, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes));
   rebuilt_ = true;
   ready_order_.clear();
   return true;
@@ -724,8 +723,9 @@ bool Reducer::rebuild_buckets() {
 void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) {
   std::lock_guard<std::mutex> lock(mutex_);
   TORCH_CHECK(hook, "register_comm_hook: hook must not be None");
-  TORCH_CHECK(!comm_hook_, "register_comm_hook can only be called once: a communication hook is "
-                           "already registered on this model");
+  TORCH_CHECK(!comm_hook_,
+              "register_comm_hook can only be called once: a communication hook is "
+              "already registered on this model");
   TORCH_CHECK(iterations_ == 0 && !backward_started_,
               "register_comm_hook must be called before the first backward pass; this model "
               "already reduced gradients ",
@@ -747,9 +747,7 @@ void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) 
 void Reducer::verify_layout_across_ranks() {
   const auto n = static_cast<int64_t>(params_.size());
   uint64_t fingerprint = 1469598103934665603ull;  // FNV-1a over the bucket layout
-  auto mix = [&](uint64_t v) {
-    fingerprint = (fingerprint ^ v) * 1099511628211ull;
-  };
+  auto mix = [&](uint64_t v) { fingerprint = (fingerprint ^ v) * 1099511628211ull; };
   for (const auto& bucket : buckets_) {
     mix(bucket.params.size());
     for (size_t slot = 0; slot < bucket.params.size(); ++slot) {
@@ -795,8 +793,10 @@ void Reducer::verify_layout_across_ranks() {
   const auto report = problems.str();
   if (!report.empty()) {
     abandon_iteration();
-    TORCH_CHECK(false, "torchlane DDP layout check (verify_layout / TORCH_DISTRIBUTED_DEBUG=DETAIL) "
-                "failed before reducing gradients:", report,
+    TORCH_CHECK(false,
+                "torchlane DDP layout check (verify_layout / TORCH_DISTRIBUTED_DEBUG=DETAIL) "
+                "failed before reducing gradients:",
+                report,
                 " Parameters without a gradient need find_unused_parameters=True; all ranks must "
                 "run the same model.");
   }

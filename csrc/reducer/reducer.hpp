@@ -14,9 +14,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 
+#include "comm/comm_hook.hpp"
 #include "reducer/bucket_plan.hpp"
 #include "reducer/flight_record.hpp"
-#include "comm/comm_hook.hpp"
 
 namespace torchlane {
 
@@ -32,17 +32,17 @@ struct ReducerOptions {
 
 // One flat buffer holding the gradients of several parameters of one dtype and device.
 struct Bucket {
-  std::vector<int64_t> params;   // parameter indices, in layout order
-  std::vector<size_t> offsets;   // element offset of each parameter in `buffer`
-  std::vector<size_t> lengths;   // numel of each parameter
-  at::Tensor buffer;             // flat, contiguous
-  std::vector<at::Tensor> views; // views of `buffer` shaped like each parameter
-  size_t pending = 0;            // parameters not yet ready in this iteration
+  std::vector<int64_t> params;    // parameter indices, in layout order
+  std::vector<size_t> offsets;    // element offset of each parameter in `buffer`
+  std::vector<size_t> lengths;    // numel of each parameter
+  at::Tensor buffer;              // flat, contiguous
+  std::vector<at::Tensor> views;  // views of `buffer` shaped like each parameter
+  size_t pending = 0;             // parameters not yet ready in this iteration
   c10::intrusive_ptr<c10::ivalue::Future> future;
   int64_t ready_ns = 0;
   int64_t launch_ns = 0;
   int64_t return_ns = 0;  // when the launch (the comm hook's runHook) returned
-  int64_t wait_ns = 0;  // when finalize_backward's wait on `future` returned
+  int64_t wait_ns = 0;    // when finalize_backward's wait on `future` returned
   // Written by the future's completion callback, which may outlive this iteration.
   std::shared_ptr<std::atomic<int64_t>> done_ns;
 };
@@ -55,7 +55,7 @@ struct StepStats {
   int64_t bytes_reduced = 0;  // uncompressed bytes of all buckets
   int64_t bytes_sent = 0;     // bytes this rank handed to the process group (after compression)
   std::vector<int64_t> ready_ns, launch_ns, return_ns, done_ns;  // per bucket, steady-clock ns
-  std::vector<CommHook::CollectiveEvent> collectives;  // from a hook that records them
+  std::vector<CommHook::CollectiveEvent> collectives;            // from a hook that records them
   std::vector<std::shared_ptr<std::atomic<int64_t>>> done_slots;
   std::vector<int64_t> wait_ns;
 };
@@ -178,20 +178,20 @@ class Reducer {
 
   // Per-iteration state, guarded by mutex_. See Note [Reducer states].
   mutable std::mutex mutex_;
-  bool expect_hooks_ = false;      // a synchronised backward is expected
-  bool backward_started_ = false;  // the first hook of this backward has run
-  bool finalize_queued_ = false;   // finalize_backward is queued on a graph task
-  bool layout_verified_ = false;   // Note [Layout verification] done for this iteration
-  bool require_finalize_ = false;  // reduction started but not finished
+  bool expect_hooks_ = false;            // a synchronised backward is expected
+  bool backward_started_ = false;        // the first hook of this backward has run
+  bool finalize_queued_ = false;         // finalize_backward is queued on a graph task
+  bool layout_verified_ = false;         // Note [Layout verification] done for this iteration
+  bool require_finalize_ = false;        // reduction started but not finished
   bool local_backward_allowed_ = false;  // See Note [No silent gradient loss]
   size_t next_bucket_ = 0;
   std::vector<char> ready_;
-  std::vector<int64_t> unused_;            // locally unused (find_unused / static graph)
-  std::vector<int32_t> local_used_host_;   // 1 = got a gradient on this rank this iteration
-  std::vector<char> globally_unused_;      // no rank produced a gradient (last known)
-  at::Tensor local_used_result_;           // all-reduced usage flags
+  std::vector<int64_t> unused_;           // locally unused (find_unused / static graph)
+  std::vector<int32_t> local_used_host_;  // 1 = got a gradient on this rank this iteration
+  std::vector<char> globally_unused_;     // no rank produced a gradient (last known)
+  at::Tensor local_used_result_;          // all-reduced usage flags
   c10::intrusive_ptr<c10::ivalue::Future> local_used_future_;
-  int64_t iterations_ = 0;                 // finished synchronised backward passes
+  int64_t iterations_ = 0;  // finished synchronised backward passes
   bool grads_finite_ = true;
   int64_t first_hook_ns_ = 0, backward_end_ns_ = 0, comm_end_ns_ = 0;
 

@@ -22,8 +22,8 @@ ShardedReducer::ShardedReducer(std::vector<at::Tensor> params,
   TORCH_CHECK_VALUE(stage_ >= 1 && stage_ <= 3, "stage must be 1, 2 or 3, got ", stage_);
   TORCH_CHECK_VALUE(pg_, "process_group must not be None");
   TORCH_CHECK_VALUE(master_shards_.size() == buckets.size(), "master_shards has ",
-                    master_shards_.size(), " tensors, expected one per bucket (",
-                    buckets.size(), ")");
+                    master_shards_.size(), " tensors, expected one per bucket (", buckets.size(),
+                    ")");
   rank_ = pg_->getRank();
   world_ = pg_->getSize();
   const auto n = static_cast<int64_t>(params_.size());
@@ -56,8 +56,8 @@ ShardedReducer::ShardedReducer(std::vector<at::Tensor> params,
   for (int64_t i = 0; i < n; ++i) {
     auto accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
     TORCH_INTERNAL_ASSERT(accumulator, "no gradient accumulator for parameter ", i);
-    hook_keys_.push_back(accumulator->add_post_hook(
-        std::make_unique<torch::autograd::utils::LambdaPostHook>(
+    hook_keys_.push_back(
+        accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
             [this, i](const torch::autograd::variable_list& outputs,
                       const torch::autograd::variable_list& /*inputs*/) {
               autograd_hook(i);
@@ -152,9 +152,9 @@ void ShardedReducer::launch_locked(int64_t b) {
     }
   }
   bucket.flat.div_(world_);
-  RECORD_FUNCTION(stage_ == 1 ? "torchlane::zero_allreduce_bucket"
-                              : "torchlane::zero_reduce_scatter_bucket",
-                  std::vector<c10::IValue>({bucket.flat}));
+  RECORD_FUNCTION(
+      stage_ == 1 ? "torchlane::zero_allreduce_bucket" : "torchlane::zero_reduce_scatter_bucket",
+      std::vector<c10::IValue>({bucket.flat}));
   if (stage_ == 1) {
     std::vector<at::Tensor> tensors{bucket.flat};
     bucket.work = pg_->allreduce(tensors);
@@ -185,9 +185,9 @@ void ShardedReducer::finalize_backward() {
   for (int64_t b = 0; b < num_buckets(); ++b) {
     auto& bucket = buckets_[b];
     const auto& layout = layouts_[b];
-    auto reduced = stage_ == 1 ? bucket.flat.narrow(0, rank_ * layout.shard_numel,
-                                                    layout.shard_numel)
-                               : bucket.shard_out;
+    auto reduced = stage_ == 1
+                       ? bucket.flat.narrow(0, rank_ * layout.shard_numel, layout.shard_numel)
+                       : bucket.shard_out;
     auto& master = master_shards_[b];
     auto& grad = master.mutable_grad();
     if (grad.defined()) {

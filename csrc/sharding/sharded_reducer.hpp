@@ -43,13 +43,21 @@ class ShardedReducer {
 
   void set_sync(bool sync);
   bool sync() const;
-  int64_t stage() const { return stage_; }
-  const ShardLayout& layout(int64_t bucket) const { return layouts_.at(bucket); }
-  int64_t num_buckets() const { return static_cast<int64_t>(layouts_.size()); }
+  int64_t stage() const {
+    return stage_;
+  }
+  const ShardLayout& layout(int64_t bucket) const {
+    return layouts_.at(bucket);
+  }
+  int64_t num_buckets() const {
+    return static_cast<int64_t>(layouts_.size());
+  }
   // Bytes of gradient buffers held between steps (stage 1: the flat buckets; else 0).
   int64_t persistent_grad_bytes() const;
   // Collectives launched since construction.
-  int64_t collectives_launched() const { return launched_count_; }
+  int64_t collectives_launched() const {
+    return launched_count_;
+  }
 
  private:
   struct Bucket {

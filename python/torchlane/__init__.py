@@ -27,9 +27,14 @@ import atexit  # noqa: E402
 atexit.register(_C._release_kept_works, 10.0)
 
 # One line per concept, each module owning its part of the API.
-from torchlane import _testing, checkpoint, hooks, nn  # noqa: E402, F401
+from torchlane import (  # noqa: E402, F401
+    _testing,
+    checkpoint,
+    data,  # noqa: E402, F401
+    hooks,
+    nn,
+)
 from torchlane.async_ import DiLoCo, LocalSGD, ps  # noqa: E402, F401
 from torchlane.attention import attention, varlen_attention  # noqa: E402, F401
 from torchlane.ddp import DistributedDataParallel  # noqa: E402, F401
-from torchlane import data  # noqa: E402, F401
 from torchlane.sharding import ShardedDataParallel, ShardedOptimizer  # noqa: E402, F401

@@ -70,7 +70,7 @@ def _pass_through_sink(output):
     if not positions:
         return output
     sunk = _OutputSink.apply(*(leaves[i] for i in positions))
-    for i, t in zip(positions, sunk):
+    for i, t in zip(positions, sunk, strict=True):
         leaves[i] = t
     return tree_unflatten(leaves, spec)
 
@@ -563,7 +563,7 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
                     f"that require grad, rank {rank} has {theirs[0]}."
                 )
             pos = 1
-            for name, p, rec in zip(self._param_names, self._params, records):
+            for name, p, rec in zip(self._param_names, self._params, records, strict=True):
                 n = len(rec)
                 if theirs[pos : pos + n] != rec:
                     ndim, dtype = theirs[pos], theirs[pos + 1]

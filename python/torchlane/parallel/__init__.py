@@ -15,6 +15,7 @@ from torchlane.parallel.layers import (  # noqa: F401
     vocab_parallel_cross_entropy,
 )
 from torchlane.parallel.mesh import init_mesh  # noqa: F401
+from torchlane.parallel.pipeline import Pipeline, pipeline  # noqa: F401
 from torchlane.parallel.tensor import (  # noqa: F401
     ColwiseParallel,
     RowwiseParallel,
@@ -27,4 +28,3 @@ from torchlane.parallel.tensor import (  # noqa: F401
     load_full_state_dict,
     tensor_parallel,
 )
-from torchlane.parallel.pipeline import Pipeline, pipeline  # noqa: F401
