@@ -67,7 +67,7 @@ format:
 	clang-format -i $(CPP_SOURCES)
 	$(PYTHON) -m ruff check --fix python tests benchmarks examples tools
 
-CPP_SOURCES = $$(find csrc examples -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+CPP_SOURCES = $$(find csrc examples tests -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 # ruff (pyproject.toml) and clang-format (.clang-format); `make format` fixes what both report.
 lint:

@@ -19,10 +19,11 @@ constexpr int64_t kFirstBucketCapBytes = 1 * kMiB;
 constexpr size_t kBufferBroadcastBytes = 250 * kMiB;  // torch DDP's broadcast bucket size
 
 // The dtype codes of python/torchlane/ddp.py's _DTYPES, so both sides exchange the same records.
-constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble,       at::kHalf,          at::kBFloat16,
-                                      at::kLong,  at::kInt,          at::kComplexFloat,  at::kComplexDouble};
-constexpr const char* kDtypeNames[] = {"torch.float32", "torch.float64",  "torch.float16",
-                                       "torch.bfloat16", "torch.int64",   "torch.int32",
+constexpr at::ScalarType kDtypes[] = {at::kFloat,        at::kDouble,       at::kHalf,
+                                      at::kBFloat16,     at::kLong,         at::kInt,
+                                      at::kComplexFloat, at::kComplexDouble};
+constexpr const char* kDtypeNames[] = {"torch.float32",   "torch.float64",   "torch.float16",
+                                       "torch.bfloat16",  "torch.int64",     "torch.int32",
                                        "torch.complex64", "torch.complex128"};
 constexpr int64_t kNumDtypes = sizeof(kDtypes) / sizeof(kDtypes[0]);
 
@@ -189,8 +190,8 @@ void DistributedDataParallel::verify_params_across_ranks() {
       continue;
     }
     TORCH_CHECK(theirs[0] == flat[0], "DDP expects the same model on every rank: rank ", me,
-                " has ", flat[0], " parameters that require grad, rank ", rank, " has ",
-                theirs[0], ".");
+                " has ", flat[0], " parameters that require grad, rank ", rank, " has ", theirs[0],
+                ".");
     int64_t pos = 1;
     for (size_t i = 0; i < params_.size(); ++i) {
       const auto& rec = records[i];

@@ -66,8 +66,8 @@ class DistributedDataParallel {
   template <typename M>
   DistributedDataParallel(std::shared_ptr<M> module, c10::intrusive_ptr<c10d::ProcessGroup> pg,
                           DDPOptions options = {})
-      : DistributedDataParallel(std::static_pointer_cast<torch::nn::Module>(module),
-                                std::move(pg), options, make_any(module)) {}
+      : DistributedDataParallel(std::static_pointer_cast<torch::nn::Module>(module), std::move(pg),
+                                options, make_any(module)) {}
   ~DistributedDataParallel();
   DistributedDataParallel(const DistributedDataParallel&) = delete;
   DistributedDataParallel& operator=(const DistributedDataParallel&) = delete;
@@ -75,7 +75,8 @@ class DistributedDataParallel {
   // module->forward(args...) inside the DDP protocol; returns what the module returns.
   template <typename... Args>
   at::Tensor forward(Args&&... args) {
-    TORCH_CHECK(!any_.is_empty(), "DistributedDataParallel::forward: the module has no forward(); "
+    TORCH_CHECK(!any_.is_empty(),
+                "DistributedDataParallel::forward: the module has no forward(); "
                 "use forward_with");
     return forward_with([&] { return any_.forward(std::forward<Args>(args)...); });
   }

@@ -49,8 +49,9 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_process_group(const ProcessGroupOpti
   const int64_t world_size = env_int("WORLD_SIZE", options.world_size);
   TORCH_CHECK_VALUE(world_size >= 1, "init_process_group: world_size must be >= 1, got ",
                     world_size);
-  TORCH_CHECK_VALUE(rank < world_size, "init_process_group: rank must be in [0, world_size), got rank ",
-                    rank, " and world_size ", world_size);
+  TORCH_CHECK_VALUE(rank < world_size,
+                    "init_process_group: rank must be in [0, world_size), got rank ", rank,
+                    " and world_size ", world_size);
   c10::intrusive_ptr<c10d::Store> store;
   if (!options.file_store_path.empty()) {
     store = c10::make_intrusive<c10d::FileStore>(options.file_store_path, world_size);
@@ -60,8 +61,10 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_process_group(const ProcessGroupOpti
                       "init_process_group: environment variable MASTER_ADDR is not set (launch "
                       "with torchrun, or pass ProcessGroupOptions::file_store_path)");
     const int64_t port = env_int("MASTER_PORT", -1);
-    TORCH_CHECK_VALUE(port > 0 && port < 65536, "init_process_group: MASTER_PORT must be a port "
-                      "number, got ", port);
+    TORCH_CHECK_VALUE(port > 0 && port < 65536,
+                      "init_process_group: MASTER_PORT must be a port "
+                      "number, got ",
+                      port);
     c10d::TCPStoreOptions tcp;
     tcp.port = static_cast<uint16_t>(port);
     // torchrun's agent already serves the store: every rank is a client (as Python's env://).

@@ -2,8 +2,8 @@
 //   make cpp-demo   (torchrun --nproc-per-node 2 --no-python ./build/cpp-demo/train_mlp)
 // Every rank generates the same synthetic regression set (y = a smooth function of x plus noise)
 // and trains on its own shard of each global batch; rank 0 prints the all-reduced loss.
-#include <torchlane/torchlane.h>
 #include <torch/torch.h>
+#include <torchlane/torchlane.h>
 
 #include <algorithm>
 #include <chrono>
@@ -55,8 +55,10 @@ int main(int argc, char** argv) {
     if (step == 1 || step % 25 == 0 || step == steps) {
       std::vector<at::Tensor> mean{loss.detach().clone() / world};
       pg->allreduce(mean)->wait();
-      const double ms = std::chrono::duration<double, std::milli>(
-                            std::chrono::steady_clock::now() - start).count() / step;
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count() /
+          step;
       if (rank == 0) {
         std::printf("step %4lld/%lld  loss %.5f  %.2f ms/step  (%d ranks, %lld buckets)\n",
                     static_cast<long long>(step), static_cast<long long>(steps),

@@ -4,8 +4,8 @@
 // mismatch. Each prints "RESULT <key> <value>" lines; a failed check throws (exit code 1).
 // Models and data are formulas (sin/cos of aranges) that tests/test_cpp_api.py rebuilds in
 // Python for the comparison with python/torchlane/ddp.py.
-#include <torchlane/torchlane.h>
 #include <torch/torch.h>
+#include <torchlane/torchlane.h>
 
 #include <cstdio>
 #include <cstdlib>
