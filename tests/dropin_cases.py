@@ -150,6 +150,12 @@ def api(rank, world):
         for m in (model, hooked):
             x, y = data(rank, 1)
             ((m(x) - y) ** 2).mean().backward()
+        # The hook decompresses in its all-reduce's completion callback, which runs on Gloo's
+        # worker thread whenever the all-reduce is still in flight when the callback is attached,
+        # and the profiler records the calling thread only: the decompression's range is checked
+        # through the op itself.
+        wire = torch.ops.torchlane.cast_compress(torch.ones(8), torch.float16, 1)
+        torch.ops.torchlane.cast_decompress(wire, torch.float32)
     res["ranges"] = sorted({e.name for e in prof.events() if e.name.startswith("torchlane::")})
     return res
 
@@ -228,6 +234,10 @@ def compiled(rank, world):
 
     res = {}
     losses = {}
+    # DDPOptimizer takes its first bucket's size from this torch constant (1 MiB) and asserts it
+    # is not above the cap, as torch DDP with a cap under 1 MiB does too; torchlane's first bucket
+    # is min(1 MiB, cap), so the test's small cap is mirrored here.
+    torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 32 * 33 * 4
     for tag in ("eager", "compiled"):
         torch.manual_seed(0)
         model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
