@@ -229,6 +229,10 @@ void DistributedDataParallel::pre_forward() {
   }
 }
 
+void DistributedDataParallel::allow_local_backward() {
+  reducer_->allow_local_backward();
+}
+
 std::vector<at::Tensor> DistributedDataParallel::finish_forward(std::vector<at::Tensor> outs) {
   const bool grad_sync = at::GradMode::is_enabled() && require_backward_grad_sync_;
   if (grad_sync && options_.find_unused_parameters) {

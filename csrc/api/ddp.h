@@ -97,6 +97,7 @@ class DistributedDataParallel {
     explicit NoSyncGuard(DistributedDataParallel& ddp)
         : ddp_(&ddp), old_(ddp.require_backward_grad_sync_) {
       ddp.require_backward_grad_sync_ = false;
+      ddp.allow_local_backward();  // Note [No silent gradient loss] in reducer/reducer.hpp
     }
     ~NoSyncGuard() {
       if (ddp_) {
@@ -168,6 +169,7 @@ class DistributedDataParallel {
   std::vector<at::Tensor> params_;
   std::unique_ptr<Reducer> reducer_;
   bool require_backward_grad_sync_ = true;
+  void allow_local_backward();
   bool require_forward_param_sync_ = true;
 };
 
