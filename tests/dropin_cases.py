@@ -283,6 +283,7 @@ def _accelerate_run(accelerator, model, rank, steps, tmp, tag):
         losses.append(loss.item())
     keys = sorted(accelerator.get_state_dict(prepared))
     accelerator.save_state(f"{tmp}/{tag}")
+    accelerator.wait_for_everyone()  # the main process writes; the others read the files below
     params = [p.detach().clone() for p in accelerator.unwrap_model(prepared).parameters()]
     return prepared, losses, keys, params
 
