@@ -244,10 +244,15 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_bad_arguments(tmp_path):
     model, opt = _model_and_opt()
-    with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
+    # torch's convention: TypeError for a wrong type, ValueError for a value out of range.
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
         checkpoint.save(tmp_path, model, opt, -1)
-    with pytest.raises(ValueError, match="keep_last must be None or an int >= 1, got 0"):
+    with pytest.raises(TypeError, match="step must be an int, got '3'"):
+        checkpoint.save(tmp_path, model, opt, "3")
+    with pytest.raises(ValueError, match="keep_last must be >= 1, got 0"):
         checkpoint.save(tmp_path, model, opt, 1, keep_last=0)
+    with pytest.raises(TypeError, match="keep_last must be an int or None, got 1.5"):
+        checkpoint.save(tmp_path, model, opt, 1, keep_last=1.5)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
         checkpoint.save(tmp_path, {}, opt, 1)
     with pytest.raises(

@@ -188,7 +188,6 @@ def _errors(rank, world):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     bad = [
         (dict(sync_every=0), "sync_every must be >= 1"),
-        (dict(sync_every=2.5), "sync_every must be an int"),
         (dict(outer_lr=-1.0), "outer_lr"),
         (dict(outer_momentum=1.5), "outer_momentum"),
         (dict(outer_momentum=0.0, nesterov=True), "nesterov=True needs outer_momentum"),
@@ -201,6 +200,9 @@ def _errors(rank, world):
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             torchlane.DiLoCo(model, opt, **kw)
+    # torch's convention: a wrong type is a TypeError.
+    with pytest.raises(TypeError, match="sync_every must be an int"):
+        torchlane.DiLoCo(model, opt, sync_every=2.5)
     with pytest.raises(TypeError, match="inner_optimizer"):
         torchlane.DiLoCo(model, None)
     return True

@@ -248,8 +248,10 @@ def errors_case(group):
     world = dist.get_world_size()
     with pytest.raises(ValueError, match=r"dp \(2\) x tp \(2\) x pp \(1\) = 4 does not match"):
         tlp.init_mesh(dp=2, tp=2)
-    with pytest.raises(ValueError, match="tp must be an int >= 1"):
+    with pytest.raises(ValueError, match="init_mesh: tp must be >= 1, got 0"):
         tlp.init_mesh(tp=0)
+    with pytest.raises(TypeError, match="init_mesh: tp must be an int, got 2.0"):
+        tlp.init_mesh(tp=2.0)
     with pytest.raises(ValueError, match=f"world size {world} is not divisible by tp"):
         tlp.init_mesh(tp=3)
     with pytest.raises(ValueError, match=r"n_head \(3\) must be divisible by tp \(2\)"):

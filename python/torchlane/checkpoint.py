@@ -70,6 +70,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+
+from torchlane._validate import check_int
 
 try:
     import numpy as np
@@ -151,12 +154,7 @@ def save(
     _check_step(step)
     if not isinstance(discard_newer, bool):
         raise TypeError(f"checkpoint.save: discard_newer must be True or False, got {discard_newer!r}")
-    if keep_last is not None and (
-        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
-    ):
-        raise ValueError(
-            f"checkpoint.save: keep_last must be None or an int >= 1, got {keep_last!r}"
-        )
+    check_int("keep_last", keep_last, 1, allow_none=True, where="checkpoint.save")
     module = _unwrap(model, "checkpoint.save")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -527,36 +525,25 @@ def _set_rng_state(rng):
     random.setstate((py["version"], tuple(py["state"].tolist()), gauss if has else None))
 
 
-def _tensors(obj):
-    """The tensors of a nested RNG-state structure, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for k in sorted(obj) for t in _tensors(obj[k])]
-    if isinstance(obj, (list, tuple)):
-        return [t for x in obj for t in _tensors(x)]
-    return []
-
-
-def _rebuild(obj, flat, offset):
-    """`obj` with its tensors replaced by the bytes in `flat` starting at offset[0]."""
-    if isinstance(obj, torch.Tensor):
-        n = obj.numel() * obj.element_size()
-        out = flat[offset[0] : offset[0] + n].clone().view(obj.dtype).reshape(obj.shape)
-        offset[0] += n
-        return out
-    if isinstance(obj, dict):
-        return {k: _rebuild(obj[k], flat, offset) for k in sorted(obj)}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rebuild(x, flat, offset) for x in obj)
-    return obj
+def _rebuild(template, flat):
+    """`template` (a nested RNG-state structure) with its tensors replaced, in pytree order, by
+    the bytes of `flat`."""
+    leaves, spec = tree_flatten(template)
+    offset = 0
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            n = leaf.numel() * leaf.element_size()
+            leaves[i] = flat[offset : offset + n].clone().view(leaf.dtype).reshape(leaf.shape)
+            offset += n
+    return tree_unflatten(leaves, spec)
 
 
 def _gather_rng_states(pg, rank, world):
     local = _get_rng_state()
     if world == 1:
         return [local]
-    flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in _tensors(local)])
+    tensors = [t for t in tree_flatten(local)[0] if isinstance(t, torch.Tensor)]
+    flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([flat.numel()], dtype=torch.int64), group=pg)
     if len({int(s) for s in sizes}) != 1:
@@ -568,7 +555,7 @@ def _gather_rng_states(pg, rank, world):
     dist.all_gather(rows, flat, group=pg)
     # Every rank has the same structure (same libraries), so rank 0 unpacks the others' bytes
     # with its own layout.
-    return [_rebuild(local, row, [0]) for row in rows]
+    return [_rebuild(local, row) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,8 +563,7 @@ def _gather_rng_states(pg, rank, world):
 
 
 def _check_step(step):
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"checkpoint.save: step must be an int >= 0, got {step!r}")
+    check_int("step", step, 0, where="checkpoint.save")
 
 
 def _unwrap(model, where):
@@ -616,20 +602,13 @@ def _global_rank(pg, group_rank):
 
 
 def _cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu() if obj.device.type != "cpu" else obj.detach()
-    if isinstance(obj, OrderedDict):
-        out = OrderedDict((k, _cpu(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # module versions, read by _load_from_state_dict
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu(v) for v in obj]
-    if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(_cpu(v) for v in obj)
-    return obj
+    """`obj` with every tensor detached and on the CPU (nested containers kept as they are)."""
+    out = tree_map_only(
+        torch.Tensor, lambda t: t.detach().cpu() if t.device.type != "cpu" else t.detach(), obj
+    )
+    if hasattr(obj, "_metadata"):  # a state_dict's module versions, read by _load_from_state_dict
+        out._metadata = obj._metadata
+    return out
 
 
 def _check_replicas_agree(module, pg, rank, world):

@@ -19,12 +19,11 @@ Semantics follow torch's ``ddp_comm_hooks`` (``bf16_compress_hook``, ``fp16_comp
 Note [Top-k with error feedback] in csrc/hooks/.
 """
 
-import numbers
-
 import torch
 import torch.distributed as dist
 
 from torchlane import _C, _agree
+from torchlane._validate import check_bool, check_int, check_real
 
 __all__ = [
     "PowerSGDState",
@@ -38,24 +37,6 @@ __all__ = [
 
 # The option types are checked here (TypeError, naming the argument); the ranges in C++, in one
 # place shared with the hooks themselves (_C._check_powersgd_options / _check_topk_options).
-
-
-def _check_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    return int(value)
-
-
-def _check_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 def _default_group(process_group):
@@ -172,15 +153,15 @@ class PowerSGDState(_CppHookState):
         orthogonalization_epsilon=0,
         random_seed=0,
     ):
-        self.rank = _check_int("rank", rank)
-        self.start_powerSGD_iter = _check_int("start_powerSGD_iter", start_powerSGD_iter)
-        self.min_compression_rate = _check_real("min_compression_rate", min_compression_rate)
-        self.use_error_feedback = _check_bool("use_error_feedback", use_error_feedback)
-        self.warm_start = _check_bool("warm_start", warm_start)
-        self.orthogonalization_epsilon = _check_real(
+        self.rank = check_int("rank", rank)
+        self.start_powerSGD_iter = check_int("start_powerSGD_iter", start_powerSGD_iter)
+        self.min_compression_rate = check_real("min_compression_rate", min_compression_rate)
+        self.use_error_feedback = check_bool("use_error_feedback", use_error_feedback)
+        self.warm_start = check_bool("warm_start", warm_start)
+        self.orthogonalization_epsilon = check_real(
             "orthogonalization_epsilon", orthogonalization_epsilon
         )
-        self.random_seed = _check_int("random_seed", random_seed)
+        self.random_seed = check_int("random_seed", random_seed)
         if self.random_seed >= 2**63:
             raise ValueError(f"random_seed must be < 2**32, got {random_seed}")
         _C._check_powersgd_options(
@@ -285,11 +266,11 @@ class TopKState(_CppHookState):
         min_compression_rate=2,
         layerwise=False,
     ):
-        self.ratio = _check_real("ratio", ratio)
-        self.start_iter = _check_int("start_iter", start_iter)
-        self.ratio_warmup_iters = _check_int("ratio_warmup_iters", ratio_warmup_iters)
-        self.min_compression_rate = _check_real("min_compression_rate", min_compression_rate)
-        self.layerwise = _check_bool("layerwise", layerwise)
+        self.ratio = check_real("ratio", ratio)
+        self.start_iter = check_int("start_iter", start_iter)
+        self.ratio_warmup_iters = check_int("ratio_warmup_iters", ratio_warmup_iters)
+        self.min_compression_rate = check_real("min_compression_rate", min_compression_rate)
+        self.layerwise = check_bool("layerwise", layerwise)
         _C._check_topk_options(
             self.ratio,
             self.start_iter,

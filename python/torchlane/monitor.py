@@ -38,6 +38,8 @@ import time
 
 import torch
 
+from torchlane._validate import check_int, check_real
+
 __all__ = [
     "Monitor",
     "HangWatchdog",
@@ -102,8 +104,7 @@ class Monitor:
         if rank is None:
             dist = torch.distributed
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if not isinstance(rank, int) or rank < 0:
-            raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+        check_int("rank", rank, 0)
         self.rank = rank
         self.grad_norm, self.buckets = bool(grad_norm), bool(buckets)
         self._file = open(os.path.join(self.run_dir, f"rank{rank}.jsonl"), "a", buffering=1 << 16)
@@ -210,10 +211,8 @@ class HangWatchdog(threading.Thread):
         super().__init__(daemon=True, name="torchlane-hang-watchdog")
         self.run_dir = _check_run_dir(run_dir)
         self._reducer = _reducer_of(ddp)
-        if not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"watchdog_timeout must be a number > 0 seconds, got {timeout!r}")
-        if not isinstance(poll, (int, float)) or not poll > 0:
-            raise ValueError(f"watchdog_poll must be a number > 0 seconds, got {poll!r}")
+        check_real("watchdog_timeout", timeout, positive=True)
+        check_real("watchdog_poll", poll, positive=True)
         if rank is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.rank, self.timeout, self.poll = rank, float(timeout), float(poll)

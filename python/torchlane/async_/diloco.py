@@ -30,30 +30,22 @@ compute (Douillard et al. 2025, "Streaming DiLoCo"). See Note [Streaming fragmen
 
 import concurrent.futures
 import math
-import numbers
 
 import torch
 import torch.distributed as dist
 
 from torchlane import _C
+from torchlane._validate import check_int, check_real
 
 __all__ = ["DiLoCo", "LocalSGD"]
 
 
 def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 def _check_real(name, value, minimum, maximum=math.inf):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
-    return float(value)
+    return check_real(name, value, minimum, maximum)
 
 
 class _Fragment:

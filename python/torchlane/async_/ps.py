@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from torchlane import _C
+from torchlane._validate import check_int
 
 __all__ = ["ParameterServer"]
 
@@ -48,13 +49,7 @@ def _signature(params):
 
 
 def _check_int(name, value, minimum, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_int(name, value, minimum, allow_none=allow_none)
 
 
 class ParameterServer:

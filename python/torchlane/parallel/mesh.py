@@ -9,13 +9,13 @@ stages are the outermost blocks.
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from torchlane._validate import check_int
+
 MESH_DIM_NAMES = ("pp", "dp", "tp")
 
 
 def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"init_mesh: {name} must be an int >= 1, got {value!r}")
-    return value
+    return check_int(name, value, 1, where="init_mesh")
 
 
 def init_mesh(dp=None, tp=1, pp=1, device_type=None):
