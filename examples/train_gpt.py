@@ -38,6 +38,15 @@ from gpt import ATTENTION_BACKENDS, GPT, GPTConfig, count_params, pipeline_layer
 HOOKS = ("none", "fp16", "bf16", "powersgd", "topk")
 
 
+def _cap_mb(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'a number of MiB or "auto", got {text!r}') from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,7 +64,12 @@ def parse_args(argv=None):
         help="auto: torchlane.attention when this torchlane build has it, else sdpa",
     )
     a("--hook", choices=HOOKS, default="none", help="gradient compression comm hook")
-    a("--bucket-cap-mb", type=float, default=25.0)
+    a(
+        "--bucket-cap-mb",
+        type=_cap_mb,
+        default=25.0,
+        help='bucket size in MiB, or "auto" (torchlane: tuned during the first steps)',
+    )
     a("--n-layer", type=int, default=4)
     a("--n-head", type=int, default=4)
     a("--n-embd", type=int, default=128)
@@ -133,6 +147,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.pack and args.sampler != "tokens":
         p.error("--pack needs --sampler tokens")
+    if args.bucket_cap_mb == "auto" and args.ddp != "torchlane":
+        p.error('--bucket-cap-mb auto needs --ddp torchlane (torch DDP has no autotuning)')
     if args.sampler == "tokens" and (args.tp > 1 or args.pp > 1):
         p.error("--sampler tokens works with data parallelism only (--tp 1 --pp 1)")
     if args.tp < 1 or (args.dp is not None and args.dp < 1):
@@ -843,6 +859,13 @@ def main(argv=None):
         text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
         print("\n---- sample ----\n" + text + "\n----------------", flush=True)
         log(type="sample", step=step, text=text)
+        tuned = getattr(model, "comm_stats", None) and model.comm_stats().get("autotune")
+        if tuned:
+            print(
+                f"bucket autotune: {tuned['state']}, cap {tuned['bucket_cap_mb']} MiB, first "
+                f"bucket {tuned['first_bucket_cap_mb']} MiB, {len(tuned['trials'])} tries"
+            )
+            log(type="autotune", step=step, **tuned)
         log(type="summary", step=step, best_val_loss=best_val, train_seconds=elapsed)
         print(
             f"done: {step} steps, best val loss {best_val:.4f}, log {out_dir / 'log.jsonl'}, checkpoint {ckpt_file}"

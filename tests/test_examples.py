@@ -122,7 +122,9 @@ def straight_runs(tmp_path_factory):
     out = {}
     for ddp, attention in _flavours():
         d = tmp_path_factory.mktemp(f"straight-{ddp}")
-        out[ddp] = (d, *_train(d, "--ddp", ddp, "--attention", attention, *FLAGS))
+        # torchlane also tunes its bucket cap on the way (the search is done by step ~25).
+        auto = ["--bucket-cap-mb", "auto"] if ddp == "torchlane" else []
+        out[ddp] = (d, *_train(d, "--ddp", ddp, "--attention", attention, *FLAGS, *auto))
     return out
 
 
@@ -135,6 +137,10 @@ def test_train_gpt_two_ranks_loss_falls(straight_runs, ddp):
     assert "---- sample ----" in out and list((d / "checkpoints").glob("*.pt"))
     summary = [r for r in log if r["type"] == "summary"]
     assert summary and summary[0]["best_val_loss"] == min(vals[1:])
+    if ddp == "torchlane":
+        (tuned,) = [r for r in log if r["type"] == "autotune"]
+        assert tuned["state"] == "done" and tuned["bucket_cap_mb"] in (1, 4, 10, 25, 50, 100)
+        assert "bucket autotune: done" in out
 
 
 def test_train_gpt_resume_is_exact(straight_runs, tmp_path):

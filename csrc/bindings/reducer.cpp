@@ -124,6 +124,8 @@ void bind_reducer(py::module_& m, py::module_& testing) {
       .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"),
            py::call_guard<py::gil_scoped_release>())
       .def("rebuild_buckets", &Reducer::rebuild_buckets, py::call_guard<py::gil_scoped_release>())
+      .def("set_bucket_caps", &Reducer::set_bucket_caps, py::arg("cap_bytes"),
+           py::arg("first_cap_bytes"), py::call_guard<py::gil_scoped_release>())
       .def("allow_local_backward", &Reducer::allow_local_backward,
            py::call_guard<py::gil_scoped_release>())
       .def(

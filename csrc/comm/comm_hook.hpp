@@ -74,6 +74,11 @@ class CommHook : public c10d::CommHookInterface {
   }
   virtual void end_step(bool grads_finite) {}
 
+  // The reducer changed its bucket layout between steps (Note [Bucket cap autotuning]): per-bucket
+  // state keyed by bucket index no longer describes the same gradients and must be dropped. Called
+  // on every rank alike, with no step in flight. Top-k keys its residuals by layout already.
+  virtual void reset_bucket_state() {}
+
   // Bytes sent by this rank since the last call (the reducer calls it once per step).
   int64_t take_bytes_sent() {
     return bytes_sent_.exchange(0);

@@ -290,6 +290,18 @@ std::tuple<double, int64_t, int64_t> PowerSGDHook::compression_stats() const {
   return {rate, numel_before_, numel_after_};
 }
 
+void PowerSGDHook::reset_bucket_state() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK(pending_.empty() && !in_step_,
+              "PowerSGD hook: the bucket layout changed while a step was in flight");
+  for (auto& f : outstanding_) {
+    f->wait();  // the last step's callbacks are done writing their memories
+  }
+  outstanding_.clear();
+  std::lock_guard<std::mutex> guard(memory_->mutex);
+  memory_->buckets.clear();  // P, Q and error feedback restart, as for a new model
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> PowerSGDHook::memory(int64_t bucket_index) const {
   std::lock_guard<std::mutex> guard(memory_->mutex);
   auto it = memory_->buckets.find(bucket_index);

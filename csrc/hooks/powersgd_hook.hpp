@@ -77,6 +77,7 @@ class PowerSGDHook : public CommHook {
   void flush() override;
   std::vector<CollectiveEvent> step_collectives() const override;
   void end_step(bool grads_finite) override;
+  void reset_bucket_state() override;
   std::string name() const override {
     return "powersgd";
   }

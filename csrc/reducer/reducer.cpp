@@ -102,8 +102,9 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
   for (int64_t i = 0; i < n; ++i) {
     reverse_order[i] = n - 1 - i;
   }
+  bucket_order_ = std::move(reverse_order);
   initialize_buckets(compute_bucket_assignment(
-      param_meta_, reverse_order, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes));
+      param_meta_, bucket_order_, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes));
   ready_.assign(n, 0);
   hook_count_.assign(n, 0);
   local_used_host_.assign(n, 0);
@@ -713,11 +714,39 @@ bool Reducer::rebuild_buckets() {
                 "(entry ", pos, " = ", i, " is out of range or repeated)");
     seen[i] = 1;
   }
+  bucket_order_ = std::move(received);
   initialize_buckets(compute_bucket_assignment(
-      param_meta_, received, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes));
+      param_meta_, bucket_order_, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes));
   rebuilt_ = true;
   ready_order_.clear();
   return true;
+}
+
+// Note [Bucket cap autotuning]
+// bucket_cap_mb="auto" (torchlane/autotune.py) tries several caps during the first steps and
+// settles on the fastest; each try re-plans the buckets here, between steps, from the same order
+// the current buckets came from (the rebuilt ready order, or reverse registration order), so the
+// only thing that changes is where buckets are cut. Every rank calls it with the same caps at the
+// same step (the choice is agreed in Python), so bucket sizes stay identical across ranks. A comm
+// hook's per-bucket state (PowerSGD's P/Q/error memories) is dropped: bucket i may now hold other
+// gradients. Gradients already in .grad survive (Note [Gradient as bucket view] moves them).
+void Reducer::set_bucket_caps(int64_t cap_bytes, int64_t first_cap_bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK(cap_bytes > 0 && first_cap_bytes > 0,
+              "set_bucket_caps: caps must be positive, got ", cap_bytes, " and ", first_cap_bytes);
+  TORCH_CHECK(!expect_hooks_ && !require_finalize_,  // Idle in Note [Reducer states]
+              "set_bucket_caps: the bucket layout can only change between iterations (a "
+              "synchronised backward is prepared or running)");
+  if (cap_bytes == options_.bucket_cap_bytes && first_cap_bytes == options_.first_bucket_cap_bytes) {
+    return;
+  }
+  options_.bucket_cap_bytes = cap_bytes;
+  options_.first_bucket_cap_bytes = first_cap_bytes;
+  initialize_buckets(
+      compute_bucket_assignment(param_meta_, bucket_order_, first_cap_bytes, cap_bytes));
+  if (comm_hook_counts_bytes_) {
+    static_cast<CommHook*>(comm_hook_.get())->reset_bucket_state();
+  }
 }
 
 void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) {

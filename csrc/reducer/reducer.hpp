@@ -102,6 +102,8 @@ class Reducer {
   // Rebuilds buckets from the first iteration's gradient-ready order; returns true if it did.
   bool rebuild_buckets();
   void register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook);
+  // Re-plans the buckets with new caps between iterations (Note [Bucket cap autotuning]).
+  void set_bucket_caps(int64_t cap_bytes, int64_t first_cap_bytes);
   // Shadows one synchronised backward of the other ranks after this one joined (Note [Join]).
   void run_zero_allreduces();
   // Queues finalize_backward on the running graph task, once per backward.
@@ -199,6 +201,8 @@ class Reducer {
   // iteration; rank 0's order is broadcast and buckets are rebuilt from it once.
   std::vector<int64_t> ready_order_;
   bool rebuilt_ = false;
+  // The parameter order the current buckets were cut from (Note [Bucket cap autotuning]).
+  std::vector<int64_t> bucket_order_;
 
   // static_graph: hook firings per parameter observed in the first iteration, and this one's.
   std::vector<int64_t> expected_hook_count_;

@@ -8,7 +8,6 @@ that unused-parameter detection needs. See Note [Reducer life cycle] in reducer.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import os
@@ -20,28 +19,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+from torch.distributed.utils import _to_kwargs
 from torch.nn import Module
+from torch.nn.parallel.distributed import _find_tensors as _torch_find_tensors
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchlane import _C, _agree
+from torchlane.autotune import BucketAutotune, _Autotuner
 
 _MiB = 1024 * 1024
 _DEFAULT_BUCKET_CAP_MB = 25
 _FIRST_BUCKET_CAP_BYTES = 1 * _MiB
 _BUFFER_BROADCAST_BYTES = 250 * _MiB  # the size torch DDP broadcasts buffers in
+# As torch DDP reads it at construction.
+_USE_SIDE_STREAM_FOR_TENSOR_COPIES = os.environ.get("PYTORCH_DDP_USE_SIDE_STREAM", "1") == "1"
 
 
 def _find_tensors(obj):
-    """All tensors in an output: tensors, lists, tuples, dicts and dataclasses, recursively."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _find_tensors(item)]
-    if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _find_tensors(item)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [t for f in dataclasses.fields(obj) for t in _find_tensors(getattr(obj, f.name))]
-    return []
+    """All tensors in an output, found exactly as torch DDP finds them (lists, tuples, dicts,
+    dataclasses, owned RRefs)."""
+    return list(_torch_find_tensors(obj))
 
 
 class _OutputSink(torch.autograd.Function):
@@ -311,12 +308,24 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             )
         if bucket_cap_mb is None:
             bucket_cap_mb = _DEFAULT_BUCKET_CAP_MB
-        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
+        autotune = None
+        if isinstance(bucket_cap_mb, str):
+            if bucket_cap_mb != "auto":
+                raise ValueError(f'bucket_cap_mb must be a number or "auto", got {bucket_cap_mb!r}')
+            autotune = BucketAutotune()
+        elif isinstance(bucket_cap_mb, BucketAutotune):
+            autotune = bucket_cap_mb
+        if autotune is not None:
+            # Note [Bucket cap autotuning]: start from the default; the search re-plans later.
+            bucket_cap_mb, agreed_cap = _DEFAULT_BUCKET_CAP_MB, ("auto", autotune.agreement_key())
+        elif isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
             raise TypeError(f"bucket_cap_mb must be a number, got {bucket_cap_mb!r}")
         if not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)) or bucket_cap_mb >= 2**40:
             raise ValueError(
                 f"bucket_cap_mb must be a finite number > 0 and < 2**40 MiB, got {bucket_cap_mb}"
             )
+        else:
+            agreed_cap = bucket_cap_mb
 
         self.module = module
         self.process_group = process_group
@@ -351,7 +360,7 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         _agree.check_same_on_all_ranks(
             "torchlane.DistributedDataParallel",
             {
-                "bucket_cap_mb": bucket_cap_mb,
+                "bucket_cap_mb": agreed_cap,
                 "find_unused_parameters": bool(find_unused_parameters),
                 "static_graph": bool(static_graph),
                 "check_finite": bool(check_finite),
@@ -364,6 +373,7 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             self._broadcast(self._module_states())
         self.check_finite = check_finite
         self.verify_layout = verify_layout
+        self._autotune_config = autotune
         self._make_reducer()
 
     def _make_reducer(self):
@@ -381,6 +391,15 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         )
         self._synced_forwards = 0
         self._has_comm_hook = False
+        self._autotuner = None
+        if self._autotune_config is not None:
+            self._autotuner = _Autotuner(
+                self._autotune_config,
+                self._reducer,
+                self.process_group,
+                self._comm_device(),
+                _FIRST_BUCKET_CAP_BYTES / _MiB,
+            )
         self.reducer = _Reducer(self)
         self.logger = _Logger(self)
         if not self.require_backward_grad_sync:
@@ -463,7 +482,7 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
                 "hook (its state lives in C++); register the hook again on the copy"
             )
         state = dict(self.__dict__)
-        for name in ("process_group", "_reducer", "reducer", "logger"):
+        for name in ("process_group", "_reducer", "reducer", "logger", "_autotuner"):
             state.pop(name, None)
         return state
 
@@ -600,6 +619,8 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
                 Join.notify_join_context(self)
             if torch.is_grad_enabled():
                 self._reducer.rebuild_buckets()
+            if self._autotuner is not None and grad_sync:
+                self._autotune_step(join_enabled)
             if self._will_sync_buffers():
                 if join_enabled:
                     self._sync_buffers_from_common_rank(active=True)
@@ -609,7 +630,11 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
                 self._global_grad_sync_flag(active=True, sync=grad_sync)
             if self.device_ids:
                 device = torch.device(self._params[0].device.type, self.device_ids[0])
-                inputs, kwargs = _move_to(inputs, device), _move_to(kwargs, device)
+                # torch DDP's own input mover (namedtuples, PackedSequence, side stream).
+                moved_inputs, moved_kwargs = _to_kwargs(
+                    inputs, kwargs, device, _USE_SIDE_STREAM_FOR_TENSOR_COPIES
+                )
+                inputs, kwargs = moved_inputs[0], moved_kwargs[0]
             with self._inside_ddp_forward():
                 output = self.module(*inputs, **kwargs)
             dynamic_unused = self.find_unused_parameters and not self.static_graph
@@ -622,6 +647,19 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             else:
                 self.require_forward_param_sync = False
             return output
+
+    def _autotune_step(self, join_enabled: bool):
+        # Note [Bucket cap autotuning]. From the second synchronised step on (after the first
+        # one's bucket rebuild); paused inside join(), where joined ranks run no forward and
+        # could not take part in the try's all-reduce.
+        tuner = self._autotuner
+        if join_enabled or self._synced_forwards == 0:
+            tuner.pause()
+            return
+        tuner.on_synced_forward()
+        cap, _ = tuner.current_caps_mb()
+        if cap is not None:
+            self.bucket_bytes_cap = int(cap * _MiB)
 
     # ---- uneven inputs (torch.distributed.algorithms.join) ----
 
@@ -728,6 +766,8 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             b["params"] = [self._param_names[i] for i in b.pop("param_indices")]
         stats["buckets"] = buckets
         stats["num_buckets"] = len(buckets)
+        if self._autotuner is not None:
+            stats["autotune"] = self._autotuner.state()
         return stats
 
 
@@ -790,15 +830,3 @@ def _unsupported(name):
 for _name in _UNSUPPORTED:
     if hasattr(torch.nn.parallel.DistributedDataParallel, _name):
         setattr(DistributedDataParallel, _name, _unsupported(_name))
-
-
-def _move_to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_move_to(x, device) for x in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_move_to(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _move_to(v, device) for k, v in obj.items()}
-    return obj
