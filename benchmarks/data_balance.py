@@ -146,13 +146,16 @@ def worker(rank, world, port, cfg, queue):
             loss_sum = nn.functional.cross_entropy(
                 logits.view(-1, VOCAB), y.view(-1), ignore_index=-100, reduction="sum"
             )
+            # This rank's own work, measured before any collective: forward + backward is about
+            # three forwards. Times that include waiting for a peer at an all-reduce make every
+            # rank look as slow as the slowest and mislead the balancer.
+            local = 3 * (time.perf_counter() - t0)
             if mon:
                 mon.mark("forward")
             n = data.global_token_count(n_local)
             data.token_normalized_loss(loss_sum, max(n, 1), world).backward()
-            compute = time.perf_counter() - t0
             if rank == slow[0]:  # a rank slowed by factor slow[1]: extra time per own work
-                time.sleep(compute * (slow[1] - 1))
+                time.sleep(local * (slow[1] - 1))
             if mon:
                 mon.mark("backward")
             opt.step()
@@ -160,7 +163,7 @@ def worker(rank, world, port, cfg, queue):
             if mon:
                 mon.end_step(loss=loss_sum, tokens=n_local)
             if bal is not None:
-                own = compute * (slow[1] if rank == slow[0] else 1.0)
+                own = local * (slow[1] if rank == slow[0] else 1.0)
                 bal.step(own, n_local)
             times.append(time.perf_counter() - t0)
         if mon:
@@ -181,10 +184,11 @@ def worker(rank, world, port, cfg, queue):
     ):
         run(f"skew/{name}", packed, strategy, (-1, 1.0))
     for factor in cfg["slow_factors"]:
-        run(f"slow{factor}/static", False, "balanced", (world - 1, factor))
-        run(f"slow{factor}/dynamic", False, "balanced", (world - 1, factor), dynamic=True)
+        for rep in range(cfg["repeats"]):  # interleaved, to spread the machine's noise over both
+            run(f"slow{factor}/static{rep}", False, "balanced", (world - 1, factor))
+            run(f"slow{factor}/dynamic{rep}", False, "balanced", (world - 1, factor), dynamic=True)
     with tempfile.TemporaryDirectory() as d:
-        for rep in range(2):  # interleaved, to spread the machine's noise over both
+        for rep in range(cfg["repeats"]):
             run(f"monitor/off{rep}", False, "balanced", (-1, 1.0))
             run(f"monitor/on{rep}", False, "balanced", (-1, 1.0), monitor_dir=d)
     torch.distributed.destroy_process_group()
@@ -199,6 +203,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32, help="documents per global step")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per comparison")
     p.add_argument("--out", default="benchmarks/results/data_balance.json")
     args = p.parse_args(argv)
     cfg = {
@@ -208,6 +213,7 @@ def main(argv=None):
         "steps": args.steps,
         "width": args.width,
         "slow_factors": [1.5, 2.0],
+        "repeats": args.repeats,
     }
     lengths = lognormal_lengths(cfg["n_docs"], args.max_len)
     plan = plan_stats(lengths, args.ranks, args.batch, args.max_len, args.steps)
@@ -225,14 +231,22 @@ def main(argv=None):
     measured = queue.get(timeout=3600)
     for pr in procs:
         pr.join()
-    m = measured
-    off = statistics.mean(
-        [m["monitor/off0"]["median_step_ms"], m["monitor/off1"]["median_step_ms"]]
-    )
-    on = statistics.mean([m["monitor/on0"]["median_step_ms"], m["monitor/on1"]["median_step_ms"]])
+    def over_repeats(prefix):
+        runs = [measured[f"{prefix}{r}"] for r in range(args.repeats)]
+        out = {"median_step_ms": statistics.median(x["median_step_ms"] for x in runs)}
+        if "final_shares" in runs[-1]:
+            out["final_shares"] = runs[-1]["final_shares"]
+        return out
+
+    for f in cfg["slow_factors"]:
+        for kind in ("static", "dynamic"):
+            measured[f"slow{f}/{kind}"] = over_repeats(f"slow{f}/{kind}")
+    off = over_repeats("monitor/off")["median_step_ms"]
+    on = over_repeats("monitor/on")["median_step_ms"]
     report = {
         "config": cfg | {"ranks": args.ranks, "cpu_count": os.cpu_count()},
-        "note": "shared, noisy machine; Gloo on one host; medians over steps after 2 warm-up",
+        "note": "shared, noisy machine; Gloo on one host; medians over steps after 2 warm-up, "
+        "then the median over interleaved repeats",
         "plan": plan,
         "measured": measured,
         "monitor_overhead": on / off - 1,
@@ -255,7 +269,8 @@ def main(argv=None):
         print(
             f"  one rank x{f}: static {st['median_step_ms']:.1f} ms, dynamic "
             f"{dy['median_step_ms']:.1f} ms (ratio {dy['median_step_ms'] / st['median_step_ms']:.2f}, "
-            f"shares {dy['final_shares']})"
+            f"shares {dy['final_shares']}, equal-time share of the slow rank "
+            f"{args.ranks / (f * (args.ranks - 1) + 1):.3f})"
         )
     print(
         f"  monitor overhead {report['monitor_overhead']:+.1%} (off {off:.1f} ms, on {on:.1f} ms)"

@@ -295,8 +295,12 @@ class StragglerBalancer:
 
         bal = StragglerBalancer(sampler, patience=3, threshold=1.2)
         for indices in sampler:
-            t0 = time.perf_counter(); train_step(indices)
+            t0 = time.perf_counter(); local_forward_backward(indices)  # no collective inside
             bal.step(time.perf_counter() - t0, tokens=sum(lengths[i] for i in indices))
+
+    ``step_time`` must be this rank's own work (forward + backward compute), measured before
+    any collective: a time that includes waiting for a slower peer at an all-reduce makes every
+    rank look as slow as the slowest, and the shares overshoot.
 
     ``step`` all-gathers (time, tokens) (one tiny collective), keeps an exponential moving
     average of each rank's step time, and when the slowest rank's time has exceeded the
