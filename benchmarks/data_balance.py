@@ -131,6 +131,7 @@ def worker(rank, world, port, cfg, queue):
         bal = data.StragglerBalancer(sampler, patience=2, threshold=1.15) if dynamic else None
         mon = Monitor(monitor_dir, model) if monitor_dir else None
         times = []
+        mon_s = 0.0  # time spent inside the monitor's calls on this rank
         steps = sampler.global_steps()[: cfg["steps"]]
         for step in steps:
             if strategy == "even":
@@ -141,7 +142,9 @@ def worker(rank, world, port, cfg, queue):
             torch.distributed.barrier()
             t0 = time.perf_counter()
             if mon:
+                m0 = time.perf_counter()
                 mon.start_step()
+                mon_s += time.perf_counter() - m0
             logits = model(x)
             loss_sum = nn.functional.cross_entropy(
                 logits.view(-1, VOCAB), y.view(-1), ignore_index=-100, reduction="sum"
@@ -151,17 +154,23 @@ def worker(rank, world, port, cfg, queue):
             # rank look as slow as the slowest and mislead the balancer.
             local = 3 * (time.perf_counter() - t0)
             if mon:
+                m0 = time.perf_counter()
                 mon.mark("forward")
+                mon_s += time.perf_counter() - m0
             n = data.global_token_count(n_local)
             data.token_normalized_loss(loss_sum, max(n, 1), world).backward()
             if rank == slow[0]:  # a rank slowed by factor slow[1]: extra time per own work
                 time.sleep(local * (slow[1] - 1))
             if mon:
+                m0 = time.perf_counter()
                 mon.mark("backward")
+                mon_s += time.perf_counter() - m0
             opt.step()
             opt.zero_grad()
             if mon:
+                m0 = time.perf_counter()
                 mon.end_step(loss=loss_sum, tokens=n_local)
+                mon_s += time.perf_counter() - m0
             if bal is not None:
                 own = local * (slow[1] if rank == slow[0] else 1.0)
                 bal.step(own, n_local)
@@ -173,6 +182,8 @@ def worker(rank, world, port, cfg, queue):
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         warm = t.tolist()[2:]
         results[name] = {"median_step_ms": statistics.median(warm) * 1e3}
+        if mon:
+            results[name]["monitor_share_of_step"] = mon_s / sum(times)
         if bal is not None:
             results[name]["share_changes"] = len(bal.changes)
             results[name]["final_shares"] = [round(s, 3) for s in sampler.shares]
@@ -241,6 +252,9 @@ def main(argv=None):
     for f in cfg["slow_factors"]:
         for kind in ("static", "dynamic"):
             measured[f"slow{f}/{kind}"] = over_repeats(f"slow{f}/{kind}")
+    inside = statistics.median(
+        measured[f"monitor/on{r}"]["monitor_share_of_step"] for r in range(args.repeats)
+    )
     off = over_repeats("monitor/off")["median_step_ms"]
     on = over_repeats("monitor/on")["median_step_ms"]
     report = {
@@ -250,6 +264,7 @@ def main(argv=None):
         "plan": plan,
         "measured": measured,
         "monitor_overhead": on / off - 1,
+        "monitor_time_inside_calls": inside,
     }
     print(f"{args.ranks} ranks, {args.batch} log-normal documents/step (max {args.max_len})")
     for name in ("even", "balanced", "packed"):
@@ -273,7 +288,8 @@ def main(argv=None):
             f"{args.ranks / (f * (args.ranks - 1) + 1):.3f})"
         )
     print(
-        f"  monitor overhead {report['monitor_overhead']:+.1%} (off {off:.1f} ms, on {on:.1f} ms)"
+        f"  monitor overhead {report['monitor_overhead']:+.1%} (off {off:.1f} ms, on {on:.1f} ms); "
+        f"time inside the monitor's calls {inside:.2%} of rank 0's step time"
     )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -127,6 +127,14 @@ def test_straggler_balancer_shifts_tokens_and_logs():
     assert log[0]["slowest_rank"] == 1 and log[0]["old_shares"] == [1.0, 1.0]
 
 
+def test_straggler_balancer_judges_speed_not_time():
+    # Rank 1 took twice as long but processed three times the tokens: it is the faster rank
+    # (75 vs 50 tokens/s), so it gets more, not less: halfway from [1, 1] to [0.8, 1.2].
+    s = data.TokenBalancedSampler(lognormal_lengths(100), 20, 2, 0)
+    bal = data.StragglerBalancer(s, patience=1, threshold=1.2, ema=1.0)
+    assert bal.observe([1.0, 2.0], [50, 150]) == pytest.approx([0.9, 1.1])
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="lengths\\[1\\]"):
         data.TokenBalancedSampler([3, 0], 2, 1, 0)

@@ -302,10 +302,13 @@ class StragglerBalancer:
     any collective: a time that includes waiting for a slower peer at an all-reduce makes every
     rank look as slow as the slowest, and the shares overshoot.
 
-    ``step`` all-gathers (time, tokens) (one tiny collective), keeps an exponential moving
-    average of each rank's step time, and when the slowest rank's time has exceeded the
-    fastest's by ``threshold`` for ``patience`` consecutive steps, scales each share by mean time
-    / its time, moves the shares halfway there (normalised to mean 1) and starts counting again.
+    ``step`` all-gathers (time, tokens) (one tiny collective), keeps exponential moving
+    averages of each rank's step time and tokens, and when the slowest rank's time has exceeded
+    the fastest's by ``threshold`` for ``patience`` consecutive steps, sets the target shares in
+    proportion to each rank's measured speed (tokens / time, normalised to mean 1), moves the
+    shares halfway there and starts counting again. Speed, not time, because a step's tokens vary
+    with the documents it drew: a rank that was slow because it drew more tokens is not a
+    straggler.
     Every change is logged (``changes`` and the optional ``log`` callable). All ranks compute the
     same shares from the same gathered numbers, so their plans stay identical. The math stays
     exact through Note [Global token normalisation].
@@ -331,6 +334,7 @@ class StragglerBalancer:
         self.sampler, self.patience, self.threshold, self.ema = sampler, patience, threshold, ema
         self.group, self.log = group, log
         self.time_ema: list[float] | None = None
+        self.tokens_ema: list[float] | None = None
         self.slow_steps = 0
         self.steps = 0
         self.changes: list[dict] = []
@@ -351,21 +355,23 @@ class StragglerBalancer:
         """The pure part of :meth:`step`: update from every rank's (time, tokens)."""
         self.steps += 1
         times = [max(float(t), 1e-9) for t in times]
-        if self.time_ema is None:
-            self.time_ema = times
-        else:
-            self.time_ema = [
-                self.ema * t + (1 - self.ema) * o for t, o in zip(times, self.time_ema, strict=True)
-            ]
+        tokens = [max(float(n), 1.0) for n in tokens]
+
+        def update(avg, new):
+            if avg is None:
+                return list(new)
+            return [self.ema * x + (1 - self.ema) * o for x, o in zip(new, avg, strict=True)]
+
+        self.time_ema = update(self.time_ema, times)
+        self.tokens_ema = update(self.tokens_ema, tokens)
         self.slow_steps = self.slow_steps + 1 if max(times) > self.threshold * min(times) else 0
         if self.slow_steps >= self.patience:
-            # Each rank's share scaled by mean time / its time (the fixed point is equal times,
-            # also when a step has a fixed cost besides its tokens), normalised to mean 1, then
-            # moved only halfway: one noisy step must not swing the split, and a persistent
-            # slowdown converges geometrically.
+            # Shares in proportion to measured speed (tokens per second; the fixed point is equal
+            # times: a rank's tokens follow its share), normalised to mean 1, then moved only
+            # halfway: one noisy step must not swing the split, and a persistent slowdown
+            # converges geometrically.
             old = self.sampler.shares
-            mean_t = sum(self.time_ema) / len(self.time_ema)
-            target = [o * mean_t / t for o, t in zip(old, self.time_ema, strict=True)]
+            target = [n / t for n, t in zip(self.tokens_ema, self.time_ema, strict=True)]
             norm = sum(target) / len(target)
             shares = [0.5 * o + 0.5 * t / norm for o, t in zip(old, target, strict=True)]
             change = {
@@ -381,5 +387,5 @@ class StragglerBalancer:
             if self.log is not None:
                 self.log(change)
             self.slow_steps = 0
-            self.time_ema = None  # times measured under the old shares no longer apply
+            self.time_ema = self.tokens_ema = None  # measured under the old shares
         return list(self.sampler.shares)
