@@ -7,6 +7,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 
+#include "comm/kept_works.hpp"
+
 namespace torchlane {
 
 // Note [Comm hook contract]
@@ -87,6 +89,34 @@ class CommHook : public c10d::CommHookInterface {
  protected:
   void count_bytes_sent(int64_t bytes) {
     bytes_sent_ += bytes;
+  }
+
+  // The launch sequence of every built-in hook's collective, in one place: count the bytes this
+  // rank hands to the process group (comm_stats()' bytes_sent), launch, and keep the Work until
+  // it is finished (Note [Kept works]). Returns the Work's future.
+  c10::intrusive_ptr<c10::ivalue::Future> launch_allreduce(std::vector<at::Tensor> tensors) {
+    for (const auto& t : tensors) {
+      count_bytes_sent(t.numel() * static_cast<int64_t>(t.element_size()));
+    }
+    return comm::launched(process_group_->allreduce(tensors));
+  }
+  c10::intrusive_ptr<c10::ivalue::Future> launch_allgather(
+      std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor> inputs) {
+    for (const auto& t : inputs) {
+      count_bytes_sent(t.numel() * static_cast<int64_t>(t.element_size()));
+    }
+    return comm::launched(process_group_->allgather(outputs, inputs));
+  }
+  // The uncompressed path (warm-up steps, buckets of a dtype a hook does not compress): divide by
+  // the world size first, as torch's allreduce_hook does, then sum. The future holds `buffer`.
+  c10::intrusive_ptr<c10::ivalue::Future> allreduce_mean(at::Tensor buffer) {
+    buffer.div_(process_group_->getSize());
+    return launch_allreduce({buffer})->then(
+        [buffer](c10::ivalue::Future& done) {
+          done.value();  // rethrows a communication error
+          return c10::IValue(buffer);
+        },
+        c10::TensorType::get());
   }
 
   c10::intrusive_ptr<c10d::ProcessGroup> process_group_;

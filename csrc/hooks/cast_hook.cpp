@@ -14,6 +14,7 @@
 #endif
 
 #include "comm/kept_works.hpp"
+#include "hooks/float_types.hpp"
 
 namespace torchlane::hooks {
 
@@ -48,10 +49,6 @@ void cast_decompress_cpu(const Wire* src, Dst* dst, int64_t n) {
   });
 }
 
-bool is_wide(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble;
-}
-
 bool is_narrow(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
 }
@@ -79,7 +76,7 @@ at::Tensor cast_compress(const at::Tensor& src, at::ScalarType wire_dtype, int64
                     "torch.bfloat16, got ", wire_dtype);
   TORCH_CHECK_VALUE(world_size >= 1, "cast_compress: world_size must be >= 1, got ", world_size);
   const at::Tensor in = src.contiguous();
-  if (!is_wide(in.scalar_type())) {
+  if (!is_float_or_double(in.scalar_type())) {
     // Rare (a half-precision model): the generic path rounds the same way.
     return in.to(wire_dtype).div_(world_size);
   }
@@ -114,8 +111,8 @@ void cast_decompress_into(const at::Tensor& wire, at::Tensor& dst) {
   RECORD_FUNCTION("torchlane::cast_decompress", std::vector<c10::IValue>({wire}));
   TORCH_CHECK(wire.numel() == dst.numel(), "cast_decompress: wire has ", wire.numel(),
               " elements but the destination has ", dst.numel());
-  if (!(is_narrow(wire.scalar_type()) && is_wide(dst.scalar_type()) && dst.is_contiguous() &&
-        wire.device() == dst.device())) {
+  if (!(is_narrow(wire.scalar_type()) && is_float_or_double(dst.scalar_type()) &&
+        dst.is_contiguous() && wire.device() == dst.device())) {
     dst.copy_(wire.view(dst.sizes()));
     return;
   }
@@ -161,9 +158,7 @@ std::string CastCompressHook::name() const {
 
 c10::intrusive_ptr<c10::ivalue::Future> CastCompressHook::runHook(c10d::GradBucket& bucket) {
   at::Tensor buffer = bucket.getBufferRef();
-  std::vector<at::Tensor> wire{cast_compress(buffer, wire_dtype_, process_group_->getSize())};
-  count_bytes_sent(wire[0].numel() * static_cast<int64_t>(wire[0].element_size()));
-  auto fut = comm::launched(process_group_->allreduce(wire));
+  auto fut = launch_allreduce({cast_compress(buffer, wire_dtype_, process_group_->getSize())});
   // The callback only computes: it launches no collective, so every rank issues the
   // collectives of all buckets in the same order (the backward pass's).
   return fut->then(
@@ -184,8 +179,8 @@ at::Tensor cast_compress_op(const at::Tensor& src, at::ScalarType wire_dtype, in
 }
 
 at::Tensor cast_decompress_op(const at::Tensor& wire, at::ScalarType dtype) {
-  TORCH_CHECK(is_wide(dtype), "cast_decompress: dtype must be torch.float32 or torch.float64, ",
-              "got ", dtype);
+  TORCH_CHECK(is_float_or_double(dtype),
+              "cast_decompress: dtype must be torch.float32 or torch.float64, ", "got ", dtype);
   at::Tensor out = at::empty(wire.sizes(), wire.options().dtype(dtype));
   cast_decompress_into(wire, out);
   return out;

@@ -3,7 +3,7 @@
 #include <ATen/record_function.h>
 #include "comm/clock.hpp"
 #include "comm/kept_works.hpp"
-#include "hooks/allreduce_mean.hpp"
+#include "hooks/float_types.hpp"
 
 #include <chrono>
 #include <cmath>
@@ -155,8 +155,8 @@ void gram_schmidt_generic(at::Tensor& m, double epsilon) {
 void orthogonalize_(at::Tensor& matrix, double epsilon) {
   RECORD_FUNCTION("torchlane::powersgd_orthogonalize", std::vector<c10::IValue>({matrix}));
   TORCH_CHECK(matrix.dim() == 2, "orthogonalize_: matrix must be 2-D, got shape ", matrix.sizes());
-  TORCH_CHECK(matrix.scalar_type() == at::kFloat || matrix.scalar_type() == at::kDouble,
-              "orthogonalize_: matrix must be float32 or float64, got ", matrix.scalar_type());
+  TORCH_CHECK(is_float_or_double(matrix), "orthogonalize_: matrix must be float32 or float64, got ",
+              matrix.scalar_type());
   TORCH_CHECK(epsilon >= 0, "orthogonalize_: epsilon must be >= 0, got ", epsilon);
   if (matrix.is_cpu() && matrix.stride(1) == 1) {
     AT_DISPATCH_FLOATING_TYPES(matrix.scalar_type(), "orthogonalize_", [&] {
@@ -322,9 +322,8 @@ void PowerSGDHook::log_collective_locked(int64_t bucket, const char* op) {
 
 c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::allreduce_mean(int64_t index,
                                                                      at::Tensor buffer) {
-  count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
   log_collective_locked(index, "allreduce");
-  return hooks::allreduce_mean(process_group_, std::move(buffer));
+  return CommHook::allreduce_mean(std::move(buffer));
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::runHook(c10d::GradBucket& bucket) {
@@ -484,10 +483,8 @@ std::shared_ptr<PowerSGDHook::InFlight> PowerSGDHook::launch_first_locked(
   }
   b->result = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
   // One all-reduce for the uncompressed tensors and P together.
-  std::vector<at::Tensor> first{b->first};
-  count_bytes_sent(b->first.numel() * static_cast<int64_t>(b->first.element_size()));
   log_collective_locked(b->index, "P");
-  b->first_done = comm::launched(process_group_->allreduce(first));
+  b->first_done = launch_allreduce({b->first});
   return b;
 }
 
@@ -510,10 +507,8 @@ void PowerSGDHook::launch_second_locked(const std::shared_ptr<InFlight>& b) {
     finish(b, *memory_, options_, world_size_, nullptr);
     return;
   }
-  std::vector<at::Tensor> second{b->q};
-  count_bytes_sent(b->q.numel() * static_cast<int64_t>(b->q.element_size()));
   log_collective_locked(b->index, "Q");
-  auto second_done = comm::launched(process_group_->allreduce(second));
+  auto second_done = launch_allreduce({b->q});
   outstanding_.push_back(b->result);
   // Rank-local work only (Note [PowerSGD pipeline]); it may run after the hook is gone.
   second_done->addCallback(

@@ -3,7 +3,7 @@
 #include <ATen/record_function.h>
 
 #include "comm/kept_works.hpp"
-#include "hooks/allreduce_mean.hpp"
+#include "hooks/float_types.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -103,8 +103,8 @@ void topk_scatter_add_cpu(T* out, int64_t n, const T* values, const int32_t* idx
 }
 
 void check_floating(const at::Tensor& t, const char* fn, const char* arg) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, fn, ": ", arg,
-              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(is_float_or_double(t), fn, ": ", arg, " must be float32 or float64, got ",
+              t.scalar_type());
 }
 
 }  // namespace
@@ -272,11 +272,6 @@ void TopKHook::maybe_increase_iter(const c10d::GradBucket& bucket) {
   }
 }
 
-c10::intrusive_ptr<c10::ivalue::Future> TopKHook::allreduce_mean(at::Tensor buffer) {
-  count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
-  return hooks::allreduce_mean(process_group_, std::move(buffer));
-}
-
 void TopKHook::save_for_rollback(const c10d::GradBucket& bucket) {
   if (!rollback_enabled_) {
     return;
@@ -427,15 +422,13 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
       offset += n;
     }
   }
-  count_bytes_sent(packed.numel());
 
   const int64_t world = process_group_->getSize();
   std::vector<std::vector<at::Tensor>> gathered(1);
   for (int64_t r = 0; r < world; ++r) {
     gathered[0].push_back(at::empty_like(packed));
   }
-  std::vector<at::Tensor> inputs{packed};
-  auto fut = comm::launched(process_group_->allgather(gathered, inputs));
+  auto fut = launch_allgather(gathered, {packed});
   const auto dtype = buffer.scalar_type();
   return fut->then(
       [buffer, grads, plan, gathered, value_bytes, dense_bytes, index_offset, k, dtype,

@@ -86,7 +86,6 @@ class TopKHook : public CommHook {
     at::Tensor residual;
   };
 
-  c10::intrusive_ptr<c10::ivalue::Future> allreduce_mean(at::Tensor buffer);
   void maybe_increase_iter(const c10d::GradBucket& bucket);
 
   TopKOptions options_;

@@ -732,12 +732,13 @@ bool Reducer::rebuild_buckets() {
 // gradients. Gradients already in .grad survive (Note [Gradient as bucket view] moves them).
 void Reducer::set_bucket_caps(int64_t cap_bytes, int64_t first_cap_bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  TORCH_CHECK(cap_bytes > 0 && first_cap_bytes > 0,
-              "set_bucket_caps: caps must be positive, got ", cap_bytes, " and ", first_cap_bytes);
+  TORCH_CHECK(cap_bytes > 0 && first_cap_bytes > 0, "set_bucket_caps: caps must be positive, got ",
+              cap_bytes, " and ", first_cap_bytes);
   TORCH_CHECK(!expect_hooks_ && !require_finalize_,  // Idle in Note [Reducer states]
               "set_bucket_caps: the bucket layout can only change between iterations (a "
               "synchronised backward is prepared or running)");
-  if (cap_bytes == options_.bucket_cap_bytes && first_cap_bytes == options_.first_bucket_cap_bytes) {
+  if (cap_bytes == options_.bucket_cap_bytes &&
+      first_cap_bytes == options_.first_bucket_cap_bytes) {
     return;
   }
   options_.bucket_cap_bytes = cap_bytes;
