@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples"), str(HERE.parent / "python")]
 
 import ddp_vs_torch  # noqa: E402  (launcher and model shared with the DDP benchmark)
+from run_all import cpu_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -56,16 +57,6 @@ def parse_args(argv=None):
         link = f"link{args.link_mbit:g}" if args.link_mbit else "loopback"
         args.json = str(HERE / "results" / f"autotune_{link}.json")
     return args
-
-
-def _cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def worker(args):
@@ -149,7 +140,7 @@ def worker(args):
             "world_size": world,
             "link_mbit": args.link_mbit,
             "params_m": n_params / 1e6,
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "command": "python benchmarks/autotune.py " + " ".join(sys.argv[1:]),
             "step_ms": medians,
             "best_manual_cap_mb": float(best_key),
