@@ -13,7 +13,6 @@
 #include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/engine.h>
-#include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
 namespace torchlane {
@@ -82,21 +81,7 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
         {static_cast<int64_t>(p.numel() * p.element_size()), p.scalar_type(), p.device()});
   }
 
-  // Note [Gradient-ready hooks]: a post-hook on each parameter's AccumulateGrad node runs right
-  // after the gradient was accumulated into `.grad`, on the autograd thread, with no Python.
-  for (int64_t i = 0; i < n; ++i) {
-    auto accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
-    TORCH_INTERNAL_ASSERT(accumulator, "no gradient accumulator for parameter ", i);
-    accumulator_index_[accumulator.get()] = i;
-    hook_keys_.push_back(
-        accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-            [this, i](const torch::autograd::variable_list& outputs,
-                      const torch::autograd::variable_list& /*inputs*/) {
-              autograd_hook(i);
-              return outputs;
-            })));
-    grad_accumulators_.push_back(std::move(accumulator));
-  }
+  grad_hooks_.install(params_, [this](int64_t i) { autograd_hook(i); });
 
   std::vector<int64_t> reverse_order(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -113,9 +98,7 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
 
 Reducer::~Reducer() {
   alive_->store(false);
-  for (size_t i = 0; i < grad_accumulators_.size(); ++i) {
-    grad_accumulators_[i]->del_post_hook(hook_keys_[i]);
-  }
+  grad_hooks_.remove();
 }
 
 void Reducer::initialize_buckets(const std::vector<std::vector<int64_t>>& assignment) {
@@ -293,8 +276,9 @@ void Reducer::find_unused_parameters(const std::vector<at::Tensor>& outputs) {
     }
   }
   unused_.clear();
-  for (size_t i = 0; i < grad_accumulators_.size(); ++i) {
-    if (!seen.count(grad_accumulators_[i].get())) {
+  const auto& accumulators = grad_hooks_.accumulators();
+  for (size_t i = 0; i < accumulators.size(); ++i) {
+    if (!seen.count(accumulators[i].get())) {
       unused_.push_back(static_cast<int64_t>(i));
     }
   }

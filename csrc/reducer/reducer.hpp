@@ -17,6 +17,7 @@
 #include "comm/comm_hook.hpp"
 #include "reducer/bucket_plan.hpp"
 #include "reducer/flight_record.hpp"
+#include "reducer/grad_ready_hooks.hpp"
 
 namespace torchlane {
 
@@ -165,11 +166,7 @@ class Reducer {
   ReducerOptions options_;
   int64_t world_size_;
 
-  // Autograd wiring: strong references to the AccumulateGrad nodes (autograd keeps them only
-  // weakly), the hook keys to remove the hooks again, and node -> parameter for graph traversal.
-  std::vector<c10::intrusive_ptr<torch::autograd::Node>> grad_accumulators_;
-  std::vector<uintptr_t> hook_keys_;
-  std::unordered_map<torch::autograd::Node*, int64_t> accumulator_index_;
+  GradReadyHooks grad_hooks_;  // Note [Gradient-ready hooks]
 
   std::vector<Bucket> buckets_;
   std::vector<std::pair<size_t, size_t>> param_location_;  // (bucket, slot)

@@ -3,7 +3,6 @@
 #include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/engine.h>
-#include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include "comm/kept_works.hpp"
@@ -52,26 +51,12 @@ ShardedReducer::ShardedReducer(std::vector<at::Tensor> params,
   ready_.assign(n, 0);
   reset_locked();
 
-  // Note [Gradient-ready hooks] (reducer.cpp): one C++ post-hook per AccumulateGrad node.
-  for (int64_t i = 0; i < n; ++i) {
-    auto accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
-    TORCH_INTERNAL_ASSERT(accumulator, "no gradient accumulator for parameter ", i);
-    hook_keys_.push_back(
-        accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-            [this, i](const torch::autograd::variable_list& outputs,
-                      const torch::autograd::variable_list& /*inputs*/) {
-              autograd_hook(i);
-              return outputs;
-            })));
-    accumulators_.push_back(std::move(accumulator));
-  }
+  grad_hooks_.install(params_, [this](int64_t i) { autograd_hook(i); });
 }
 
 ShardedReducer::~ShardedReducer() {
   alive_->store(false);
-  for (size_t i = 0; i < accumulators_.size(); ++i) {
-    accumulators_[i]->del_post_hook(hook_keys_[i]);
-  }
+  grad_hooks_.remove();
 }
 
 void ShardedReducer::set_sync(bool sync) {

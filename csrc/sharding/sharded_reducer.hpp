@@ -12,6 +12,7 @@
 #include <optional>
 #include <vector>
 
+#include "reducer/grad_ready_hooks.hpp"
 #include "sharding/shard_layout.hpp"
 
 namespace torchlane::sharding {
@@ -79,8 +80,7 @@ class ShardedReducer {
   std::vector<Bucket> buckets_;
   std::vector<std::pair<int64_t, int64_t>> location_;  // param -> (bucket, position)
   std::vector<char> ready_;
-  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators_;
-  std::vector<uintptr_t> hook_keys_;
+  GradReadyHooks grad_hooks_;  // Note [Gradient-ready hooks]
   ProcessGroupPtr pg_;
   int64_t stage_;
   int64_t rank_, world_;
