@@ -470,6 +470,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("run_dir")
     p.add_argument("--threshold", type=float, default=1.2, help="straggler ratio (default 1.2)")
+    p.add_argument(
+        "--min-excess-ms",
+        type=float,
+        default=1.0,
+        help="a slow step is also at least this many ms slower (default 1.0)",
+    )
     p.add_argument("--trace-step", type=int, default=None, help="export this step as a trace")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -479,7 +485,7 @@ def main(argv=None) -> int:
     if not runs:
         print(f"no rank*.jsonl in {args.run_dir}")
         return 1
-    rep = straggler_report(runs, threshold=args.threshold)
+    rep = straggler_report(runs, threshold=args.threshold, min_excess_ms=args.min_excess_ms)
     print(f"{rep['steps']} steps on {len(runs)} ranks")
     for rank, r in rep["ranks"].items():
         flag = f"  STRAGGLER since step {r['since_step']}" if r["since_step"] is not None else ""
