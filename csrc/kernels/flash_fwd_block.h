@@ -49,7 +49,7 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
     Tile::template gemm_nt<E, D>(s, sQ, LD, sK, LD);
     Tile::for_each(s, [&](float& x, int, int r, int c) {
       const int i = m0 + r, j = n0 + c;
-      x = (j >= p.seqlen_k || (p.causal && j > i)) ? kNegInf : x * p.scale;
+      x = (j >= p.seqlen_k || (p.causal && j > i)) ? kNegInf : round_mul(x, p.scale);
     });
     // Online softmax. Every row sees key 0 in the first tile, so m_run is finite from then on
     // (unless its logits are -inf) and a row that is fully masked in a later tile gets
@@ -61,7 +61,8 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
       alpha[sl] = m_run[sl] == kNegInf ? 0.f : Tile::exp(m_run[sl] - m_new);
       m_run[sl] = m_new;
     });
-    // A row whose logits so far are all -inf keeps m = -inf, l = 0 and gets p = 0 (not
+    // x - m <= 0 since m is the max of the same rounded products (the clamp only guards it). A
+    // row whose logits so far are all -inf keeps m = -inf, l = 0 and gets p = 0 (not
     // exp(-inf - -inf) = NaN); its output is 0 and its lse -inf, as SDPA's. See
     // Note [Softmax max subtraction] in csrc/attention/cpu_common.h.
     Tile::for_each(s, [&](float& x, int sl, int, int) {
