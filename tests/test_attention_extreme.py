@@ -153,3 +153,105 @@ def test_huge_logits_varlen():
         doc = [t[None, :, a:b] for t in (q, k, v, do)]
         ours = [out.detach()[None, :, a:b]] + [t[None, :, a:b] for t in grads]
         _check_against_float64(f"varlen doc {a}:{b}", ours, *doc, True, scale)
+
+
+def _sdpa_math_row_by_row(q, k, v, do):
+    """Causal attention as SDPA's math backend computes it for each query row i on exactly the
+    keys 0..i it sees: (out, dq, dk, dv), dk and dv summed over the rows (in fp32).
+
+    SDPA math on the whole causal problem also turns the masked logits' NaN / +inf into NaN
+    (its mask is applied after the product, and a NaN row's 0 * NaN weights reach the masked
+    keys' dv); a flash kernel never computes a masked logit, which is this reference.
+    """
+    outs, grads = torch.zeros_like(q, dtype=torch.float32), []
+    dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+    for i in range(q.shape[2]):
+        sl = slice(0, i + 1)
+        o, gq, gk, gv = _sdpa_math(
+            q[:, :, i : i + 1], k[:, :, sl], v[:, :, sl], do[:, :, i : i + 1], False, None
+        )
+        outs[:, :, i : i + 1], dq[:, :, i : i + 1] = o, gq
+        dk[:, :, sl] += gk
+        dv[:, :, sl] += gv
+    del grads
+    return [t.to(q.dtype) for t in (outs, dq, dk, dv)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [48, 64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_of_all_minus_inf_logits_are_zero_like_sdpa(dtype, D, causal):
+    q, k, v, do = _inputs(D, dtype, S=40)
+    # Rows 0..19: q.k = 1e30 * -1e30 = -inf in every logit (after scaling too); rows 20..39 have
+    # 0 there and ordinary logits. (Not k = -1e30 everywhere: that makes the other rows' logits
+    # ~1e31 and equal, where the saved lse cannot carry log(40), see docs/attention.md.)
+    q[:, :, :20, 0] = 1e30
+    q[:, :, 20:, 0] = 0
+    k[:, :, :, 0] = -1e30
+    want = _sdpa_math(q, k, v, do, causal, None)
+    assert torch.equal(want[0][:, :, :20], torch.zeros_like(want[0][:, :, :20]))
+    for where, ours in _runs(q, k, v, do, causal, 1 / math.sqrt(D)):
+        for name, o, w in zip(NAMES, ours, want, strict=True):
+            assert torch.isfinite(o).all() and torch.isfinite(w).all(), (where, name)
+        # the -inf rows: output and dq exactly 0, as SDPA's
+        for name, o, w in zip(NAMES[:2], ours[:2], want[:2], strict=True):
+            assert torch.equal(o[:, :, :20], w[:, :, :20]), (where, name)
+        # the finite rows and dk, dv: to which the -inf rows contribute nothing. dq[..., 0] of
+        # the finite rows is scale * sum_j dS_ij * -1e30: rounding noise of dS times 1e30 (in
+        # SDPA's too), so only its finiteness is compared.
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        cut = [t[..., 1:] if name == "dq" else t for name, t in zip(NAMES, ours, strict=True)]
+        cut_want = [t[..., 1:] if name == "dq" else t for name, t in zip(NAMES, want, strict=True)]
+        for name, o, w in zip(NAMES, cut, cut_want, strict=True):
+            torch.testing.assert_close(o, w, atol=tol, rtol=tol, msg=f"{where} {name}")
+    # Every row -inf: output and all gradients exactly 0, as SDPA's.
+    q[:, :, :, 0] = 1e30
+    want = _sdpa_math(q, k, v, do, causal, None)
+    for where, ours in _runs(q, k, v, do, causal, 1 / math.sqrt(D)):
+        for name, o, w in zip(NAMES, ours, want, strict=True):
+            assert torch.equal(w, torch.zeros_like(w)), ("SDPA", name)
+            assert torch.equal(o, torch.zeros_like(o)), (where, name)
+
+
+def _check_nan_pattern(q, k, v, do, causal):
+    """NaN where SDPA's math backend has NaN, close to it elsewhere.
+
+    Causal: at least where SDPA math has NaN computing each row on the keys it sees (a NaN or
+    +inf logit, or a NaN value, reaches the outputs and gradients of that row and its keys), at
+    most where SDPA math on the whole problem has NaN (which also multiplies the masked keys'
+    values and queries by their 0 weights: 0 * NaN = NaN; a flash kernel does so only inside the
+    tiles it computes). Without a mask both are the same: exactly SDPA math's NaN.
+    """
+    whole = _sdpa_math(q, k, v, do, causal, None)
+    want = _sdpa_math_row_by_row(q, k, v, do) if causal else whole
+    assert torch.isnan(want[0]).any(), "the case must produce NaN rows"
+    tol = 1e-5 if q.dtype == torch.float32 else 2e-2
+    for where, ours in _runs(q, k, v, do, causal, 1 / math.sqrt(q.shape[-1])):
+        for name, o, w, x in zip(NAMES, ours, want, whole, strict=True):
+            nan, lo, hi = torch.isnan(o), torch.isnan(w), torch.isnan(x)
+            assert (lo <= hi).all(), ("row by row NaN within SDPA's", name)
+            assert (lo <= nan).all() and (nan <= hi).all(), (
+                f"{where} {name}: NaN at {nan.sum()} places, SDPA math at {lo.sum()} (row by "
+                f"row) .. {hi.sum()}; missing {(lo & ~nan).nonzero()[:3].tolist()}, extra "
+                f"{(nan & ~hi).nonzero()[:3].tolist()}"
+            )
+            torch.testing.assert_close(o[~nan], w[~nan], atol=tol, rtol=tol, msg=f"{where} {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [48, 64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_minus_inf_in_q_is_nan_where_sdpa_is(dtype, D, causal):
+    q, k, v, do = _inputs(D, dtype, S=33)
+    q[0, 1, 5, 3] = -math.inf  # row 5's logits are +-inf: +inf - +inf = NaN, as SDPA's
+    q[0, 0, 0, 7] = -math.inf  # causal: row 0 sees key 0 only, its one logit +-inf
+    _check_nan_pattern(q, k, v, do, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_in_inputs_is_nan_where_sdpa_is(dtype, causal, where):
+    inputs = dict(zip("qkvd", _inputs(64, dtype, S=33), strict=True))
+    inputs[where][0, 1, 9, 5] = math.nan
+    _check_nan_pattern(inputs["q"], inputs["k"], inputs["v"], inputs["d"], causal)

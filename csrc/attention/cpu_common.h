@@ -183,8 +183,8 @@ inline __m512 exp_avx512(__m512 y) {
 // backward GEMM sums in another order. The forward needs no clamp (s - m <= 0 by construction).
 // Rows whose visible logits are all -inf (SDPA: output 0; its backward: gradients 0) keep
 // m = -inf and l = 0; online_softmax_tile writes P = 0 for them (never exp(-inf - -inf) = NaN),
-// the output is stored as 0 (1/l is taken as 0 for l = 0) and lse = -inf makes the backward's P
-// and dS 0. A +inf logit makes m = +inf and inf - inf = NaN: the row is NaN, as SDPA's; NaN
+// the output is stored as 0 (1/l is taken as 0 for l == 0 only: a NaN l keeps the row NaN) and
+// lse = -inf makes the backward's P and dS 0. A +inf logit makes m = +inf and inf - inf = NaN: the row is NaN, as SDPA's; NaN
 // inputs give NaN where they reach (exp, sums and vmaxps/vminps keep NaN, see the two Notes).
 
 // fl(x * s) for each lane, rounded to the vector's type and never fused into a following add or
@@ -300,7 +300,13 @@ void online_softmax_tile(const Problem& p, const acc_t* S, int64_t lds, acc_t sc
     }
     const acc_t m_new = std::max(m_run[r], scale * row_max(s_row, vis));
     if (m_new == -std::numeric_limits<acc_t>::infinity()) {  // Note [Softmax max subtraction]
+      // all -inf, or NaN (row_max skips NaN): a NaN makes the row's m, l and P NaN, as SDPA's
+      const bool has_nan = std::any_of(s_row, s_row + vis, [](acc_t x) { return x != x; });
       std::fill(p_row, p_row + fill_end, out_t(0));
+      if (has_nan) {
+        std::fill(p_row, p_row + vis, out_t(std::numeric_limits<acc_t>::quiet_NaN()));
+        m_run[r] = l_run[r] = std::numeric_limits<acc_t>::quiet_NaN();
+      }
       continue;
     }
     // exp(-inf) = 0 on the first tile; no exp when the max stays (a -inf max: the sum is NaN)
