@@ -183,9 +183,13 @@ inline __m512 exp_avx512(__m512 y) {
 // backward GEMM sums in another order. The forward needs no clamp (s - m <= 0 by construction).
 // Rows whose visible logits are all -inf (SDPA: output 0; its backward: gradients 0) keep
 // m = -inf and l = 0; online_softmax_tile writes P = 0 for them (never exp(-inf - -inf) = NaN),
-// the output is stored as 0 (1/l is taken as 0 for l == 0 only: a NaN l keeps the row NaN) and
-// lse = -inf makes the backward's P and dS 0. A +inf logit makes m = +inf and inf - inf = NaN: the row is NaN, as SDPA's; NaN
-// inputs give NaN where they reach (exp, sums and vmaxps/vminps keep NaN, see the two Notes).
+// the output is stored as 0 (1/l is taken as 0 for l == 0 only) and lse = -inf makes the
+// backward's P and dS 0. A +inf logit makes m = +inf and +inf - +inf = NaN: the row is NaN, as
+// SDPA's. A NaN logit makes its exp, the sum l, the output and lse NaN; row_max skips NaN, so a
+// tile whose visible logits are all NaN (or NaN and -inf) reads as m = -inf and is told apart
+// from an all -inf row by a scan in that (rare) branch. No clamp may drop a NaN: vminps returns
+// its second operand when either is NaN, the CUDA source uses y > 0 ? 0 : y (fminf drops NaN).
+// docs/attention.md "Extreme values" states the rule as tested against SDPA's math backend.
 
 // fl(x * s) for each lane, rounded to the vector's type and never fused into a following add or
 // subtract; see Note [Softmax max subtraction].
