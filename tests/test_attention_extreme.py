@@ -163,7 +163,7 @@ def _sdpa_math_row_by_row(q, k, v, do):
     (its mask is applied after the product, and a NaN row's 0 * NaN weights reach the masked
     keys' dv); a flash kernel never computes a masked logit, which is this reference.
     """
-    outs, grads = torch.zeros_like(q, dtype=torch.float32), []
+    outs = torch.zeros_like(q, dtype=torch.float32)
     dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
     for i in range(q.shape[2]):
         sl = slice(0, i + 1)
@@ -173,7 +173,6 @@ def _sdpa_math_row_by_row(q, k, v, do):
         outs[:, :, i : i + 1], dq[:, :, i : i + 1] = o, gq
         dk[:, :, sl] += gk
         dv[:, :, sl] += gv
-    del grads
     return [t.to(q.dtype) for t in (outs, dq, dk, dv)]
 
 
