@@ -89,7 +89,7 @@ void fwd_kernel(const Problem& p, const Layout& q, const Layout& k, const Layout
       for (int64_t r = 0; r < rows; ++r) {
         // l = 0: a row whose logits are all -inf, see Note [Softmax max subtraction]
         store_row(o_acc.data() + r * D, out_tile + r * D, D,
-                  l_run[r] > acc_t(0) ? acc_t(1) / l_run[r] : acc_t(0));
+                  l_run[r] == acc_t(0) ? acc_t(0) : acc_t(1) / l_run[r]);  // NaN stays NaN
         lse_tile[r] = m_run[r] + std::log(l_run[r]);
       }
     }

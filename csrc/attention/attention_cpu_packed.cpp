@@ -321,7 +321,7 @@ void fwd_impl(const Problem& p, const Layout& q, const Layout& k, const Layout& 
       }
       float* lse_tile = lse + (b * p.H + h) * p.Sq + m0;
       for (int64_t r = 0; r < rows; ++r) {
-        inv_l[r] = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // Note [Softmax max subtraction]
+        inv_l[r] = l_run[r] == 0.0f ? 0.0f : 1.0f / l_run[r];  // Note [Softmax max subtraction]
         lse_tile[r] = m_run[r] + std::log(l_run[r]);
       }
       store_rows(o_acc, ldo, out + ((b * p.H + h) * p.Sq + m0) * D, rows, D, inv_l);

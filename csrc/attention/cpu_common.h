@@ -166,54 +166,95 @@ inline __m512 exp_avx512(__m512 y) {
 #endif
 
 // Note [Softmax max subtraction]
-// The softmax subtracts the row maximum m = scale * max_j x[j] (rounded) so that every exponent
-// is <= 0, and the backward subtracts lse >= m. The fused multiply-subtract fma(x, scale, -m)
-// does not round scale * x first, so for the row's largest logits it exceeds 0 by up to half an
-// ulp of m: at |logits| ~1e9 (fp32 ulp 64) exp(32) and beyond overflowed the sum to inf and the
-// output to inf/inf = NaN. Rounding the product first would fix it only where the compiler does
-// not contract the multiply and subtract back into an fma (GCC's default -ffp-contract=fast
-// may), so the exponent is clamped instead: min(0, fma(x, scale, -m)), one vminps per vector.
-// Exact math never exceeds 0 there; the clamp only touches values within rounding of the max,
-// and it keeps NaN (vminps returns its second operand, the fma's result, when either is NaN).
-// A row whose visible logits are all -inf (SDPA: output 0, gradients 0) keeps m = -inf and
-// l = 0; online_softmax_tile writes P = 0 for it (never exp(-inf - -inf) = NaN), the output is
-// stored as 0 (1/l is taken as 0 for l = 0) and its lse = -inf makes the backward's P and dS 0.
+// The softmax's logits are defined as the rounded products s = fl(scale * x) of the raw GEMM
+// scores x, and the row maximum is m = fl(scale * max_j x[j]), which equals max_j fl(scale * x[j])
+// (rounding is monotonic, scale > 0). So s - m <= 0 for every key and = 0 for the row's largest,
+// and s - m is exact where it matters (Sterbenz: s and m within a factor 2). The earlier fused
+// fma(x, scale, -m) skipped the product's rounding: at |logits| ~1e9 (fp32 ulp 64..256) the row's
+// largest logit got an exponent of +-ulp(m)/2 instead of 0, i.e. exp(+-128): inf/inf = NaN, or,
+// clamped at 0, every weight 2^-126 and a uniform average instead of the argmax (issue #16).
+// The product must be rounded even where the compiler contracts a multiply and a subtract into
+// an fma (GCC's default -ffp-contract=fast, nvcc's -fmad=true): rounded_product uses vmulps with
+// an explicit rounding mode on AVX-512 (a builtin, never contracted) and an empty asm barrier on
+// the product elsewhere; the CUDA source uses __fmul_rn (round_mul in kernels/tile_common.h).
+// The backward recomputes P = exp(fl(scale * x) - lse) from the same GEMM scores (the packed
+// kernels reproduce them bitwise), lse = fl(m + log l) with l >= 1, so its exponent is <= 0 up to
+// the rounding of lse (< log l); it is clamped at 0 anyway, as a safety net for paths whose
+// backward GEMM sums in another order. The forward needs no clamp (s - m <= 0 by construction).
+// Rows whose visible logits are all -inf (SDPA: output 0; its backward: gradients 0) keep
+// m = -inf and l = 0; online_softmax_tile writes P = 0 for them (never exp(-inf - -inf) = NaN),
+// the output is stored as 0 (1/l is taken as 0 for l == 0 only) and lse = -inf makes the
+// backward's P and dS 0. A +inf logit makes m = +inf and +inf - +inf = NaN: the row is NaN, as
+// SDPA's. A NaN logit makes its exp, the sum l, the output and lse NaN; row_max skips NaN, so a
+// tile whose visible logits are all NaN (or NaN and -inf) reads as m = -inf and is told apart
+// from an all -inf row by a scan in that (rare) branch. No clamp may drop a NaN: vminps returns
+// its second operand when either is NaN, the CUDA source uses y > 0 ? 0 : y (fminf drops NaN).
+// docs/attention.md "Extreme values" states the rule as tested against SDPA's math backend.
 
-// exp(min(0, scale * x - sub)), vectorised; see Note [Softmax exp on AVX-512] and
-// Note [Softmax max subtraction].
+// fl(x * s) for each lane, rounded to the vector's type and never fused into a following add or
+// subtract; see Note [Softmax max subtraction].
 template <typename Vec>
-inline Vec exp_scaled(const Vec& x, const Vec& scale, const Vec& sub) {
+inline Vec rounded_product(const Vec& x, const Vec& s) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<typename Vec::value_type, float>)
-    return exp_avx512(_mm512_min_ps(_mm512_setzero_ps(), _mm512_fmsub_ps(x, scale, sub)));
+    return _mm512_mul_round_ps(x, s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  else if constexpr (std::is_same_v<typename Vec::value_type, double>)
+    return _mm512_mul_round_pd(x, s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #endif
-  return fast_exp(at::vec::minimum(at::vec::fmsub(x, scale, sub), Vec(0)));
+  Vec p = x * s;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<typename Vec::value_type, float>) {
+    __m256 r = p;
+    asm("" : "+x"(r));  // the product is materialised: no fma can absorb it
+    return Vec(r);
+  } else if constexpr (std::is_same_v<typename Vec::value_type, double>) {
+    __m256d r = p;
+    asm("" : "+x"(r));
+    return Vec(r);
+  }
+#endif
+  asm("" : "+m"(p));
+  return p;
 }
 
-// y[j] = exp(scale * x[j] - sub) for j < n, returns the sum (of the values before y's rounding
-// when y is bf16). y may be x.
-template <typename acc_t, typename out_t>
+// exp(fl(scale * x) - sub), vectorised, clamped at exp(0) = 1 when kClamp; see
+// Note [Softmax exp on AVX-512] and Note [Softmax max subtraction].
+template <bool kClamp, typename Vec>
+inline Vec exp_scaled(const Vec& x, const Vec& scale, const Vec& sub) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<typename Vec::value_type, float>) {
+    const __m512 y = _mm512_sub_ps(rounded_product(x, scale), sub);
+    return exp_avx512(kClamp ? _mm512_min_ps(_mm512_setzero_ps(), y) : y);
+  }
+#endif
+  const Vec y = rounded_product(x, scale) - sub;
+  return fast_exp(kClamp ? at::vec::minimum(y, Vec(0)) : y);
+}
+
+// y[j] = exp(fl(scale * x[j]) - sub) for j < n (clamped at 1 when kClamp), returns the sum (of
+// the values before y's rounding when y is bf16). y may be x.
+template <bool kClamp, typename acc_t, typename out_t>
 acc_t exp_sub_sum(const acc_t* x, int64_t n, acc_t sub, acc_t scale, out_t* y) {
   using Vec = at::vec::Vectorized<acc_t>;
   int64_t j = 0;
   const Vec vs(sub), vscale(scale);
   Vec acc(0), acc2(0);  // two vectors per step, two sums: the exps of a step overlap
   for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
-    const Vec e = exp_scaled(Vec::loadu(x + j), vscale, vs);
-    const Vec e2 = exp_scaled(Vec::loadu(x + j + Vec::size()), vscale, vs);
+    const Vec e = exp_scaled<kClamp>(Vec::loadu(x + j), vscale, vs);
+    const Vec e2 = exp_scaled<kClamp>(Vec::loadu(x + j + Vec::size()), vscale, vs);
     store_vec(e, y + j);
     store_vec(e2, y + j + Vec::size());
     acc = acc + e;
     acc2 = acc2 + e2;
   }
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec e = exp_scaled(Vec::loadu(x + j), vscale, vs);
+    const Vec e = exp_scaled<kClamp>(Vec::loadu(x + j), vscale, vs);
     store_vec(e, y + j);
     acc = acc + e;
   }
   if (j < n) {  // the tail (causal diagonal tiles, short rows) as one partial vector, zero beyond
     const int64_t c = n - j;
-    const Vec e = Vec::set(Vec(0), exp_scaled(Vec::loadu(x + j, c), vscale, vs), c);
+    const Vec e = Vec::set(Vec(0), exp_scaled<kClamp>(Vec::loadu(x + j, c), vscale, vs), c);
     store_vec_n(e, y + j, c);
     acc = acc + e;
   }
@@ -263,12 +304,18 @@ void online_softmax_tile(const Problem& p, const acc_t* S, int64_t lds, acc_t sc
     }
     const acc_t m_new = std::max(m_run[r], scale * row_max(s_row, vis));
     if (m_new == -std::numeric_limits<acc_t>::infinity()) {  // Note [Softmax max subtraction]
+      // all -inf, or NaN (row_max skips NaN): a NaN makes the row's m, l and P NaN, as SDPA's
+      const bool has_nan = std::any_of(s_row, s_row + vis, [](acc_t x) { return x != x; });
       std::fill(p_row, p_row + fill_end, out_t(0));
+      if (has_nan) {
+        std::fill(p_row, p_row + vis, out_t(std::numeric_limits<acc_t>::quiet_NaN()));
+        m_run[r] = l_run[r] = std::numeric_limits<acc_t>::quiet_NaN();
+      }
       continue;
     }
     // exp(-inf) = 0 on the first tile; no exp when the max stays (a -inf max: the sum is NaN)
     const acc_t alpha = m_new == m_run[r] ? acc_t(1) : std::exp(m_run[r] - m_new);
-    const acc_t sum = exp_sub_sum(s_row, vis, m_new, scale, p_row);
+    const acc_t sum = exp_sub_sum<false>(s_row, vis, m_new, scale, p_row);
     std::fill(p_row + vis, p_row + fill_end, out_t(0));
     l_run[r] = l_run[r] * alpha + sum;
     m_run[r] = m_new;
@@ -299,11 +346,11 @@ void probs_and_dscores_rows(const Problem& p, acc_t* P, acc_t* dS, int64_t ld, a
     const Vec d(delta[r]), vlse(lse[r]), vscale(scale);
     int64_t j = 0;
     for (; j + Vec::size() <= vis; j += Vec::size()) {  // one pass: P, then dS from it
-      const Vec pv = exp_scaled(Vec::loadu(p_row + j), vscale, vlse);
+      const Vec pv = exp_scaled<true>(Vec::loadu(p_row + j), vscale, vlse);
       pv.store(p_row + j);
       (pv * (Vec::loadu(ds_row + j) - d)).store(ds_row + j);
     }
-    exp_sub_sum(p_row + j, vis - j, lse[r], scale, p_row + j);  // the tail
+    exp_sub_sum<true>(p_row + j, vis - j, lse[r], scale, p_row + j);  // the tail
     std::fill(p_row + vis, p_row + cols, acc_t(0));
     at::vec::map2([d](Vec pv, Vec dp) { return pv * (dp - d); }, ds_row + j, p_row + j, ds_row + j,
                   cols - j);

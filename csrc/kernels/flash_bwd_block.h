@@ -66,10 +66,12 @@ TL_DEVICE void flash_bwd_block(const FlashBwdParams& p, int n_block, int bhk, ch
       Tile::for_each(pt, [&](float& x, int, int r, int c) {
         const int i = m0 + c, j = n0 + r;
         const bool keep = i < p.seqlen_q && j < p.seqlen_k && !(p.causal && j > i);
-        // exp(s - lse) <= 1: the clamp keeps a contracted fma(x, scale, -lse) (nvcc's default)
-        // from overflowing for huge logits, and an all -inf row (lse = -inf) gets P = 0.
-        // See Note [Softmax max subtraction] in csrc/attention/cpu_common.h.
-        x = keep && s_lse[c] != kNegInf ? Tile::exp(fminf(x * p.scale - s_lse[c], 0.f)) : 0.f;
+        // The logit is the forward's rounded product (round_mul: no fma, whose unrounded
+        // product is off by up to 128 at |logits| ~1e9), so s - lse <= 0 up to lse's rounding;
+        // the clamp (not fminf, which drops NaN) guards that, and an all -inf row (lse = -inf) gets
+        // P = 0. See Note [Softmax max subtraction] in csrc/attention/cpu_common.h.
+        const float y = round_mul(x, p.scale) - s_lse[c];
+        x = keep && s_lse[c] != kNegInf ? Tile::exp(y > 0.f ? 0.f : y) : 0.f;  // NaN stays NaN
       });
       Tile::template gemm_pv<E, M>(dv, pt, sdO, LD);  // dV += P^T dO
 

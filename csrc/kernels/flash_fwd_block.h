@@ -49,7 +49,7 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
     Tile::template gemm_nt<E, D>(s, sQ, LD, sK, LD);
     Tile::for_each(s, [&](float& x, int, int r, int c) {
       const int i = m0 + r, j = n0 + c;
-      x = (j >= p.seqlen_k || (p.causal && j > i)) ? kNegInf : x * p.scale;
+      x = (j >= p.seqlen_k || (p.causal && j > i)) ? kNegInf : round_mul(x, p.scale);
     });
     // Online softmax. Every row sees key 0 in the first tile, so m_run is finite from then on
     // (unless its logits are -inf) and a row that is fully masked in a later tile gets
@@ -61,11 +61,13 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
       alpha[sl] = m_run[sl] == kNegInf ? 0.f : Tile::exp(m_run[sl] - m_new);
       m_run[sl] = m_new;
     });
-    // A row whose logits so far are all -inf keeps m = -inf, l = 0 and gets p = 0 (not
-    // exp(-inf - -inf) = NaN); its output is 0 and its lse -inf, as SDPA's. See
+    // x - m <= 0 since m is the max of the same rounded products (no clamp: fminf would turn
+    // the NaN of +inf - +inf into 0). A row whose logits so far are all -inf keeps m = -inf,
+    // l = 0 and gets p = 0 (not exp(-inf - -inf) = NaN); its output is 0 and its lse -inf, as
+    // SDPA's; a NaN logit (which row_max skips) stays NaN in p, l and the output. See
     // Note [Softmax max subtraction] in csrc/attention/cpu_common.h.
     Tile::for_each(s, [&](float& x, int sl, int, int) {
-      x = m_run[sl] == kNegInf ? 0.f : Tile::exp(fminf(x - m_run[sl], 0.f));
+      x = m_run[sl] == kNegInf ? (x != x ? x : 0.f) : Tile::exp(x - m_run[sl]);
     });
     Tile::row_sum(s, tile_sum);
     Tile::template for_each_row<M>(
@@ -76,7 +78,7 @@ TL_DEVICE void flash_fwd_block(const FlashFwdParams& p, int m_block, int bh, cha
 
   Rows inv_l, lse;
   Tile::template for_each_row<M>([&](int sl, int) {
-    inv_l[sl] = l_run[sl] > 0.f ? 1.f / l_run[sl] : 0.f;
+    inv_l[sl] = l_run[sl] == 0.f ? 0.f : 1.f / l_run[sl];  // a NaN sum keeps NaN
     lse[sl] = m_run[sl] + Tile::log(l_run[sl]);
   });
   E* o_ptr =

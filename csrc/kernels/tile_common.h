@@ -71,4 +71,21 @@ using BwdTraits = FlashTraits<kHeadDim, (kHeadDim > 64 ? 32 : 64), 64, 4, Elemen
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
+// a * b rounded to fp32, never contracted into an fma with a following add or subtract (nvcc's
+// -fmad=true, GCC's -ffp-contract=fast would): the softmax needs fl(scale * x) - m <= 0 exactly.
+// See Note [Softmax max subtraction] in csrc/attention/cpu_common.h.
+TL_DEVICE float round_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  float r = a * b;
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+x"(r));
+#else
+  asm("" : "+m"(r));
+#endif
+  return r;
+#endif
+}
+
 }  // namespace torchlane::kernels
