@@ -157,7 +157,40 @@ def api(rank, world):
         wire = torch.ops.torchlane.cast_compress(torch.ones(8), torch.float16, 1)
         torch.ops.torchlane.cast_decompress(wire, torch.float32)
     res["ranges"] = sorted({e.name for e in prof.events() if e.name.startswith("torchlane::")})
+    res["runtime_logging"] = _runtime_logging(rank)
     return res
+
+
+_RUNTIME_KEYS = (
+    "forward_compute_time",
+    "backward_compute_time",
+    "backward_comm_time",
+    "backward_compute_comm_overlap_time",
+)
+
+
+def _runtime_logging(rank):
+    # torch's sampled runtime stats (test_ddp_logging_data_cpu): which iteration each step's
+    # logging data names, with no_sync and no_grad forwards in between, torchlane beside torch.
+    out = {}
+    for tag, cls in (("tl", torchlane.DistributedDataParallel), ("th", TorchDDP)):
+        m = cls(make_model())
+        m._set_ddp_runtime_logging_sample_rate(3)
+        seen = []
+        for step in range(14):
+            x, y = data(rank, step)
+            if step == 4:
+                with m.no_sync():
+                    ((m(x) - y) ** 2).mean().backward()
+            if step == 7:
+                with torch.no_grad():
+                    m(x)
+            ((m(x) - y) ** 2).mean().backward()
+            d = m._get_ddp_logging_data()
+            times = {k: d.get(k) for k in _RUNTIME_KEYS + tuple(f"avg_{k}" for k in _RUNTIME_KEYS)}
+            seen.append((d.get("iteration"), times))
+        out[tag] = seen
+    return out
 
 
 # ---- torch.distributed.checkpoint ----

@@ -62,6 +62,25 @@ def test_static_graph_and_logging(api):
         assert r["rebuild"] is False  # buckets were rebuilt after the first iteration already
 
 
+def test_runtime_logging_matches_torch_ddp(api):
+    for r in api:
+        tl, th = r["runtime_logging"]["tl"], r["runtime_logging"]["th"]
+        # The same sampled iterations as torch (1-10, then every 3rd), no_sync/no_grad uncounted.
+        assert [it for it, _ in tl] == [it for it, _ in th]
+        assert [it for it, _ in th] == [*range(11), 10, 12, 12]
+        for (_, times), (_, times_th) in zip(tl, th, strict=True):
+            assert {k for k, v in times.items() if v is not None} == {
+                k for k, v in times_th.items() if v is not None
+            }
+            if times["forward_compute_time"] is None:
+                continue  # nothing sampled yet
+            assert all(v >= 1 for k, v in times.items() if "overlap" not in k), times
+            for prefix in ("", "avg_"):
+                overlap = times[f"{prefix}backward_compute_comm_overlap_time"]
+                assert 0 <= overlap <= times[f"{prefix}backward_compute_time"]
+                assert overlap <= times[f"{prefix}backward_comm_time"]
+
+
 def test_deepcopy_and_torch_save(api):
     for r in api:
         out = r["pickled"]

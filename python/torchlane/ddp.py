@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import time
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -177,6 +178,11 @@ class _Logger:
         self._ddp = weakref.ref(ddp)
         self._comm_hook = ""
         self._join = False
+        self._iterations = 0  # synchronised forwards, as torch Reducer's num_iterations_
+        self._recorded = 0  # sampled iterations whose times went into the averages
+        self._sample = None  # the sampled iteration in flight: its forward/backward start
+        # The runtime keys of the logging data (Note [Runtime logging]).
+        self._runtime = {"iteration": 0}
 
     def _set_static_graph(self):
         pass  # the static graph is visible in the logging data (static_graph)
@@ -190,8 +196,67 @@ class _Logger:
     def set_construction_data_and_log(self, *args, **kwargs):
         pass
 
+    # Note [Runtime logging]
+    # torch DDP samples the step times of iterations 1-10 and then of every sample_rate-th one
+    # (_set_ddp_runtime_logging_sample_rate); at the next synchronised forward the logger copies
+    # them into the logging data with their running averages (avg_*), all in nanoseconds, and
+    # sets "iteration". The same here: forward_compute_time runs from the forward's start to the backward reaching
+    # the outputs (torch: to the first gradient hook); backward_compute_time from the first
+    # gradient hook to the end of the backward; backward_comm_time from the first bucket launch
+    # to the last bucket done; the overlap is the part of the communication window before the
+    # backward ended (torch: backward end - first launch, the same whenever communication ends
+    # after the backward, as it always does in torch, which stamps its end after the waits).
+
+    def _should_sample(self, iteration):
+        rate = self._ddp().reducer._sample_rate
+        return iteration > 0 and (iteration <= 10 or iteration % rate == 0)
+
+    def _start_iteration(self):
+        """A synchronised forward starts (torch: Reducer::prepare_for_forward)."""
+        self._iterations += 1
+        self._sample = None
+        if self._should_sample(self._iterations):
+            self._sample = {"iteration": self._iterations, "forward": time.monotonic_ns()}
+
+    def _watch_outputs(self, tensors):
+        """Stamp the backward's start when it reaches the outputs of a sampled forward."""
+        sample = self._sample
+        if sample is None:
+            return
+
+        def hook(grad):
+            sample.setdefault("backward", time.monotonic_ns())
+
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(hook)
+
     def set_runtime_stats_and_log(self):
-        pass
+        """Copy the last sampled iteration's times into the logging data (torch's contract)."""
+        sample, self._sample = self._sample, None
+        if sample is None or "backward" not in sample:
+            return  # not a sampled iteration, or its backward never ran
+        stats = self._ddp()._reducer.stats()
+        launches = [e["launch_ms"] for e in stats["bucket_events"]]
+        if not launches:
+            return
+        ns = 1_000_000  # the reducer's stats are in ms from the first gradient hook
+        comm_start = min(launches)
+        times = {
+            "forward_compute_time": sample["backward"] - sample["forward"],
+            "backward_compute_time": round(stats["backward_end_ms"] * ns),
+            "backward_comm_time": round((stats["comm_end_ms"] - comm_start) * ns),
+            "backward_compute_comm_overlap_time": round(
+                max(0.0, min(stats["backward_end_ms"], stats["comm_end_ms"]) - comm_start) * ns
+            ),
+        }
+        self._recorded += 1
+        n = self._recorded
+        self._runtime["iteration"] = sample["iteration"]
+        for key, value in times.items():
+            self._runtime[key] = value
+            avg = self._runtime.get(f"avg_{key}", 0)
+            self._runtime[f"avg_{key}"] = (avg * (n - 1) + value) // n
 
     def _get_ddp_logging_data(self):
         ddp = self._ddp()
@@ -211,6 +276,7 @@ class _Logger:
             "has_rebuilt_buckets": int(bool(stats.get("bytes_reduced", 0))),
             "is_multi_device_module": 0,
             "join_uneven_inputs": int(self._join),
+            **self._runtime,
         }
         strs = {
             "module_name": type(ddp.module).__name__,
@@ -615,6 +681,9 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
                 # Raises if the previous reduction never finished; with no_sync() too, so the
                 # hooks of a non-synchronised backward are never taken for a synchronised one.
                 self._reducer.prepare_for_forward()
+            if grad_sync:
+                self.logger.set_runtime_stats_and_log()  # Note [Runtime logging]
+                self.logger._start_iteration()
             if join_enabled:
                 Join.notify_join_context(self)
             if torch.is_grad_enabled():
@@ -643,7 +712,9 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             if grad_sync:
                 self.require_forward_param_sync = True
                 self._synced_forwards += 1
-                self._reducer.prepare_for_backward(_find_tensors(output))
+                outputs = _find_tensors(output)
+                self.logger._watch_outputs(outputs)
+                self._reducer.prepare_for_backward(outputs)
             else:
                 self.require_forward_param_sync = False
             return output
