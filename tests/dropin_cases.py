@@ -1,5 +1,6 @@
 """Rank functions for test_dropin.py: torchlane DDP where code expects torch DDP."""
 
+import contextlib
 import copy
 import io
 
@@ -95,7 +96,39 @@ def protocol(rank, world):
             m(x).sum().backward()
         m(y[:, :1].expand(-1, 6)).sum().backward()
     res["accumulate"] = (grads(tl), grads(th))
+    res["no_sync_unused"] = _no_sync_unused(rank)
     return res
+
+
+class _RankBranches(nn.Module):
+    # A different layer per rank and per micro-batch (torch's
+    # test_grads_same_across_ranks_with_no_sync): the layers used inside no_sync() are unused,
+    # on every rank, in the synchronised micro-batch.
+    def __init__(self, rank):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rank = rank
+        self.layers = nn.ModuleList(nn.Linear(3, 2) for _ in range(4))
+        self.calls = 0
+
+    def forward(self, x):
+        i = 2 * (self.calls % 2) + (self.rank % 2)
+        self.calls += 1
+        return self.layers[i](x)
+
+
+def _no_sync_unused(rank):
+    out = []
+    for cls in (torchlane.DistributedDataParallel, TorchDDP):
+        m = cls(_RankBranches(rank), find_unused_parameters=True)
+        for step in range(2):  # twice: the second accumulation starts from the synced grads
+            for micro in range(2):
+                x, y = data(rank, 10 * step + micro)
+                ctx = m.no_sync() if micro == 0 else contextlib.nullcontext()
+                with ctx:
+                    ((m(x[:, :3]) - y[:, :2]) ** 2).mean().backward()
+        out.append([p.grad for p in m.parameters()])
+    return tuple(out)
 
 
 # ---- torch DDP's private API, pickling, profiler ranges ----
@@ -190,6 +223,7 @@ def _runtime_logging(rank):
             times = {k: d.get(k) for k in _RUNTIME_KEYS + tuple(f"avg_{k}" for k in _RUNTIME_KEYS)}
             seen.append((d.get("iteration"), times))
         out[tag] = seen
+        out[f"{tag}_final"] = m._get_ddp_logging_data()
     return out
 
 
