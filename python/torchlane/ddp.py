@@ -212,6 +212,7 @@ class _Logger:
         self._ddp = weakref.ref(ddp)
         self._comm_hook = ""
         self._join = False
+        self._error = None  # set_error_and_log
         self._iterations = 0  # synchronised forwards, as torch Reducer's num_iterations_
         self._recorded = 0  # sampled iterations whose times went into the averages
         self._sample = None  # the sampled iteration in flight: (iteration, forward start ns)
@@ -230,6 +231,10 @@ class _Logger:
 
     def set_construction_data_and_log(self, *args, **kwargs):
         pass
+
+    def set_error_and_log(self, error):
+        """As torch's Logger: the logging data reports the error (has_error, error)."""
+        self._error = str(error)
 
     # Note [Runtime logging]
     # torch DDP samples the step times of iterations 1-10 and then of every sample_rate-th one
@@ -349,6 +354,9 @@ class _Logger:
         }
         if self._comm_hook:
             strs["comm_hook"] = self._comm_hook
+        if self._error is not None:
+            ints["has_error"] = 1
+            strs["error"] = self._error
         if strs["backend_name"] == "gloo":
             for key in ("GLOO_SOCKET_IFNAME", "GLOO_DEVICE_TRANSPORT"):
                 strs[key.lower()] = os.environ.get(key, "N/A")
@@ -567,10 +575,11 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             )
             return
         if self._synced_forwards or self._has_comm_hook:
-            raise RuntimeError(
+            self._log_and_throw(
+                RuntimeError,
                 "torchlane.DistributedDataParallel: _set_static_graph() should be called before "
                 "training loop starts (before the first forward) and before register_comm_hook; "
-                "pass static_graph=True to the constructor instead"
+                "pass static_graph=True to the constructor instead",
             )
         self.static_graph = True
         self._make_reducer()
@@ -598,6 +607,8 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         )
 
     def _log_and_throw(self, err_type, err_msg):
+        """As torch DDP's: record the error in the logging data (has_error, error), then raise."""
+        self.logger.set_error_and_log(f"{err_type}: {err_msg}")
         raise err_type(err_msg)
 
     def will_sync_module_buffers(self):
