@@ -40,11 +40,12 @@ test-extras: build
 	$(PYTHON) -m pytest -q tests/test_dropin.py -k accelerate
 
 # torch's own CPU/Gloo DDP tests (distributed_test.py from the installed wheel) with torchlane
-# swapped in; SUITE_K selects tests (pytest -k syntax of unittest). Not in `make test`: slow.
-SUITE_K ?= test_ddp
+# swapped in: the fixed list that passes (tools/torch_ddp_suite.py PASSING, docs/ddp.md), or
+# SUITE_K=pattern for any selection (unittest -k). Not in `make test` (minutes); in .ci/run.
+SUITE_K ?=
 test-torch-suite: build
 	@$(PYTHON) -c "import expecttest" 2>/dev/null || $(PIP) install -q expecttest
-	$(PYTHON) tools/torch_ddp_suite.py -k $(SUITE_K)
+	$(PYTHON) tools/torch_ddp_suite.py $(if $(SUITE_K),-k $(SUITE_K))
 
 bench: build
 	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib

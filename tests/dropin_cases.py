@@ -1,5 +1,6 @@
 """Rank functions for test_dropin.py: torchlane DDP where code expects torch DDP."""
 
+import contextlib
 import copy
 import io
 
@@ -95,7 +96,39 @@ def protocol(rank, world):
             m(x).sum().backward()
         m(y[:, :1].expand(-1, 6)).sum().backward()
     res["accumulate"] = (grads(tl), grads(th))
+    res["no_sync_unused"] = _no_sync_unused(rank)
     return res
+
+
+class _RankBranches(nn.Module):
+    # A different layer per rank and per micro-batch (torch's
+    # test_grads_same_across_ranks_with_no_sync): the layers used inside no_sync() are unused,
+    # on every rank, in the synchronised micro-batch.
+    def __init__(self, rank):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rank = rank
+        self.layers = nn.ModuleList(nn.Linear(3, 2) for _ in range(4))
+        self.calls = 0
+
+    def forward(self, x):
+        i = 2 * (self.calls % 2) + (self.rank % 2)
+        self.calls += 1
+        return self.layers[i](x)
+
+
+def _no_sync_unused(rank):
+    out = []
+    for cls in (torchlane.DistributedDataParallel, TorchDDP):
+        m = cls(_RankBranches(rank), find_unused_parameters=True)
+        for step in range(2):  # twice: the second accumulation starts from the synced grads
+            for micro in range(2):
+                x, y = data(rank, 10 * step + micro)
+                ctx = m.no_sync() if micro == 0 else contextlib.nullcontext()
+                with ctx:
+                    ((m(x[:, :3]) - y[:, :2]) ** 2).mean().backward()
+        out.append([p.grad for p in m.parameters()])
+    return tuple(out)
 
 
 # ---- torch DDP's private API, pickling, profiler ranges ----
@@ -157,7 +190,41 @@ def api(rank, world):
         wire = torch.ops.torchlane.cast_compress(torch.ones(8), torch.float16, 1)
         torch.ops.torchlane.cast_decompress(wire, torch.float32)
     res["ranges"] = sorted({e.name for e in prof.events() if e.name.startswith("torchlane::")})
+    res["runtime_logging"] = _runtime_logging(rank)
     return res
+
+
+_RUNTIME_KEYS = (
+    "forward_compute_time",
+    "backward_compute_time",
+    "backward_comm_time",
+    "backward_compute_comm_overlap_time",
+)
+
+
+def _runtime_logging(rank):
+    # torch's sampled runtime stats (test_ddp_logging_data_cpu): which iteration each step's
+    # logging data names, with no_sync and no_grad forwards in between, torchlane beside torch.
+    out = {}
+    for tag, cls in (("tl", torchlane.DistributedDataParallel), ("th", TorchDDP)):
+        m = cls(make_model())
+        m._set_ddp_runtime_logging_sample_rate(3)
+        seen = []
+        for step in range(14):
+            x, y = data(rank, step)
+            if step == 4:
+                with m.no_sync():
+                    ((m(x) - y) ** 2).mean().backward()
+            if step == 7:
+                with torch.no_grad():
+                    m(x)
+            ((m(x) - y) ** 2).mean().backward()
+            d = m._get_ddp_logging_data()
+            times = {k: d.get(k) for k in _RUNTIME_KEYS + tuple(f"avg_{k}" for k in _RUNTIME_KEYS)}
+            seen.append((d.get("iteration"), times))
+        out[tag] = seen
+        out[f"{tag}_final"] = m._get_ddp_logging_data()
+    return out
 
 
 # ---- torch.distributed.checkpoint ----

@@ -35,6 +35,15 @@ def test_reducer_protocol_matches_torch_ddp(protocol, case):
     _same(protocol[0][case][0], protocol[1][case][0])
 
 
+def test_no_sync_then_unused_matches_torch_ddp(protocol):
+    # Layers used only inside no_sync() are still averaged at the synchronised step, as torch.
+    for r in protocol:
+        tl, th = r["no_sync_unused"]
+        assert all(g is not None for g in th)
+        _same(tl, th)
+    _same(protocol[0]["no_sync_unused"][0], protocol[1]["no_sync_unused"][0])
+
+
 def test_no_silent_gradient_loss(protocol):
     for r in protocol:
         for case in ("unprepared_second", "through_module"):
@@ -52,6 +61,8 @@ def test_static_graph_and_logging(api):
         assert r["static_late"] is None
         assert r["static_after_forward"][0] == "RuntimeError"
         assert "before the first forward" in r["static_after_forward"][1]
+        # torch's test_static_graph_api_cpu matches torch's wording.
+        assert "should be called before training loop starts" in r["static_after_forward"][1]
         for key in ("world_size", "rank", "bucket_cap_bytes", "static_graph", "backend_name",
                     "module_name", "find_unused_parameters", "gradient_as_bucket_view"):
             assert r["logging"][key] == r["logging_torch"][key], key
@@ -60,6 +71,31 @@ def test_static_graph_and_logging(api):
         assert r["inherited"][0] == "NotImplementedError" and "_sync_buffers" in r["inherited"][1]
         assert r["reducer_unknown"][0] == "AttributeError"
         assert r["rebuild"] is False  # buckets were rebuilt after the first iteration already
+
+
+def test_runtime_logging_matches_torch_ddp(api):
+    for r in api:
+        tl, th = r["runtime_logging"]["tl"], r["runtime_logging"]["th"]
+        # The same keys as torch's logging data, and the same values but for the measured times.
+        final_tl, final_th = r["runtime_logging"]["tl_final"], r["runtime_logging"]["th_final"]
+        assert set(final_tl) == set(final_th)
+        for key, value in final_th.items():
+            if "time" not in key:
+                assert final_tl[key] == value, key
+        # The same sampled iterations as torch (1-10, then every 3rd), no_sync/no_grad uncounted.
+        assert [it for it, _ in tl] == [it for it, _ in th]
+        assert [it for it, _ in th] == [*range(11), 10, 12, 12]
+        for (_, times), (_, times_th) in zip(tl, th, strict=True):
+            assert {k for k, v in times.items() if v is not None} == {
+                k for k, v in times_th.items() if v is not None
+            }
+            if times["forward_compute_time"] is None:
+                continue  # nothing sampled yet
+            assert all(v >= 1 for k, v in times.items() if "overlap" not in k), times
+            for prefix in ("", "avg_"):
+                overlap = times[f"{prefix}backward_compute_comm_overlap_time"]
+                assert 0 <= overlap <= times[f"{prefix}backward_compute_time"]
+                assert overlap <= times[f"{prefix}backward_comm_time"]
 
 
 def test_deepcopy_and_torch_save(api):

@@ -49,6 +49,8 @@ py::dict stats_to_dict(const Reducer& reducer) {
   d["bytes_sent"] = stats.bytes_sent;
   d["backward_end_ms"] = ms(stats.backward_end_ns);
   d["comm_end_ms"] = ms(stats.comm_end_ns);
+  d["first_hook_ns"] = stats.first_hook_ns;  // steady clock: Python's time.monotonic_ns()
+  d["ready_order"] = stats.ready_order;
   d["bucket_events"] = events;
   py::list collectives;
   for (const auto& c : stats.collectives) {

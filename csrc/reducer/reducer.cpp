@@ -152,7 +152,6 @@ void Reducer::reset_iteration_state() {
   next_bucket_ = 0;
   std::fill(ready_.begin(), ready_.end(), 0);
   std::fill(hook_count_.begin(), hook_count_.end(), 0);
-  std::fill(local_used_host_.begin(), local_used_host_.end(), 0);
   for (auto& bucket : buckets_) {
     bucket.pending = bucket.params.size();
     bucket.future.reset();
@@ -242,6 +241,7 @@ void Reducer::abandon_iteration() {
   expect_hooks_ = false;
   require_finalize_ = false;
   reset_iteration_state();
+  std::fill(local_used_host_.begin(), local_used_host_.end(), 0);
   // The bytes this unfinished step sent are not reported as the next step's.
   step_bytes_sent_ = 0;
   if (auto* counting = dynamic_cast<CommHook*>(comm_hook_.get())) {
@@ -311,6 +311,15 @@ void Reducer::autograd_hook(int64_t index) {
                 "Its gradient would not be averaged across ranks. Run the forward through the "
                 "DDP model again, call model.reducer.prepare_for_backward(outputs) before the "
                 "backward, or use model.no_sync() to accumulate gradients locally on purpose.");
+    // Note [Unused parameters after no_sync]: a parameter used only in no_sync() backwards
+    // still holds a local gradient at the synchronised step, so it counts as used on this rank
+    // there (as in torch DDP): otherwise, unused on every rank in that last step, it would keep
+    // each rank's own accumulated gradient and the ranks would drift apart. The flags are
+    // cleared once they have been sent.
+    if (options_.find_unused_parameters && !options_.static_graph &&
+        params_[index].grad().defined()) {
+      local_used_host_[index] = 1;
+    }
     return;  // no_sync() / require_backward_grad_sync=False: gradients accumulate locally
   }
   try {
@@ -335,6 +344,7 @@ void Reducer::on_gradient_ready(int64_t index) {
     backward_started_ = true;
     require_finalize_ = true;
     first_hook_ns_ = now_ns();
+    step_ready_order_.clear();
     flight_->iteration_first_seq.store(collective_seq_ + 1, std::memory_order_relaxed);
     flight_->iteration.fetch_add(1, std::memory_order_relaxed);
     for (auto i : unused_) {
@@ -363,6 +373,7 @@ void Reducer::mark_ready(int64_t index) {
               "a parameter is used by several forward calls whose outputs share one backward. "
               "Pass static_graph=True if the graph is the same every iteration.");
   ready_[index] = 1;
+  step_ready_order_.push_back(index);
   if (!rebuilt_ && !options_.static_graph && !options_.find_unused_parameters) {
     ready_order_.push_back(index);
   }
@@ -428,6 +439,7 @@ void Reducer::launch_ready_buckets() {
     std::vector<at::Tensor> tensors{used};
     local_used_future_ = comm::launched(process_group_->allreduce(tensors));
     local_used_result_ = used;
+    std::fill(local_used_host_.begin(), local_used_host_.end(), 0);  // `used` is a copy
   }
 }
 
@@ -634,6 +646,7 @@ void Reducer::publish_stats() {
   stats.first_hook_ns = first_hook_ns_;
   stats.backward_end_ns = backward_end_ns_;
   stats.comm_end_ns = comm_end_ns_;
+  stats.ready_order = step_ready_order_;
   for (const auto& bucket : buckets_) {
     stats.bytes_reduced += static_cast<int64_t>(bucket.buffer.nbytes());
     stats.ready_ns.push_back(bucket.ready_ns);

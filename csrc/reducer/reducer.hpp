@@ -59,6 +59,7 @@ struct StepStats {
   std::vector<CommHook::CollectiveEvent> collectives;            // from a hook that records them
   std::vector<std::shared_ptr<std::atomic<int64_t>>> done_slots;
   std::vector<int64_t> wait_ns;
+  std::vector<int64_t> ready_order;  // parameter indices in the order they became ready
 };
 
 // Note [Reducer life cycle]
@@ -193,6 +194,7 @@ class Reducer {
   int64_t iterations_ = 0;  // finished synchronised backward passes
   bool grads_finite_ = true;
   int64_t first_hook_ns_ = 0, backward_end_ns_ = 0, comm_end_ns_ = 0;
+  std::vector<int64_t> step_ready_order_;  // this iteration's, for the logging data
 
   // Note [Bucket rebuild]: the order in which gradients became ready in the first synchronised
   // iteration; rank 0's order is broadcast and buckets are rebuilt from it once.

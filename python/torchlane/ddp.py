@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import time
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -106,7 +107,8 @@ class _JoinHook(JoinHook):
 
     def main_hook(self):
         ddp = self.ddp
-        ddp._reducer.rebuild_buckets()
+        if ddp._reducer.rebuild_buckets():
+            ddp._buckets_rebuilt = True
         if ddp._will_sync_buffers():
             ddp._sync_buffers_from_common_rank(active=False)
         sync = ddp._global_grad_sync_flag(active=False)
@@ -143,7 +145,10 @@ class _Reducer:
         self._cpp.prepare_for_forward()
 
     def _rebuild_buckets(self) -> bool:
-        return self._cpp.rebuild_buckets()
+        rebuilt = self._cpp.rebuild_buckets()
+        if rebuilt:
+            self._ddp()._buckets_rebuilt = True
+        return rebuilt
 
     def _set_static_graph(self):
         self._ddp()._make_static()
@@ -164,6 +169,36 @@ class _Reducer:
         )
 
 
+# As torch's logging data records them ("N/A" when unset).
+_LOGGED_ENV = ("MASTER_PORT", "MASTER_ADDR", "TORCH_DISTRIBUTED_DEBUG", "CUDA_VISIBLE_DEVICES")
+# torch's logging data names dtypes as c10's TypeMeta does.
+_C10_DTYPE_NAMES = {
+    torch.float32: "float",
+    torch.float64: "double",
+    torch.float16: "c10::Half",
+    torch.bfloat16: "c10::BFloat16",
+    torch.complex64: "c10::complex<float>",
+    torch.complex128: "c10::complex<double>",
+}
+
+
+def _c10_dtype_name(dtype: torch.dtype) -> str:
+    return _C10_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+_RUNTIME_RESET_KEYS = (
+    "forward_compute_time",
+    "backward_compute_time",
+    "backward_comm_time",
+    "backward_compute_comm_overlap_time",
+    "forward_compute_time_start",
+    "backward_compute_time_start",
+    "backward_comm_time_start",
+    "backward_compute_time_end",
+    "backward_comm_time_end",
+)
+
+
 class _LoggingData:
     def __init__(self, strs_map, ints_map):
         self.strs_map = strs_map
@@ -177,6 +212,13 @@ class _Logger:
         self._ddp = weakref.ref(ddp)
         self._comm_hook = ""
         self._join = False
+        self._error = None  # set_error_and_log
+        self._iterations = 0  # synchronised forwards, as torch Reducer's num_iterations_
+        self._recorded = 0  # sampled iterations whose times went into the averages
+        self._sample = None  # the sampled iteration in flight: (iteration, forward start ns)
+        self._strs = {}  # the string runtime keys (ready order, rebuilt buckets)
+        # The runtime keys of the logging data (Note [Runtime logging]).
+        self._runtime = {"iteration": 0}
 
     def _set_static_graph(self):
         pass  # the static graph is visible in the logging data (static_graph)
@@ -190,13 +232,93 @@ class _Logger:
     def set_construction_data_and_log(self, *args, **kwargs):
         pass
 
+    def set_error_and_log(self, error):
+        """As torch's Logger: the logging data reports the error (has_error, error)."""
+        self._error = str(error)
+
+    # Note [Runtime logging]
+    # torch DDP samples the step times of iterations 1-10 and then of every sample_rate-th one
+    # (_set_ddp_runtime_logging_sample_rate); at the next synchronised forward the logger copies
+    # them into the logging data with their running averages (avg_*), all in nanoseconds, and
+    # sets "iteration", the gradient ready order and, once, the rebuilt buckets. The same here:
+    # the forward's start is stamped with time.monotonic_ns(), the steady clock the C++ reducer
+    # stamps its events with (the first gradient hook, the end of the backward, each bucket's
+    # launch and completion; Reducer::stats()). One difference: torch stamps the end of the
+    # communication after waiting for the buckets, so it never precedes the end of the backward;
+    # torchlane takes the last bucket's completion, which can, so the overlap is the part of the
+    # communication window before the backward ended, min(compute end, comm end) - comm start
+    # (torch's compute end - comm start, the same whenever the communication ends last).
+
+    def _start_iteration(self):
+        """A synchronised forward starts (torch: Reducer::prepare_for_forward)."""
+        self._iterations += 1
+        it = self._iterations
+        rate = self._ddp().reducer._sample_rate
+        sampled = it <= 10 or it % rate == 0
+        self._sample = (it, time.monotonic_ns()) if sampled else None
+
     def set_runtime_stats_and_log(self):
-        pass
+        """Copy the last sampled iteration's times into the logging data (torch's contract)."""
+        sample, self._sample = self._sample, None
+        if sample is None:
+            return  # not a sampled iteration
+        iteration, forward_start = sample
+        ddp = self._ddp()
+        rt = self._runtime
+        self._recorded += 1
+        n = self._recorded
+        rt["iteration"] = iteration
+        rt.update(dict.fromkeys(_RUNTIME_RESET_KEYS, 0))  # as torch: 0 unless measured below
+        if "rebuilt_bucket_sizes" not in self._strs and ddp._buckets_rebuilt:
+            buckets = ddp._reducer.buckets()
+            self._strs["rebuilt_bucket_sizes"] = ", ".join(str(b["bytes"]) for b in buckets)
+            self._strs["rebuilt_per_bucket_param_indices"] = ", ".join(
+                " ".join(str(i) for i in b["param_indices"]) for b in buckets
+            )
+        stats = ddp._reducer.stats()
+        launches = [e["launch_ms"] for e in stats["bucket_events"]]
+        first_hook = stats["first_hook_ns"]
+        if first_hook < forward_start or not launches:
+            return  # the sampled forward had no backward (yet)
+        if stats["ready_order"]:
+            self._strs["prev_iteration_grad_ready_order_indices"] = ", ".join(
+                str(i) for i in stats["ready_order"]
+            )
+
+        def at(ms):
+            return first_hook + round(ms * 1_000_000)
+
+        rt["num_buckets_reduced"] = len(launches)
+        if not ddp.find_unused_parameters:
+            rt["unused_parameter_size"] = 0  # (with find_unused_parameters: not recorded)
+        events = {
+            "forward_compute_time_start": forward_start,
+            "backward_compute_time_start": first_hook,
+            "backward_comm_time_start": at(min(launches)),
+            "backward_compute_time_end": at(stats["backward_end_ms"]),
+            "backward_comm_time_end": at(stats["comm_end_ms"]),
+        }
+        times = {
+            "forward_compute_time": first_hook - forward_start,
+            "backward_compute_time": events["backward_compute_time_end"] - first_hook,
+            "backward_comm_time": events["backward_comm_time_end"]
+            - events["backward_comm_time_start"],
+            "backward_compute_comm_overlap_time": max(
+                0,
+                min(events["backward_compute_time_end"], events["backward_comm_time_end"])
+                - events["backward_comm_time_start"],
+            ),
+        }
+        # The stamps as torch's, in ns since the epoch; the durations from the steady clock.
+        epoch = time.time_ns() - time.monotonic_ns()
+        rt.update({key: stamp + epoch for key, stamp in events.items()})
+        for key, value in times.items():
+            rt[key] = value
+            rt[f"avg_{key}"] = (rt.get(f"avg_{key}", 0) * (n - 1) + value) // n
 
     def _get_ddp_logging_data(self):
         ddp = self._ddp()
         buckets = ddp._reducer.buckets()
-        stats = ddp._reducer.stats()
         pg = ddp.process_group
         ints = {
             "world_size": dist.get_world_size(pg),
@@ -204,22 +326,44 @@ class _Logger:
             "bucket_cap_bytes": ddp.bucket_bytes_cap,
             "find_unused_parameters": int(ddp.find_unused_parameters),
             "gradient_as_bucket_view": int(ddp.gradient_as_bucket_view),
-            "static_graph": int(ddp.static_graph),
+
             "broadcast_buffers": int(bool(ddp.broadcast_buffers)),
             "num_parameter_tensors": len(ddp._params),
             "total_parameter_size_bytes": sum(p.numel() * p.element_size() for p in ddp._params),
-            "has_rebuilt_buckets": int(bool(stats.get("bytes_reduced", 0))),
+            "has_rebuilt_buckets": int(ddp._buckets_rebuilt),
+            "has_sync_bn": int(
+                any(isinstance(m, torch.nn.SyncBatchNorm) for m in ddp.module.modules())
+            ),
+            "output_device": -1 if ddp.output_device is None else ddp.output_device,
             "is_multi_device_module": 0,
-            "join_uneven_inputs": int(self._join),
+            **self._runtime,
         }
+        # As torch's, these keys are present only once set.
+        if ddp.static_graph:
+            ints["static_graph"] = 1
+        if self._join:
+            ints["join_uneven_inputs"] = 1
         strs = {
             "module_name": type(ddp.module).__name__,
             "backend_name": pg.name(),
-            "dtypes": ", ".join(sorted({str(p.dtype).replace("torch.", "") for p in ddp._params})),
+            "dtypes": ", ".join(sorted({_c10_dtype_name(p.dtype) for p in ddp._params})),
             "bucket_sizes": ", ".join(str(b["bytes"]) for b in buckets),
             "device_ids": ", ".join(str(i) for i in (ddp.device_ids or [])),
-            "comm_hook": self._comm_hook,
+            **{key.lower(): os.environ.get(key, "N/A") for key in _LOGGED_ENV},
+            **self._strs,
         }
+        if self._comm_hook:
+            strs["comm_hook"] = self._comm_hook
+        if self._error is not None:
+            ints["has_error"] = 1
+            strs["error"] = self._error
+        if strs["backend_name"] == "gloo":
+            for key in ("GLOO_SOCKET_IFNAME", "GLOO_DEVICE_TRANSPORT"):
+                strs[key.lower()] = os.environ.get(key, "N/A")
+            try:
+                ints["gloo_num_threads"] = pg._get_backend(torch.device("cpu")).options._threads
+            except (AttributeError, RuntimeError):
+                pass  # a process group without a Gloo backend object
         return _LoggingData(strs, ints)
 
 
@@ -237,6 +381,8 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
     gradients for the same parameters and the same bucket layout, and otherwise raises on every
     rank naming what each rank is missing (it gives up overlapping communication with backward).
     """
+
+    _buckets_rebuilt = False  # whether the reducer rebuilt its buckets (the logging data)
 
     # Note [A torch DDP without torch's reducer]
     # accelerate, Lightning, torch.distributed.checkpoint and dynamo recognise DDP with
@@ -429,10 +575,11 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             )
             return
         if self._synced_forwards or self._has_comm_hook:
-            raise RuntimeError(
-                "torchlane.DistributedDataParallel: _set_static_graph() must be called before the "
-                "first forward and before register_comm_hook; pass static_graph=True to the "
-                "constructor instead"
+            self._log_and_throw(
+                RuntimeError,
+                "torchlane.DistributedDataParallel: _set_static_graph() should be called before "
+                "training loop starts (before the first forward) and before register_comm_hook; "
+                "pass static_graph=True to the constructor instead",
             )
         self.static_graph = True
         self._make_reducer()
@@ -460,6 +607,8 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         )
 
     def _log_and_throw(self, err_type, err_msg):
+        """As torch DDP's: record the error in the logging data (has_error, error), then raise."""
+        self.logger.set_error_and_log(f"{err_type}: {err_msg}")
         raise err_type(err_msg)
 
     def will_sync_module_buffers(self):
@@ -615,10 +764,13 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
                 # Raises if the previous reduction never finished; with no_sync() too, so the
                 # hooks of a non-synchronised backward are never taken for a synchronised one.
                 self._reducer.prepare_for_forward()
+            if grad_sync:
+                self.logger.set_runtime_stats_and_log()  # Note [Runtime logging]
+                self.logger._start_iteration()
             if join_enabled:
                 Join.notify_join_context(self)
-            if torch.is_grad_enabled():
-                self._reducer.rebuild_buckets()
+            if torch.is_grad_enabled() and self._reducer.rebuild_buckets():
+                self._buckets_rebuilt = True
             if self._autotuner is not None and grad_sync:
                 self._autotune_step(join_enabled)
             if self._will_sync_buffers():
