@@ -14,6 +14,7 @@
 #endif
 
 #include "comm/kept_works.hpp"
+#include "hooks/allreduce_mean.hpp"
 
 namespace torchlane::hooks {
 
@@ -161,6 +162,10 @@ std::string CastCompressHook::name() const {
 
 c10::intrusive_ptr<c10::ivalue::Future> CastCompressHook::runHook(c10d::GradBucket& bucket) {
   at::Tensor buffer = bucket.getBufferRef();
+  if (buffer.is_sparse()) {  // Note [Sparse buckets in the C++ hooks]
+    count_bytes_sent(wire_bytes(buffer));
+    return allreduce_mean(process_group_, buffer);
+  }
   std::vector<at::Tensor> wire{cast_compress(buffer, wire_dtype_, process_group_->getSize())};
   count_bytes_sent(wire[0].numel() * static_cast<int64_t>(wire[0].element_size()));
   auto fut = comm::launched(process_group_->allreduce(wire));

@@ -322,7 +322,7 @@ void PowerSGDHook::log_collective_locked(int64_t bucket, const char* op) {
 
 c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::allreduce_mean(int64_t index,
                                                                      at::Tensor buffer) {
-  count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
+  count_bytes_sent(wire_bytes(buffer));
   log_collective_locked(index, "allreduce");
   return hooks::allreduce_mean(process_group_, std::move(buffer));
 }
@@ -338,7 +338,8 @@ c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::runHook(c10d::GradBucket& 
   at::Tensor buffer = bucket.getBufferRef();
   c10::intrusive_ptr<c10::ivalue::Future> result;
   size_t hold = 0;  // buckets left pending: this one, unless it is the last
-  if (iter_ < options_.start_iter) {
+  // A sparse bucket goes uncompressed: Note [Sparse buckets in the C++ hooks].
+  if (iter_ < options_.start_iter || buffer.is_sparse()) {
     result = allreduce_mean(index, buffer);
   } else if (!is_float_or_double(buffer)) {
     TORCH_WARN_ONCE("torchlane powersgd hook: buckets of dtype ", buffer.scalar_type(),

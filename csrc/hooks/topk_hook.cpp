@@ -273,7 +273,7 @@ void TopKHook::maybe_increase_iter(const c10d::GradBucket& bucket) {
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> TopKHook::allreduce_mean(at::Tensor buffer) {
-  count_bytes_sent(buffer.numel() * static_cast<int64_t>(buffer.element_size()));
+  count_bytes_sent(wire_bytes(buffer));
   return hooks::allreduce_mean(process_group_, std::move(buffer));
 }
 
@@ -319,8 +319,12 @@ void TopKHook::end_step(bool grads_finite) {
 
 c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& bucket) {
   std::lock_guard<std::mutex> guard(mutex_);
-  save_for_rollback(bucket);
   at::Tensor buffer = bucket.getBufferRef();
+  if (buffer.is_sparse()) {  // Note [Sparse buckets in the C++ hooks]: no residual to save
+    maybe_increase_iter(bucket);
+    return allreduce_mean(buffer);
+  }
+  save_for_rollback(bucket);
   if (iter_ < options_.start_iter) {
     maybe_increase_iter(bucket);
     return allreduce_mean(buffer);
