@@ -74,8 +74,8 @@ py::list buckets_to_list(const Reducer& reducer) {
     d["dtype"] = c10::toString(buckets[b].buffer.scalar_type());
     d["param_indices"] = buckets[b].params;
     d["sparse"] = buckets[b].row_sparse ? py::object(py::str("row"))
-                  : buckets[b].sparse       ? py::object(py::str("coo"))
-                                            : py::object(py::none());
+                  : buckets[b].sparse   ? py::object(py::str("coo"))
+                                        : py::object(py::none());
     out.append(d);
   }
   return out;

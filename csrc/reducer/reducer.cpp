@@ -4,6 +4,7 @@
 #include "comm/grad_bucket.hpp"
 #include "comm/kept_works.hpp"
 #include "reducer/finite_copy.hpp"
+#include "reducer/row_sparse.hpp"
 
 #include <algorithm>
 #include <sstream>
@@ -492,10 +493,11 @@ void Reducer::copy_grad_to_bucket(int64_t index) {
 //    sparse tensor (nnz 0, sparse_dim 1 as an embedding's gradient) where torch DDP fails with
 //    "Expected sparse gradient to be defined."; a parameter unused on every rank keeps its `.grad`.
 //  * Row-sparse (row_sparse_params, beyond torch): the parameter's `.grad` stays dense, but at
-//    reduction time it is converted to its nonzero rows (to_sparse(1): one pass over the gradient),
-//    reduced by the same sparse path, and written back as zeros plus the reduced rows. An embedding
-//    with sparse=False whose step touches few rows then sends nnz * (row + 8 index bytes) instead
-//    of the whole table; comm_stats() reports the bytes saved (negative if most rows are touched).
+//    reduction time it is converted to its nonzero rows (one pass over the gradient, Note
+//    [Row-sparse detection] in row_sparse.hpp), reduced by the same sparse path, and written back
+//    as zeros plus the reduced rows. An embedding with sparse=False whose step touches few rows
+//    then sends nnz * (row + 8 index bytes) instead of the whole table; comm_stats() reports the
+//    bytes saved (negative if most rows are touched).
 void Reducer::copy_sparse_grad_to_bucket(int64_t index) {
   const auto [b, slot] = param_location_[index];
   auto& bucket = buckets_[b];
@@ -506,12 +508,11 @@ void Reducer::copy_sparse_grad_to_bucket(int64_t index) {
     TORCH_CHECK(!grad.is_sparse(), "torchlane DDP: parameter '", param_names_[index],
                 "' is in row_sparse_params but got a sparse gradient; row_sparse_params is for "
                 "parameters whose gradient is dense (sparse ones are reduced as sparse already)");
-    bucket.sparse_grad = grad.to_sparse(1);
+    bucket.sparse_grad = dense_rows_to_sparse(grad);  // Note [Row-sparse detection]
   } else {
-    TORCH_CHECK(grad.is_sparse(),
-                "Expected variable to have sparse gradient. torchlane DDP: parameter '",
-                param_names_[index],
-                "' belongs to a module with sparse=True but its gradient is dense");
+    TORCH_CHECK(
+        grad.is_sparse(), "Expected variable to have sparse gradient. torchlane DDP: parameter '",
+        param_names_[index], "' belongs to a module with sparse=True but its gradient is dense");
     bucket.sparse_grad = grad;  // reduced in place, as torch DDP does
   }
   if (!comm_hook_) {
@@ -632,11 +633,6 @@ c10d::GradBucket Reducer::make_grad_bucket(size_t b, const at::Tensor& buffer) c
   for (auto i : buckets_[b].params) {
     params.push_back(params_[i]);
   }
-  if (buffer.is_sparse()) {
-    // As torch's reducer builds it for a sparse bucket: no offsets, lengths or per-parameter
-    // views (getGradients() is empty), the sparse gradient as buffer().
-    return c10d::GradBucket(b, buckets_.size(), buffer, {}, {}, {}, params, std::nullopt);
-  }
   return comm::make_grad_bucket(b, buckets_.size(), buffer, params);
 }
 
@@ -645,8 +641,7 @@ std::string Reducer::describe_bucket(size_t b) const {
   std::ostringstream out;
   out << "bucket " << b << " of " << buckets_.size() << " (" << bucket.params.size()
       << " parameters, " << (bucket.sparse ? "sparse, " : "") << bucket_bytes(bucket)
-      << " bytes, first parameter '"
-      << param_names_[bucket.params.front()] << "')";
+      << " bytes, first parameter '" << param_names_[bucket.params.front()] << "')";
   return out.str();
 }
 
@@ -797,8 +792,9 @@ void Reducer::write_back_sparse(size_t b) {
   TORCH_CHECK(result.defined() && result.is_sparse() && result.sizes() == params_[i].sizes() &&
                   result.scalar_type() == params_[i].scalar_type(),
               "the communication hook must return a future of a sparse tensor shaped like the "
-              "parameter for a sparse bucket: expected a sparse ", params_[i].scalar_type(),
-              " tensor of size ", params_[i].sizes(), " for ", describe_bucket(b), ", got ",
+              "parameter for a sparse bucket: expected a sparse ",
+              params_[i].scalar_type(), " tensor of size ", params_[i].sizes(), " for ",
+              describe_bucket(b), ", got ",
               result.defined() ? (result.is_sparse() ? "a sparse " : "a dense ") : "undefined",
               result.defined() ? c10::toString(result.scalar_type()) : "",
               result.defined() ? " tensor of size " + c10::str(result.sizes()) : "");
