@@ -311,6 +311,33 @@ def case_hook_contract(rank, world_size):
     return messages
 
 
+def case_join(rank, world_size):
+    """Uneven inputs under model.join(): rank 1 runs out after 1 step; its zero sparse bucket
+    (Note [Join]) leaves rank 0's later gradients its own divided by the initial world size, as
+    the one-process model computes them."""
+    torch.manual_seed(0)
+    model = Mixed()
+    ddp = torchlane.DistributedDataParallel(model)
+    grads = []
+    with ddp.join():
+        for step in range(3 if rank == 0 else 1):
+            model.zero_grad(set_to_none=True)
+            ddp(*batch(step, rank)).square().mean().backward()
+            grads.append(snapshot_grads(model)["emb.weight"])
+    if rank != 0:
+        return len(grads)
+    torch.manual_seed(0)
+    ref = Mixed()
+    for step in range(3):
+        ref.zero_grad(set_to_none=True)
+        ranks = range(world_size) if step == 0 else [0]
+        sum(ref(*batch(step, r)).square().mean() for r in ranks).div(world_size).backward()
+        kind, idx, val, _ = grads[step]
+        got = torch.sparse_coo_tensor(idx, val, ref.emb.weight.shape).to_dense()
+        torch.testing.assert_close(got, ref.emb.weight.grad.to_dense(), rtol=1e-6, atol=1e-7)
+    return len(grads)
+
+
 def case_two_ranks(rank, world_size):
     """Everything that runs on 2 ranks, in one spawn (tests stay fast on a shared machine)."""
     return {
@@ -319,6 +346,7 @@ def case_two_ranks(rank, world_size):
         "cpp_hooks": case_cpp_hooks(rank, world_size),
         "unused": case_unused(rank, world_size),
         "row_sparse": case_row_sparse(rank, world_size),
+        "join": case_join(rank, world_size),
     }
 
 

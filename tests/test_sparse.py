@@ -55,6 +55,10 @@ def test_row_sparse_params_match_dense_and_save_bytes(two_ranks):
         assert saved > 0 and row_sent < dense_sent and dense_sent - row_sent == saved
 
 
+def test_join_with_sparse_buckets(two_ranks):
+    assert [r["join"] for r in two_ranks] == [3, 1]
+
+
 def test_register_comm_hook_checks_match_torch(one_rank):
     for case, (theirs, ours) in one_rank["hook_contract"]:
         assert theirs is not None and ours is not None, case
