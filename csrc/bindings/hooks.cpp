@@ -20,8 +20,10 @@ py::object tensor_or_none(const at::Tensor& t) {
 at::Tensor run_comm_hook(const std::shared_ptr<torchlane::CommHook>& hook, at::Tensor buffer,
                          int64_t index, int64_t bucket_count, std::vector<at::Tensor> params) {
   TORCH_CHECK(hook, "_run_comm_hook: hook must not be None");
-  TORCH_CHECK(buffer.dim() == 1 && buffer.is_contiguous(),
-              "_run_comm_hook: buffer must be a contiguous 1-D tensor, got shape ", buffer.sizes());
+  TORCH_CHECK(buffer.is_sparse() || (buffer.dim() == 1 && buffer.is_contiguous()),
+              "_run_comm_hook: buffer must be a contiguous 1-D tensor or a sparse gradient, got "
+              "shape ",
+              buffer.sizes());
   TORCH_CHECK(bucket_count >= 1 && index >= 0 && index < bucket_count,
               "_run_comm_hook: index must be in [0, bucket_count), got index ", index,
               " and bucket_count ", bucket_count);

@@ -47,6 +47,7 @@ py::dict stats_to_dict(const Reducer& reducer) {
   py::dict d;
   d["bytes_reduced"] = stats.bytes_reduced;
   d["bytes_sent"] = stats.bytes_sent;
+  d["row_sparse_bytes_saved"] = stats.row_sparse_bytes_saved;
   d["backward_end_ms"] = ms(stats.backward_end_ns);
   d["comm_end_ms"] = ms(stats.comm_end_ns);
   d["first_hook_ns"] = stats.first_hook_ns;  // steady clock: Python's time.monotonic_ns()
@@ -74,6 +75,9 @@ py::list buckets_to_list(const Reducer& reducer) {
     d["bytes"] = buckets[b].buffer.nbytes();
     d["dtype"] = c10::toString(buckets[b].buffer.scalar_type());
     d["param_indices"] = buckets[b].params;
+    d["sparse"] = buckets[b].row_sparse ? py::object(py::str("row"))
+                  : buckets[b].sparse   ? py::object(py::str("coo"))
+                                        : py::object(py::none());
     out.append(d);
   }
   return out;
@@ -102,7 +106,8 @@ void bind_reducer(py::module_& m, py::module_& testing) {
                        c10::intrusive_ptr<c10d::ProcessGroup> pg, int64_t bucket_cap_bytes,
                        int64_t first_bucket_cap_bytes, bool find_unused,
                        bool gradient_as_bucket_view, bool static_graph, bool check_finite,
-                       bool verify_layout) {
+                       bool verify_layout, std::vector<int64_t> sparse_params,
+                       std::vector<int64_t> row_sparse_params) {
              torchlane::ReducerOptions options;
              options.bucket_cap_bytes = bucket_cap_bytes;
              options.first_bucket_cap_bytes = first_bucket_cap_bytes;
@@ -111,6 +116,8 @@ void bind_reducer(py::module_& m, py::module_& testing) {
              options.static_graph = static_graph;
              options.check_finite = check_finite;
              options.verify_layout = verify_layout;
+             options.sparse_params = std::move(sparse_params);
+             options.row_sparse_params = std::move(row_sparse_params);
              return NoGilPtr<Reducer>(
                  new Reducer(std::move(params), std::move(names), std::move(pg), options));
            }),
@@ -118,7 +125,8 @@ void bind_reducer(py::module_& m, py::module_& testing) {
            py::arg("bucket_cap_bytes"), py::arg("first_bucket_cap_bytes"),
            py::arg("find_unused_parameters"), py::arg("gradient_as_bucket_view"),
            py::arg("static_graph"), py::arg("check_finite") = false,
-           py::arg("verify_layout") = false)
+           py::arg("verify_layout") = false, py::arg("sparse_params") = std::vector<int64_t>{},
+           py::arg("row_sparse_params") = std::vector<int64_t>{})
       // The GIL is released wherever the reducer's mutex is taken: a Python comm hook's callbacks
       // need the GIL while the autograd thread holds the mutex.
       .def("prepare_for_forward", &Reducer::prepare_for_forward,

@@ -90,25 +90,43 @@ class CommHook : public c10d::CommHookInterface {
   void count_bytes_sent(int64_t bytes) {
     bytes_sent_ += bytes;
   }
+  // Bytes a tensor puts on the wire: a sparse COO tensor sends its indices and values (Gloo's
+  // sparse all-reduce all-gathers both), a dense one its elements.
+  static int64_t wire_bytes(const at::Tensor& t) {
+    if (t.is_sparse()) {
+      return static_cast<int64_t>(t._indices().nbytes() + t._values().nbytes());
+    }
+    return t.numel() * static_cast<int64_t>(t.element_size());
+  }
 
   // The launch sequence of every built-in hook's collective, in one place: count the bytes this
   // rank hands to the process group (comm_stats()' bytes_sent), launch, and keep the Work until
   // it is finished (Note [Kept works]). Returns the Work's future.
   c10::intrusive_ptr<c10::ivalue::Future> launch_allreduce(std::vector<at::Tensor> tensors) {
     for (const auto& t : tensors) {
-      count_bytes_sent(t.numel() * static_cast<int64_t>(t.element_size()));
+      count_bytes_sent(wire_bytes(t));
     }
     return comm::launched(process_group_->allreduce(tensors));
   }
   c10::intrusive_ptr<c10::ivalue::Future> launch_allgather(
       std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor> inputs) {
     for (const auto& t : inputs) {
-      count_bytes_sent(t.numel() * static_cast<int64_t>(t.element_size()));
+      count_bytes_sent(wire_bytes(t));
     }
     return comm::launched(process_group_->allgather(outputs, inputs));
   }
-  // The uncompressed path (warm-up steps, buckets of a dtype a hook does not compress): divide by
-  // the world size first, as torch's allreduce_hook does, then sum. The future holds `buffer`.
+  // The uncompressed path (warm-up steps, buckets of a dtype a hook does not compress, sparse
+  // buckets): divide by the world size first, as torch's allreduce_hook does, then sum. The future
+  // holds `buffer`.
+  //
+  // Note [Sparse buckets in the C++ hooks]
+  // A sparse-gradient bucket (Note [Sparse gradients], reducer.cpp) reaches a hook as a sparse COO
+  // buffer. All of torchlane's C++ hooks pass it through uncompressed, here, reduced by the process
+  // group's sparse all-reduce (the path torch's allreduce_hook takes). Compressing it would not be
+  // sound or not pay: top-k and PowerSGD keep error-feedback state shaped like a dense bucket and a
+  // sparse gradient already sends only the rows it touches; a bf16/fp16 cast of the values would
+  // halve them, but Gloo's sparse reduction then sums in the narrow dtype and torch DDP has no such
+  // path for sparse buckets to compare with, so it is left out rather than shipped untested.
   c10::intrusive_ptr<c10::ivalue::Future> allreduce_mean(at::Tensor buffer) {
     buffer.div_(process_group_->getSize());
     return launch_allreduce({buffer})->then(

@@ -158,6 +158,9 @@ std::string CastCompressHook::name() const {
 
 c10::intrusive_ptr<c10::ivalue::Future> CastCompressHook::runHook(c10d::GradBucket& bucket) {
   at::Tensor buffer = bucket.getBufferRef();
+  if (buffer.is_sparse()) {  // Note [Sparse buckets in the C++ hooks]
+    return allreduce_mean(buffer);
+  }
   auto fut = launch_allreduce({cast_compress(buffer, wire_dtype_, process_group_->getSize())});
   // The callback only computes: it launches no collective, so every rank issues the
   // collectives of all buckets in the same order (the backward pass's).

@@ -337,7 +337,8 @@ c10::intrusive_ptr<c10::ivalue::Future> PowerSGDHook::runHook(c10d::GradBucket& 
   at::Tensor buffer = bucket.getBufferRef();
   c10::intrusive_ptr<c10::ivalue::Future> result;
   size_t hold = 0;  // buckets left pending: this one, unless it is the last
-  if (iter_ < options_.start_iter) {
+  // A sparse bucket goes uncompressed: Note [Sparse buckets in the C++ hooks].
+  if (iter_ < options_.start_iter || buffer.is_sparse()) {
     result = allreduce_mean(index, buffer);
   } else if (!is_float_or_double(buffer)) {
     TORCH_WARN_ONCE("torchlane powersgd hook: buckets of dtype ", buffer.scalar_type(),

@@ -314,8 +314,12 @@ void TopKHook::end_step(bool grads_finite) {
 
 c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& bucket) {
   std::lock_guard<std::mutex> guard(mutex_);
-  save_for_rollback(bucket);
   at::Tensor buffer = bucket.getBufferRef();
+  if (buffer.is_sparse()) {  // Note [Sparse buckets in the C++ hooks]: no residual to save
+    maybe_increase_iter(bucket);
+    return allreduce_mean(buffer);
+  }
+  save_for_rollback(bucket);
   if (iter_ < options_.start_iter) {
     maybe_increase_iter(bucket);
     return allreduce_mean(buffer);

@@ -45,6 +45,10 @@ std::vector<std::vector<int64_t>> compute_bucket_assignment(const std::vector<Te
     TORCH_CHECK(idx >= 0 && idx < n, "order[", pos, "] = ", idx, " is out of range [0, ", n, ")");
     TORCH_CHECK(!seen[idx], "order lists tensor ", idx, " twice");
     seen[idx] = 1;
+    if (tensors[idx].own_bucket) {
+      closed.emplace_back(pos, std::vector<int64_t>{idx});
+      continue;
+    }
     auto& bucket = open[group_key(tensors[idx])];
     if (bucket.members.empty()) {
       bucket.first_position = pos;

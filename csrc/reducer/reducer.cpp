@@ -4,6 +4,7 @@
 #include "comm/grad_bucket.hpp"
 #include "comm/kept_works.hpp"
 #include "reducer/finite_copy.hpp"
+#include "reducer/row_sparse.hpp"
 
 #include <algorithm>
 #include <sstream>
@@ -80,6 +81,22 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> param_
     param_meta_.push_back(
         {static_cast<int64_t>(p.numel() * p.element_size()), p.scalar_type(), p.device()});
   }
+  // See Note [Sparse gradients].
+  sparse_kind_.assign(n, 0);
+  for (const auto& [list, kind, what] :
+       {std::tuple{&options_.sparse_params, 1, "sparse_params"},
+        std::tuple{&options_.row_sparse_params, 2, "row_sparse_params"}}) {
+    for (auto i : *list) {
+      TORCH_CHECK_VALUE(i >= 0 && i < n, what, ": parameter index ", i, " is out of range [0, ", n,
+                        ")");
+      TORCH_CHECK_VALUE(sparse_kind_[i] == 0, what, ": parameter '", param_names_[i],
+                        "' is listed twice (or is both sparse and row-sparse)");
+      TORCH_CHECK_VALUE(params_[i].dim() >= 1, what, ": parameter '", param_names_[i],
+                        "' is a scalar; a sparse reduction needs at least one dimension of rows");
+      sparse_kind_[i] = static_cast<char>(kind);
+      param_meta_[i].own_bucket = true;
+    }
+  }
 
   grad_hooks_.install(params_, [this](int64_t i) { autograd_hook(i); });
 
@@ -110,6 +127,21 @@ void Reducer::initialize_buckets(const std::vector<std::vector<int64_t>>& assign
     TORCH_INTERNAL_ASSERT(!members.empty());
     Bucket bucket;
     bucket.params = members;
+    if (sparse_kind_[members.front()] != 0) {  // Note [Sparse gradients]: one parameter, no buffer
+      TORCH_INTERNAL_ASSERT(members.size() == 1);
+      const auto i = members.front();
+      bucket.sparse = true;
+      bucket.row_sparse = sparse_kind_[i] == 2;
+      bucket.offsets = {0};
+      bucket.lengths = {static_cast<size_t>(params_[i].numel())};
+      bucket.buffer = at::empty({0}, params_[i].options().requires_grad(false));
+      bucket.views.emplace_back();
+      param_location_[i] = {buckets.size(), 0};
+      bucket.pending = 1;
+      bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
+      buckets.push_back(std::move(bucket));
+      continue;
+    }
     size_t total = 0;
     for (auto i : members) {
       bucket.offsets.push_back(total);
@@ -156,6 +188,8 @@ void Reducer::reset_iteration_state() {
     bucket.pending = bucket.params.size();
     bucket.future.reset();
     bucket.ready_ns = bucket.launch_ns = bucket.return_ns = bucket.wait_ns = 0;
+    bucket.sparse_grad.reset();
+    bucket.wire_bytes = 0;
     bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
   }
   local_used_future_.reset();
@@ -244,6 +278,7 @@ void Reducer::abandon_iteration() {
   std::fill(local_used_host_.begin(), local_used_host_.end(), 0);
   // The bytes this unfinished step sent are not reported as the next step's.
   step_bytes_sent_ = 0;
+  step_bytes_saved_ = 0;
   if (auto* counting = dynamic_cast<CommHook*>(comm_hook_.get())) {
     counting->take_bytes_sent();
   }
@@ -394,6 +429,10 @@ void Reducer::mark_ready(int64_t index) {
 void Reducer::copy_grad_to_bucket(int64_t index) {
   // backward(create_graph=True) runs hooks in grad mode: the bucket must not join the graph.
   at::NoGradGuard no_grad;
+  if (sparse_kind_[index] != 0) {
+    copy_sparse_grad_to_bucket(index);
+    return;
+  }
   const auto [b, slot] = param_location_[index];
   auto& view = buckets_[b].views[slot];
   auto& grad = params_[index].mutable_grad();
@@ -401,8 +440,10 @@ void Reducer::copy_grad_to_bucket(int64_t index) {
     view.zero_();
     return;
   }
-  TORCH_CHECK(!grad.is_sparse(), "torchlane DDP does not support sparse gradients (parameter '",
-              param_names_[index], "')");
+  TORCH_CHECK(!grad.is_sparse(), "torchlane DDP: parameter '", param_names_[index],
+              "' got a sparse gradient, but only parameters of nn.Embedding / nn.EmbeddingBag "
+              "modules built with sparse=True are reduced as sparse (as in torch DDP); build the "
+              "module with sparse=True or keep its gradient dense");
   const bool scale =
       !comm_hook_;  // a comm hook receives the unscaled sum (Note [Comm hook contract])
   if (options_.gradient_as_bucket_view && grad.is_alias_of(view)) {
@@ -422,6 +463,76 @@ void Reducer::copy_grad_to_bucket(int64_t index) {
   if (options_.gradient_as_bucket_view) {
     grad = view;
   }
+}
+
+// Note [Sparse gradients]
+// torch DDP reduces the gradient of an nn.Embedding/EmbeddingBag built with sparse=True as a
+// sparse COO tensor in a bucket of its own (a sparse tensor cannot be a slice of a flat buffer),
+// and so does torchlane, with the same observable result:
+//  * The gradient is divided by world size in place (values / world_size, a division as torch's
+//    `div_(div_factor_)`, not a multiplication by 1/world_size: the two differ in the last bit)
+//    unless a comm hook is registered, which receives the unscaled gradient as GradBucket::buffer()
+//    (sparse; getGradients() is empty, as in torch).
+//  * Without a hook it goes to the process group's all-reduce as a sparse tensor. Gloo's sparse
+//    all-reduce (ProcessGroupGlooDetail.hpp, AsyncSparseAllreduceWork) coalesces the local tensor,
+//    all-gathers every rank's nnz, then its indices and values (allgatherv), sums the per-rank
+//    tensors in rank order, coalesces, and copies the result into the input tensor: the future's
+//    value is the input list, which now holds the coalesced average. Since torchlane hands Gloo the
+//    same tensor torch DDP does, the result is bitwise torch's. NCCL has no sparse all-reduce:
+//    ProcessGroupNCCL::allreduce_sparse raises "NCCL does not support all_reduce with sparse
+//    tensors" unless torch is built against Meta's NCCLX, so on NCCL torch DDP and torchlane both
+//    raise that error for sparse buckets (use a Gloo group, or row_sparse_params below).
+//  * The result is copied into `.grad` (still a sparse tensor; coalesced). gradient_as_bucket_view
+//    does not apply to it (there is no flat buffer), as in torch.
+//  * A rank on which the parameter got no gradient (find_unused_parameters) contributes an empty
+//    sparse tensor (nnz 0, sparse_dim 1 as an embedding's gradient) where torch DDP fails with
+//    "Expected sparse gradient to be defined."; a parameter unused on every rank keeps its `.grad`.
+//  * Row-sparse (row_sparse_params, beyond torch): the parameter's `.grad` stays dense, but at
+//    reduction time it is converted to its nonzero rows (one pass over the gradient, Note
+//    [Row-sparse detection] in row_sparse.hpp), reduced by the same sparse path, and written back
+//    as zeros plus the reduced rows. An embedding with sparse=False whose step touches few rows
+//    then sends nnz * (row + 8 index bytes) instead of the whole table; comm_stats() reports the
+//    bytes saved (negative if most rows are touched).
+void Reducer::copy_sparse_grad_to_bucket(int64_t index) {
+  const auto [b, slot] = param_location_[index];
+  auto& bucket = buckets_[b];
+  auto& grad = params_[index].mutable_grad();
+  if (!grad.defined()) {
+    bucket.sparse_grad = empty_sparse_grad(index);
+  } else if (bucket.row_sparse) {
+    TORCH_CHECK(!grad.is_sparse(), "torchlane DDP: parameter '", param_names_[index],
+                "' is in row_sparse_params but got a sparse gradient; row_sparse_params is for "
+                "parameters whose gradient is dense (sparse ones are reduced as sparse already)");
+    bucket.sparse_grad = dense_rows_to_sparse(grad);  // Note [Row-sparse detection]
+  } else {
+    TORCH_CHECK(
+        grad.is_sparse(), "Expected variable to have sparse gradient. torchlane DDP: parameter '",
+        param_names_[index], "' belongs to a module with sparse=True but its gradient is dense");
+    bucket.sparse_grad = grad;  // reduced in place, as torch DDP does
+  }
+  if (!comm_hook_) {
+    bucket.sparse_grad.div_(world_size_);
+  }
+}
+
+at::Tensor Reducer::empty_sparse_grad(int64_t index) const {
+  const auto& p = params_[index];
+  auto value_sizes = p.sizes().vec();
+  value_sizes[0] = 0;
+  return at::_sparse_coo_tensor_unsafe(
+      at::empty({1, 0}, p.options().dtype(at::kLong).requires_grad(false)),
+      at::empty(value_sizes, p.options().requires_grad(false)), p.sizes());
+}
+
+int64_t Reducer::bucket_bytes(const Bucket& bucket) const {
+  if (!bucket.sparse) {
+    return static_cast<int64_t>(bucket.buffer.nbytes());
+  }
+  if (!bucket.sparse_grad.defined()) {
+    return 0;
+  }
+  return static_cast<int64_t>(bucket.sparse_grad._indices().nbytes() +
+                              bucket.sparse_grad._values().nbytes());
 }
 
 void Reducer::launch_ready_buckets() {
@@ -447,9 +558,25 @@ void Reducer::launch_bucket(size_t b) {
   auto& bucket = buckets_[b];
   RECORD_FUNCTION("torchlane::allreduce_bucket", std::vector<c10::IValue>({bucket.buffer}));
   bucket.launch_ns = now_ns();
-  flight_->on_launch(++collective_seq_, static_cast<int64_t>(b), bucket.buffer.nbytes(),
+  bucket.wire_bytes = bucket_bytes(bucket);
+  flight_->on_launch(++collective_seq_, static_cast<int64_t>(b), bucket.wire_bytes,
                      bucket.launch_ns);
-  if (comm_hook_) {
+  if (bucket.sparse) {  // See Note [Sparse gradients].
+    if (comm_hook_) {
+      auto grad_bucket = make_grad_bucket(b, bucket.sparse_grad);
+      bucket.future = comm_hook_->runHook(grad_bucket);
+      TORCH_CHECK(bucket.future, "the communication hook returned no future for bucket ", b);
+    } else {
+      std::vector<at::Tensor> tensors{bucket.sparse_grad};
+      bucket.future = comm::launched(process_group_->allreduce(tensors));
+    }
+    if (!comm_hook_counts_bytes_) {
+      step_bytes_sent_ += bucket.wire_bytes;
+    }
+    if (bucket.row_sparse) {
+      step_bytes_saved_ += param_meta_[bucket.params.front()].bytes - bucket.wire_bytes;
+    }
+  } else if (comm_hook_) {
     auto grad_bucket = make_grad_bucket(b, bucket.buffer);
     bucket.future = comm_hook_->runHook(grad_bucket);
     TORCH_CHECK(bucket.future, "the communication hook returned no future for bucket ", b);
@@ -509,8 +636,8 @@ std::string Reducer::describe_bucket(size_t b) const {
   const auto& bucket = buckets_[b];
   std::ostringstream out;
   out << "bucket " << b << " of " << buckets_.size() << " (" << bucket.params.size()
-      << " parameters, " << bucket.buffer.nbytes() << " bytes, first parameter '"
-      << param_names_[bucket.params.front()] << "')";
+      << " parameters, " << (bucket.sparse ? "sparse, " : "") << bucket_bytes(bucket)
+      << " bytes, first parameter '" << param_names_[bucket.params.front()] << "')";
   return out.str();
 }
 
@@ -585,6 +712,10 @@ void Reducer::write_back_gradients() {
     auto& bucket = buckets_[b];
     // A trace names the write-back of each bucket, as torch's reducer::copy_bucket_to_grad.
     RECORD_FUNCTION("torchlane::copy_bucket_to_grad", std::vector<c10::IValue>({bucket.buffer}));
+    if (bucket.sparse) {
+      write_back_sparse(b);
+      continue;
+    }
     if (comm_hook_) {
       at::Tensor result;
       try {
@@ -641,14 +772,65 @@ void Reducer::write_back_gradients() {
   }
 }
 
+// See Note [Sparse gradients].
+void Reducer::write_back_sparse(size_t b) {
+  auto& bucket = buckets_[b];
+  const auto i = bucket.params.front();
+  at::Tensor result;
+  try {
+    const auto& value = bucket.future->value();
+    result = comm_hook_ ? comm_hook_->parseHookResult(value)
+                        : (value.isTensor() ? value.toTensor() : value.toTensorVector().at(0));
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "the communication hook's future for ", describe_bucket(b),
+                " did not hold a tensor: ", e.what());
+  }
+  TORCH_CHECK(result.defined() && result.is_sparse() && result.sizes() == params_[i].sizes() &&
+                  result.scalar_type() == params_[i].scalar_type(),
+              "the communication hook must return a future of a sparse tensor shaped like the "
+              "parameter for a sparse bucket: expected a sparse ",
+              params_[i].scalar_type(), " tensor of size ", params_[i].sizes(), " for ",
+              describe_bucket(b), ", got ",
+              result.defined() ? (result.is_sparse() ? "a sparse " : "a dense ") : "undefined",
+              result.defined() ? c10::toString(result.scalar_type()) : "",
+              result.defined() ? " tensor of size " + c10::str(result.sizes()) : "");
+  if (tracks_usage() && globally_unused_[i]) {
+    return;  // no rank produced a gradient: leave `.grad` as it is, as torch DDP does
+  }
+  if (options_.check_finite) {
+    grads_finite_ &= all_finite(result._values());
+  }
+  auto& grad = params_[i].mutable_grad();
+  if (bucket.row_sparse) {
+    auto rows = result.coalesce();
+    if (!grad.defined()) {
+      grad = at::zeros_like(params_[i], at::MemoryFormat::Contiguous);
+    } else {
+      grad.zero_();
+    }
+    grad.index_copy_(0, rows._indices().select(0, 0), rows._values());
+  } else if (grad.defined() && grad.is_sparse()) {
+    if (!grad.is_same(result)) {
+      grad.copy_(result);
+    }
+  } else {
+    grad = result;
+  }
+}
+
 void Reducer::publish_stats() {
   StepStats stats;
   stats.first_hook_ns = first_hook_ns_;
   stats.backward_end_ns = backward_end_ns_;
   stats.comm_end_ns = comm_end_ns_;
   stats.ready_order = step_ready_order_;
+  stats.row_sparse_bytes_saved = step_bytes_saved_;
+  step_bytes_saved_ = 0;
   for (const auto& bucket : buckets_) {
-    stats.bytes_reduced += static_cast<int64_t>(bucket.buffer.nbytes());
+    // Uncompressed: a row-sparse bucket's dense gradient, a sparse one's indices and values.
+    stats.bytes_reduced += bucket.row_sparse ? param_meta_[bucket.params.front()].bytes
+                           : bucket.sparse   ? bucket.wire_bytes
+                                             : bucket_bytes(bucket);
     stats.ready_ns.push_back(bucket.ready_ns);
     stats.launch_ns.push_back(bucket.launch_ns);
     stats.return_ns.push_back(bucket.return_ns);
@@ -750,9 +932,10 @@ void Reducer::set_bucket_caps(int64_t cap_bytes, int64_t first_cap_bytes) {
 void Reducer::register_comm_hook(std::shared_ptr<c10d::CommHookInterface> hook) {
   std::lock_guard<std::mutex> lock(mutex_);
   TORCH_CHECK(hook, "register_comm_hook: hook must not be None");
+  // torch's sentence first, so code matching on torch DDP's message keeps working.
   TORCH_CHECK(!comm_hook_,
-              "register_comm_hook can only be called once: a communication hook is "
-              "already registered on this model");
+              "register_comm_hook or register_builtin_comm_hook can only be called once. "
+              "torchlane DDP: a communication hook is already registered on this model");
   TORCH_CHECK(iterations_ == 0 && !backward_started_,
               "register_comm_hook must be called before the first backward pass; this model "
               "already reduced gradients ",
@@ -836,7 +1019,8 @@ void Reducer::run_zero_allreduces() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
   for (size_t b = 0; b < buckets_.size(); ++b) {
-    auto zeros = at::zeros_like(buckets_[b].buffer);
+    auto zeros = buckets_[b].sparse ? empty_sparse_grad(buckets_[b].params.front())
+                                    : at::zeros_like(buckets_[b].buffer);
     if (comm_hook_) {
       auto grad_bucket = make_grad_bucket(b, zeros);
       futures.push_back(comm_hook_->runHook(grad_bucket));

@@ -29,6 +29,10 @@ struct ReducerOptions {
   bool static_graph = false;
   bool check_finite = false;
   bool verify_layout = false;  // Note [Layout verification]
+  // Parameter indices whose gradient is sparse (nn.Embedding(sparse=True)), and dense-gradient
+  // parameters reduced row-sparse on request. See Note [Sparse gradients].
+  std::vector<int64_t> sparse_params;
+  std::vector<int64_t> row_sparse_params;
 };
 
 // One flat buffer holding the gradients of several parameters of one dtype and device.
@@ -46,6 +50,13 @@ struct Bucket {
   int64_t wait_ns = 0;    // when finalize_backward's wait on `future` returned
   // Written by the future's completion callback, which may outlive this iteration.
   std::shared_ptr<std::atomic<int64_t>> done_ns;
+  // Note [Sparse gradients]: a bucket of one parameter whose gradient travels as a sparse COO
+  // tensor (`buffer` is then empty and `views` unused). row_sparse: the parameter's `.grad` is
+  // dense and is converted to (row index, row) pairs for the reduction.
+  bool sparse = false;
+  bool row_sparse = false;
+  at::Tensor sparse_grad;  // this iteration's sparse gradient, reduced in place
+  int64_t wire_bytes = 0;  // bytes this rank handed to the process group for the bucket
 };
 
 // Timing and volume of the last synchronised backward pass (see Reducer::stats()).
@@ -55,6 +66,7 @@ struct StepStats {
   int64_t comm_end_ns = 0;
   int64_t bytes_reduced = 0;  // uncompressed bytes of all buckets
   int64_t bytes_sent = 0;     // bytes this rank handed to the process group (after compression)
+  int64_t row_sparse_bytes_saved = 0;  // dense bytes of row-sparse parameters minus what they sent
   std::vector<int64_t> ready_ns, launch_ns, return_ns, done_ns;  // per bucket, steady-clock ns
   std::vector<CommHook::CollectiveEvent> collectives;            // from a hook that records them
   std::vector<std::shared_ptr<std::atomic<int64_t>>> done_slots;
@@ -146,6 +158,10 @@ class Reducer {
   c10d::GradBucket make_grad_bucket(size_t b, const at::Tensor& buffer) const;
   void mark_ready(int64_t index);
   void copy_grad_to_bucket(int64_t index);
+  void copy_sparse_grad_to_bucket(int64_t index);
+  at::Tensor empty_sparse_grad(int64_t index) const;
+  void write_back_sparse(size_t b);
+  int64_t bucket_bytes(const Bucket& bucket) const;
   void launch_ready_buckets();
   void launch_bucket(size_t b);
   void write_back_gradients();
@@ -163,6 +179,7 @@ class Reducer {
   std::vector<at::Tensor> params_;
   std::vector<std::string> param_names_;
   std::vector<TensorMeta> param_meta_;
+  std::vector<char> sparse_kind_;  // per parameter: 0 dense, 1 sparse, 2 row-sparse
   c10::intrusive_ptr<c10d::ProcessGroup> process_group_;
   ReducerOptions options_;
   int64_t world_size_;
@@ -210,6 +227,7 @@ class Reducer {
   mutable std::mutex stats_mutex_;
   StepStats last_stats_;
   int64_t step_bytes_sent_ = 0;
+  int64_t step_bytes_saved_ = 0;  // row-sparse savings of this step
   // Shared with bucket completion callbacks, which may outlive the reducer.
   std::shared_ptr<FlightRecord> flight_ = std::make_shared<FlightRecord>();
   int64_t collective_seq_ = 0;

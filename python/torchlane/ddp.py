@@ -25,7 +25,7 @@ from torch.nn import Module
 from torch.nn.parallel.distributed import _find_tensors as _torch_find_tensors
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from torchlane import _C, _agree
+from torchlane import _C, _agree, _sparse
 from torchlane.autotune import BucketAutotune, _Autotuner
 
 _MiB = 1024 * 1024
@@ -419,6 +419,7 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         *,
         check_finite: bool = False,
         verify_layout: bool | None = None,
+        row_sparse_params=None,
     ):
         Module.__init__(self)  # not torch DDP's: Note [A torch DDP without torch's reducer]
         Joinable.__init__(self)
@@ -500,6 +501,11 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             verify_layout = os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() == "DETAIL"
         self._param_names = [n for n, _ in named]
         self._params = [p for _, p in named]
+        # Note [Sparse gradients] (reducer.cpp): torch DDP's rule for which gradients are sparse.
+        self._sparse_params = _sparse.expected_sparse(module, self._params)
+        self._row_sparse_params = _sparse.row_sparse_indices(
+            row_sparse_params, self._param_names, self._params, self._sparse_params
+        )
         self._set_devices(device_ids, output_device)
         self._verify_params_across_ranks()
         # See Note [Options that must agree across ranks] (torchlane/_agree.py).
@@ -512,6 +518,7 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
                 "check_finite": bool(check_finite),
                 "broadcast_buffers": bool(broadcast_buffers),
                 "verify_layout": bool(verify_layout),
+                "row_sparse_params": sorted(self._param_names[i] for i in self._row_sparse_params),
             },
             process_group,
         )
@@ -534,6 +541,8 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             self.static_graph,
             self.check_finite,
             self.verify_layout,
+            self._sparse_params,
+            self._row_sparse_params,
         )
         self._synced_forwards = 0
         self._has_comm_hook = False
@@ -874,13 +883,13 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         (e.g. ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks.fp16_compress_hook``)
         work unchanged. Only one hook may be registered, before the first backward."""
         make_cpp = getattr(hook, "_torchlane_make_cpp_hook", None)
+        if make_cpp is None:
+            _check_comm_hook(hook)
         if make_cpp is not None:
             cpp_hook = make_cpp(state, self.process_group)
             self._reducer.register_cpp_comm_hook(cpp_hook)
             self._has_comm_hook = True
         else:
-            if not callable(hook):
-                raise TypeError(f"Communication hook must be callable, got {type(hook).__name__}")
             try:
                 inspect.signature(hook).bind(state, None)
             except TypeError as e:
@@ -892,6 +901,10 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             self._reducer.register_python_comm_hook(state, hook)
             self._has_comm_hook = True
             self.logger._set_comm_hook_name(getattr(hook, "__qualname__", repr(hook)))
+
+    def _check_comm_hook(self, hook):
+        """torch DDP's hook checks (see the module-level _check_comm_hook)."""
+        _check_comm_hook(hook)
 
     @property
     def grads_finite(self) -> bool:
@@ -911,16 +924,49 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         per-bucket ready/launch/return/done times in bucket_events (return_ms: when the bucket's
         launch, i.e. the comm hook call, gave the backward thread back), and, for hooks that
         record them (PowerSGD), every collective in issue order in collectives
-        ({bucket, op, launch_ms})."""
+        ({bucket, op, launch_ms}). Sparse buckets (Note [Sparse gradients]) are marked in
+        buckets[i]["sparse"] ("coo" or "row"); row_sparse_bytes_saved is what the row_sparse_params
+        sent less than their dense gradients would have."""
         stats = self._reducer.stats()
         buckets = self._reducer.buckets()
         for b in buckets:
             b["params"] = [self._param_names[i] for i in b.pop("param_indices")]
-        stats["buckets"] = buckets
+        stats["buckets"] = buckets  # each with "sparse": "coo", "row" or None
         stats["num_buckets"] = len(buckets)
         if self._autotuner is not None:
             stats["autotune"] = self._autotuner.state()
         return stats
+
+
+def _check_comm_hook(hook):
+    """torch DDP's checks of a Python comm hook (DistributedDataParallel._check_comm_hook), with
+    torch's sentences first and torchlane's detail after them. String annotations (a module with
+    ``from __future__ import annotations``) are resolved first; torch compares them unresolved."""
+    if not callable(hook):
+        raise TypeError(
+            f"Communication hook must be callable. torchlane: got {type(hook).__name__}"
+        )
+    try:
+        try:
+            sig = inspect.signature(hook, eval_str=True)
+        except Exception:  # an annotation that does not evaluate: compare it as written
+            sig = inspect.signature(hook)
+    except (TypeError, ValueError):
+        return  # no signature to inspect (a builtin): let the call decide
+    params = list(sig.parameters.values())
+    bucket = sig.parameters.get("bucket", params[1] if len(params) > 1 else None)
+    if bucket is not None and bucket.annotation not in (inspect.Parameter.empty, dist.GradBucket):
+        raise ValueError(
+            "Communication hook: bucket annotation should be dist.GradBucket. "
+            f"torchlane: parameter {bucket.name!r} of {getattr(hook, '__qualname__', hook)!r} "
+            f"is annotated {bucket.annotation!r}"
+        )
+    if sig.return_annotation not in (inspect.Signature.empty, torch.futures.Future[torch.Tensor]):
+        raise ValueError(
+            "Communication hook: return annotation should be torch.futures.Future[torch.Tensor]. "
+            f"torchlane: {getattr(hook, '__qualname__', hook)!r} returns "
+            f"{sig.return_annotation!r}"
+        )
 
 
 # torch DDP methods that would run torch code against state torchlane never builds (torch's
@@ -959,7 +1005,6 @@ _UNSUPPORTED = (
     "_sync_module_buffers",
     "_default_broadcast_coalesced",
     "_passing_sync_batchnorm_handle",
-    "_check_comm_hook",
     "_set_sparse_metadata",
     "_update_process_group",
     "_set_ddp_sink_clone",
