@@ -1,0 +1,71 @@
+"""Lightning with torchlane DDP: ``Trainer(strategy="torchlane_ddp")``.
+
+    import torchlane.integrations.lightning  # registers the "torchlane_ddp" strategies
+    trainer = lightning.Trainer(strategy="torchlane_ddp", ...)
+
+or pass an instance, ``Trainer(strategy=DDPStrategy(bucket_cap_mb=8))``, to give torchlane DDP
+arguments. ``DDPStrategy`` is Lightning's own ``DDPStrategy`` (``lightning.pytorch``) with one
+difference: ``_setup_model`` wraps the LightningModule in ``torchlane.DistributedDataParallel``
+instead of torch's. Everything else is Lightning's code, which recognises torchlane DDP as torch
+DDP (it is a subclass): ``no_sync`` during gradient accumulation, ``model.reducer`` armed by
+``manual_backward``, the comm-hook registration, the unwrapping before checkpoints.
+
+Registered names (the launch methods of Lightning's "ddp" family): ``torchlane_ddp`` (popen,
+Lightning starts one process per device or uses an external launcher such as ``torchrun``),
+``torchlane_ddp_spawn``, ``torchlane_ddp_fork``, ``torchlane_ddp_notebook`` and
+``torchlane_ddp_find_unused_parameters_true``. Lightning 2.6 has no entry point for strategies
+(its registry is filled from its own classes when ``lightning.pytorch.strategies`` is imported),
+so the import above is needed once before the ``Trainer`` is built.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
+from lightning.pytorch.strategies import StrategyRegistry
+
+from torchlane.ddp import DistributedDataParallel
+
+__all__ = ["DDPStrategy"]
+
+_STRATEGIES = (
+    ("torchlane_ddp", {"start_method": "popen"}),
+    ("torchlane_ddp_spawn", {"start_method": "spawn"}),
+    ("torchlane_ddp_fork", {"start_method": "fork"}),
+    ("torchlane_ddp_notebook", {"start_method": "fork"}),
+    ("torchlane_ddp_find_unused_parameters_true",
+     {"start_method": "popen", "find_unused_parameters": True}),
+)
+
+
+class DDPStrategy(_LightningDDPStrategy):
+    """Lightning's ``DDPStrategy`` wrapping the model in ``torchlane.DistributedDataParallel``.
+
+    Keyword arguments that Lightning does not consume (``bucket_cap_mb``, ``static_graph``,
+    ``check_finite``, ...) go to ``torchlane.DistributedDataParallel``, which checks them.
+    """
+
+    strategy_name = "torchlane_ddp"
+
+    def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
+        device_ids = self.determine_ddp_device_ids()
+        # As Lightning does for torch DDP: build the wrapper (its broadcast) on a side stream.
+        ctx = torch.cuda.stream(torch.cuda.Stream()) if device_ids is not None else nullcontext()
+        with ctx:
+            return DistributedDataParallel(module=model, device_ids=device_ids, **self._ddp_kwargs)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        for name, kwargs in _STRATEGIES:
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"torchlane DDP strategy with {kwargs}",
+                override=True,
+                **kwargs,
+            )
+
+
+DDPStrategy.register_strategies(StrategyRegistry)

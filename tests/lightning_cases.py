@@ -1,0 +1,140 @@
+"""Rank functions for tests/test_lightning.py: the same tiny LightningModule trained by
+Lightning's own "ddp" strategy and by "torchlane_ddp" in each spawned rank (tests/dist.py starts
+the ranks and the process group; Lightning sees an external launcher through the LOCAL_RANK /
+WORLD_SIZE variables, LightningEnvironment, and reuses the initialised group)."""
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+STEPS = 10
+BATCH = 2
+# Per rank. The resume checkpoint (step 5) falls on an epoch boundary: Lightning resumes a plain
+# DataLoader mid-epoch by restarting the epoch, with torch DDP as with torchlane.
+BATCHES_PER_EPOCH = 5
+
+
+def _env(rank, world):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+
+
+def _module_class():
+    import lightning.pytorch as pl
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, manual=False):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+            self.automatic_optimization = not manual
+            self.losses = []
+            self.wrapper = None
+
+        def on_train_start(self):
+            self.wrapper = type(self.trainer.strategy.model).__module__
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.losses.append(loss.detach().clone())
+            if self.automatic_optimization:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            return None
+
+        def configure_optimizers(self):
+            # Momentum: a resume that lost the optimizer state would show in the losses.
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    return Tiny
+
+
+def _loader(world):
+    # Different data on each rank (the distributed sampler splits it), fixed order.
+    g = torch.Generator().manual_seed(1)
+    n = world * BATCH * BATCHES_PER_EPOCH
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+
+
+def _trainer(strategy, max_steps, world, **kw):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_steps=max_steps,
+        logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, **{"enable_checkpointing": False, **kw})
+
+
+def _fit(strategy, world, manual=False, max_steps=STEPS, ckpt_in=None, **kw):
+    model = _module_class()(manual=manual)
+    trainer = _trainer(strategy, max_steps, world, **kw)
+    trainer.fit(model, _loader(world), ckpt_path=ckpt_in)
+    params = [p.detach().clone() for p in model.parameters()]
+    return {"losses": [float(v) for v in model.losses], "loss_tensors": model.losses,
+            "params": params, "wrapper": model.wrapper}
+
+
+def _checkpointed(strategy, world, tmp, tag):
+    """Ten steps with a checkpoint every five (Lightning's ModelCheckpoint, written by rank 0
+    into a directory every rank reads), then a new Trainer resumed from the step-5 checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dir = os.path.join(tmp, tag)
+    cb = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=STEPS // 2, save_top_k=-1,
+                         filename="{step}")
+    full = _fit(strategy, world, callbacks=[cb], enable_checkpointing=True)
+    resumed = _fit(strategy, world, ckpt_in=os.path.join(ckpt_dir, f"step={STEPS // 2}.ckpt"))
+    return full, resumed
+
+
+def compare(rank, world, tmp):
+    """Each scenario with "ddp" and "torchlane_ddp": losses, final parameters, wrapper type."""
+    _env(rank, world)
+    import torchlane.integrations.lightning  # noqa: F401  (registers "torchlane_ddp")
+
+    res = {}
+    for strategy in ("ddp", "torchlane_ddp"):
+        res[("auto", strategy)] = _fit(strategy, world)
+        res[("manual", strategy)] = _fit(strategy, world, manual=True)
+        res[("accumulate", strategy)] = _fit(strategy, world, accumulate_grad_batches=2)
+        res[("checkpointed", strategy)], res[("resume", strategy)] = _checkpointed(
+            strategy, world, tmp, strategy)
+    # A checkpoint of the torch-DDP job resumed by a torchlane job.
+    res[("resume_from_ddp", "torchlane_ddp")] = _fit(
+        "torchlane_ddp", world, ckpt_in=os.path.join(tmp, "ddp", f"step={STEPS // 2}.ckpt"))
+    res.update(_instance_and_errors(world))
+    return res
+
+
+def _instance_and_errors(world):
+    """A DDPStrategy instance carrying torchlane DDP arguments, the registry, bad arguments."""
+    from lightning.pytorch.strategies import StrategyRegistry
+    from torchlane.integrations.lightning import DDPStrategy
+
+    res = {}
+    out = _fit(DDPStrategy(bucket_cap_mb=1, check_finite=True), world, max_steps=3)
+    res["instance"] = out["wrapper"], out["losses"], _ref_losses(world)
+    res["registry"] = {name: (StrategyRegistry[name]["strategy"] is DDPStrategy,
+                              StrategyRegistry[name]["init_params"])
+                       for name in StrategyRegistry.available_strategies()
+                       if name.startswith("torchlane")}
+    for tag, kwargs in {"bucket": {"bucket_cap_mb": -1}, "unknown": {"no_such_arg": 1}}.items():
+        try:
+            _fit(DDPStrategy(**kwargs), world, max_steps=1)
+            res[tag] = None
+        except Exception as e:  # noqa: BLE001  (the test checks the type and message)
+            res[tag] = (type(e).__name__, str(e))
+    return res
+
+
+def _ref_losses(world):
+    return _fit("ddp", world, max_steps=3)["losses"]
