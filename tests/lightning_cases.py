@@ -108,6 +108,13 @@ def compare(rank, world, tmp):
         res[("accumulate", strategy)] = _fit(strategy, world, accumulate_grad_batches=2)
         res[("checkpointed", strategy)], res[("resume", strategy)] = _checkpointed(
             strategy, world, tmp, strategy)
+    # static_graph=True with manual optimisation (Lightning flushes torch's first iteration).
+    from lightning.pytorch.strategies import DDPStrategy as LightningDDP
+    from torchlane.integrations.lightning import DDPStrategy
+
+    res[("manual_static", "ddp")] = _fit(LightningDDP(static_graph=True), world, manual=True)
+    res[("manual_static", "torchlane_ddp")] = _fit(DDPStrategy(static_graph=True), world,
+                                                   manual=True)
     # A checkpoint of the torch-DDP job resumed by a torchlane job.
     res[("resume_from_ddp", "torchlane_ddp")] = _fit(
         "torchlane_ddp", world, ckpt_in=os.path.join(tmp, "ddp", f"step={STEPS // 2}.ckpt"))

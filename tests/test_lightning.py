@@ -28,7 +28,8 @@ def _bitwise(a, b):
         assert torch.equal(x, y), (x, y)
 
 
-@pytest.mark.parametrize("scenario", ["auto", "manual", "accumulate", "checkpointed", "resume"])
+@pytest.mark.parametrize(
+    "scenario", ["auto", "manual", "manual_static", "accumulate", "checkpointed", "resume"])
 def test_losses_bitwise_equal_to_lightning_ddp(compared, scenario):
     for r in compared:
         ref, tl = r[(scenario, "ddp")], r[(scenario, "torchlane_ddp")]

@@ -56,6 +56,16 @@ class DDPStrategy(_LightningDDPStrategy):
         with ctx:
             return DistributedDataParallel(module=model, device_ids=device_ids, **self._ddp_kwargs)
 
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        # Lightning's post_backward only flushes torch's first static-graph iteration under manual
+        # optimisation (reducer._delay_all_reduce(): torch's reducer defers that iteration's
+        # all-reduces to an explicit call). torchlane's reducer has no deferred iteration: with
+        # static_graph=True it launches and finishes the first backward's buckets itself, so
+        # there is nothing to flush (tests/test_lightning.py, the "manual_static" case).
+        if isinstance(self.model, DistributedDataParallel):
+            return
+        super().post_backward(closure_loss)
+
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:
         for name, kwargs in _STRATEGIES:
