@@ -128,8 +128,26 @@ def _instance_and_errors(world):
     from torchlane.integrations.lightning import DDPStrategy
 
     res = {}
+    ref = _fit("ddp", world, max_steps=3)["losses"]
     out = _fit(DDPStrategy(bucket_cap_mb=1, check_finite=True), world, max_steps=3)
-    res["instance"] = out["wrapper"], out["losses"], _ref_losses(world)
+    res["instance"] = out["wrapper"], out["losses"], ref
+    # A comm hook handed to the strategy: Lightning's "ddp" registers it on CUDA only (on CPU it
+    # drops it); torchlane's strategy registers it on CPU too. The reference is torch DDP with
+    # torch's fp16 hook registered the way Lightning does on CUDA.
+    import torchlane
+    from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+    from lightning.pytorch.strategies import DDPStrategy as LightningDDP
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    class HookedLightningDDP(LightningDDP):
+        def _register_ddp_hooks(self):
+            _register_ddp_comm_hook(self.model, None, default_hooks.fp16_compress_hook)
+
+    res["comm_hook"] = (
+        _fit(DDPStrategy(ddp_comm_hook=torchlane.hooks.fp16_compress), world, max_steps=3),
+        _fit(DDPStrategy(ddp_comm_hook=default_hooks.fp16_compress_hook), world, max_steps=3),
+        _fit(HookedLightningDDP(), world, max_steps=3),
+        ref)
     res["registry"] = {name: (StrategyRegistry[name]["strategy"] is DDPStrategy,
                               StrategyRegistry[name]["init_params"])
                        for name in StrategyRegistry.available_strategies()
@@ -142,6 +160,3 @@ def _instance_and_errors(world):
             res[tag] = (type(e).__name__, str(e))
     return res
 
-
-def _ref_losses(world):
-    return _fit("ddp", world, max_steps=3)["losses"]

@@ -61,6 +61,11 @@ def test_strategy_instance_registry_and_bad_arguments(compared):
     for r in compared:
         wrapper, losses, ref = r["instance"]
         assert wrapper == "torchlane.ddp" and losses == ref
+        tl_hook, tl_torch_hook, ref_hook, no_hook = r["comm_hook"]
+        assert ref_hook["losses"][1:] != no_hook[1:]  # the fp16 hook changes the trajectory
+        for out in (tl_hook, tl_torch_hook):
+            assert out["losses"] == ref_hook["losses"]
+            _bitwise(out["params"], ref_hook["params"])
         assert r["registry"] == {
             "torchlane_ddp": (True, {"start_method": "popen"}),
             "torchlane_ddp_spawn": (True, {"start_method": "spawn"}),

@@ -23,6 +23,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 from lightning.pytorch.strategies import StrategyRegistry
 
@@ -55,6 +56,20 @@ class DDPStrategy(_LightningDDPStrategy):
         ctx = torch.cuda.stream(torch.cuda.Stream()) if device_ids is not None else nullcontext()
         with ctx:
             return DistributedDataParallel(module=model, device_ids=device_ids, **self._ddp_kwargs)
+
+    def _register_ddp_hooks(self) -> None:
+        # Lightning registers ddp_comm_hook / ddp_comm_wrapper only when the root device is CUDA
+        # (torch's hooks once needed NCCL) and otherwise drops them without a word. torchlane's
+        # hooks (torchlane.hooks.*) and torch's Python hooks run on every backend, so the hook is
+        # registered on every device. Lightning's post-localSGD model averaging stays CUDA-only.
+        if self.root_device.type == "cuda":
+            return super()._register_ddp_hooks()
+        _register_ddp_comm_hook(
+            model=self.model,
+            ddp_comm_state=self._ddp_comm_state,
+            ddp_comm_hook=self._ddp_comm_hook,
+            ddp_comm_wrapper=self._ddp_comm_wrapper,
+        )
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         # Lightning's post_backward only flushes torch's first static-graph iteration under manual
