@@ -3,6 +3,8 @@ Lightning's own "ddp" strategy and by "torchlane_ddp" in each spawned rank (test
 the ranks and the process group; Lightning sees an external launcher through the LOCAL_RANK /
 WORLD_SIZE variables, LightningEnvironment, and reuses the initialised group)."""
 
+import importlib
+import importlib.util
 import os
 
 import torch
@@ -21,8 +23,8 @@ def _env(rank, world):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
 
 
-def _module_class():
-    import lightning.pytorch as pl
+def _module_class(package="lightning.pytorch"):
+    pl = importlib.import_module(package)
 
     class Tiny(pl.LightningModule):
         def __init__(self, manual=False):
@@ -65,8 +67,8 @@ def _loader(world):
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
 
 
-def _trainer(strategy, max_steps, world, **kw):
-    import lightning.pytorch as pl
+def _trainer(strategy, max_steps, world, package="lightning.pytorch", **kw):
+    pl = importlib.import_module(package)
 
     return pl.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=max_steps,
@@ -74,9 +76,10 @@ def _trainer(strategy, max_steps, world, **kw):
         enable_model_summary=False, num_sanity_val_steps=0, **{"enable_checkpointing": False, **kw})
 
 
-def _fit(strategy, world, manual=False, max_steps=STEPS, ckpt_in=None, **kw):
-    model = _module_class()(manual=manual)
-    trainer = _trainer(strategy, max_steps, world, **kw)
+def _fit(strategy, world, manual=False, max_steps=STEPS, ckpt_in=None,
+         package="lightning.pytorch", **kw):
+    model = _module_class(package)(manual=manual)
+    trainer = _trainer(strategy, max_steps, world, package, **kw)
     trainer.fit(model, _loader(world), ckpt_path=ckpt_in)
     params = [p.detach().clone() for p in model.parameters()]
     return {"losses": [float(v) for v in model.losses], "loss_tensors": model.losses,
@@ -119,6 +122,13 @@ def compare(rank, world, tmp):
     res[("resume_from_ddp", "torchlane_ddp")] = _fit(
         "torchlane_ddp", world, ckpt_in=os.path.join(tmp, "ddp", f"step={STEPS // 2}.ckpt"))
     res.update(_instance_and_errors(world))
+    # The standalone package name: pytorch_lightning's Trainer and registry.
+    if importlib.util.find_spec("pytorch_lightning") is not None:
+        import torchlane.integrations.pytorch_lightning  # noqa: F401
+
+        for strategy in ("ddp", "torchlane_ddp"):
+            res[("pytorch_lightning", strategy)] = _fit(strategy, world, manual=True,
+                                                        package="pytorch_lightning")
     return res
 
 

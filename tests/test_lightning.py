@@ -57,6 +57,19 @@ def test_resume_continues_the_uninterrupted_run(compared):
         _bitwise(r[("resume", "ddp")]["loss_tensors"], cross["loss_tensors"])
 
 
+def test_pytorch_lightning_package_name(compared):
+    if ("pytorch_lightning", "ddp") not in compared[0]:
+        pytest.skip("pytorch_lightning (the standalone package name) is not installed")
+    for r in compared:
+        ref, tl = r[("pytorch_lightning", "ddp")], r[("pytorch_lightning", "torchlane_ddp")]
+        assert ref["wrapper"] == "torch.nn.parallel.distributed"
+        assert tl["wrapper"] == "torchlane.ddp"
+        _bitwise(ref["loss_tensors"], tl["loss_tensors"])
+        _bitwise(ref["params"], tl["params"])
+        # The same training as under the lightning.pytorch name.
+        _bitwise(r[("manual", "torchlane_ddp")]["loss_tensors"], tl["loss_tensors"])
+
+
 def test_strategy_instance_registry_and_bad_arguments(compared):
     for r in compared:
         wrapper, losses, ref = r["instance"]

@@ -20,77 +20,13 @@ so the import above is needed once before the ``Trainer`` is built.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
-import torch
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 from lightning.pytorch.strategies import StrategyRegistry
 
-from torchlane.ddp import DistributedDataParallel
+from torchlane.integrations._lightning_strategy import make_ddp_strategy
 
 __all__ = ["DDPStrategy"]
 
-_STRATEGIES = (
-    ("torchlane_ddp", {"start_method": "popen"}),
-    ("torchlane_ddp_spawn", {"start_method": "spawn"}),
-    ("torchlane_ddp_fork", {"start_method": "fork"}),
-    ("torchlane_ddp_notebook", {"start_method": "fork"}),
-    ("torchlane_ddp_find_unused_parameters_true",
-     {"start_method": "popen", "find_unused_parameters": True}),
-)
-
-
-class DDPStrategy(_LightningDDPStrategy):
-    """Lightning's ``DDPStrategy`` wrapping the model in ``torchlane.DistributedDataParallel``.
-
-    Keyword arguments that Lightning does not consume (``bucket_cap_mb``, ``static_graph``,
-    ``check_finite``, ...) go to ``torchlane.DistributedDataParallel``, which checks them.
-    """
-
-    strategy_name = "torchlane_ddp"
-
-    def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
-        device_ids = self.determine_ddp_device_ids()
-        # As Lightning does for torch DDP: build the wrapper (its broadcast) on a side stream.
-        ctx = torch.cuda.stream(torch.cuda.Stream()) if device_ids is not None else nullcontext()
-        with ctx:
-            return DistributedDataParallel(module=model, device_ids=device_ids, **self._ddp_kwargs)
-
-    def _register_ddp_hooks(self) -> None:
-        # Lightning registers ddp_comm_hook / ddp_comm_wrapper only when the root device is CUDA
-        # (torch's hooks once needed NCCL) and otherwise drops them without a word. torchlane's
-        # hooks (torchlane.hooks.*) and torch's Python hooks run on every backend, so the hook is
-        # registered on every device. Lightning's post-localSGD model averaging stays CUDA-only.
-        if self.root_device.type == "cuda":
-            return super()._register_ddp_hooks()
-        _register_ddp_comm_hook(
-            model=self.model,
-            ddp_comm_state=self._ddp_comm_state,
-            ddp_comm_hook=self._ddp_comm_hook,
-            ddp_comm_wrapper=self._ddp_comm_wrapper,
-        )
-
-    def post_backward(self, closure_loss: torch.Tensor) -> None:
-        # Lightning's post_backward only flushes torch's first static-graph iteration under manual
-        # optimisation (reducer._delay_all_reduce(): torch's reducer defers that iteration's
-        # all-reduces to an explicit call). torchlane's reducer has no deferred iteration: with
-        # static_graph=True it launches and finishes the first backward's buckets itself, so
-        # there is nothing to flush (tests/test_lightning.py, the "manual_static" case).
-        if isinstance(self.model, DistributedDataParallel):
-            return
-        super().post_backward(closure_loss)
-
-    @classmethod
-    def register_strategies(cls, strategy_registry) -> None:
-        for name, kwargs in _STRATEGIES:
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"torchlane DDP strategy with {kwargs}",
-                override=True,
-                **kwargs,
-            )
-
-
+DDPStrategy = make_ddp_strategy(_LightningDDPStrategy, _register_ddp_comm_hook, __name__)
 DDPStrategy.register_strategies(StrategyRegistry)
