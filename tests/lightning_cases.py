@@ -51,6 +51,10 @@ def _module_class(package="lightning.pytorch"):
             opt.step()
             return None
 
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
         def configure_optimizers(self):
             # Momentum: a resume that lost the optimizer state would show in the losses.
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
@@ -77,12 +81,14 @@ def _trainer(strategy, max_steps, world, package="lightning.pytorch", **kw):
 
 
 def _fit(strategy, world, manual=False, max_steps=STEPS, ckpt_in=None,
-         package="lightning.pytorch", **kw):
+         package="lightning.pytorch", validate=False, **kw):
     model = _module_class(package)(manual=manual)
     trainer = _trainer(strategy, max_steps, world, package, **kw)
     trainer.fit(model, _loader(world), ckpt_path=ckpt_in)
     params = [p.detach().clone() for p in model.parameters()]
-    return {"losses": [float(v) for v in model.losses], "loss_tensors": model.losses,
+    # trainer.validate after fit: the model wrapped again, forward under inference_mode.
+    val = trainer.validate(model, _loader(world), verbose=False) if validate else None
+    return {"val": val, "losses": [float(v) for v in model.losses], "loss_tensors": model.losses,
             "params": params, "wrapper": model.wrapper}
 
 
@@ -106,7 +112,7 @@ def compare(rank, world, tmp):
 
     res = {}
     for strategy in ("ddp", "torchlane_ddp"):
-        res[("auto", strategy)] = _fit(strategy, world)
+        res[("auto", strategy)] = _fit(strategy, world, validate=True)
         res[("manual", strategy)] = _fit(strategy, world, manual=True)
         res[("accumulate", strategy)] = _fit(strategy, world, accumulate_grad_batches=2)
         res[("checkpointed", strategy)], res[("resume", strategy)] = _checkpointed(

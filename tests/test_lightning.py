@@ -39,6 +39,8 @@ def test_losses_bitwise_equal_to_lightning_ddp(compared, scenario):
                                      17 if scenario == "accumulate" else 10)
         _bitwise(ref["loss_tensors"], tl["loss_tensors"])
         _bitwise(ref["params"], tl["params"])
+        assert tl["val"] == ref["val"]  # trainer.validate after fit ("auto"; None elsewhere)
+        assert (tl["val"] is None) == (scenario != "auto")
     # Synchronised: the ranks saw different data yet end with the same parameters.
     _bitwise(compared[0][(scenario, "torchlane_ddp")]["params"],
              compared[1][(scenario, "torchlane_ddp")]["params"])
