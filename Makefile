@@ -32,12 +32,14 @@ test: build
 	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
 	$(PYTHON) -m pytest -q tests
 
-# The integration tests with test-only extras (HF accelerate); `make test` skips them when the
-# package is missing. torch is pinned in the same install so pip cannot replace it.
+# The integration tests with test-only extras (HF accelerate, Lightning); `make test` skips them
+# when the package is missing. torch is pinned in the same install so pip cannot replace it.
 test-extras: build
 	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
 	@$(PYTHON) -c "import accelerate" 2>/dev/null || $(PIP) install -q accelerate "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -c "import lightning" 2>/dev/null || $(PIP) install -q "lightning==2.6.*" "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pytest -q tests/test_dropin.py -k accelerate
+	$(PYTHON) -m pytest -q tests/test_lightning.py
 
 # torch's own CPU/Gloo DDP tests (distributed_test.py from the installed wheel) with torchlane
 # swapped in: the fixed list that passes (tools/torch_ddp_suite.py PASSING, docs/ddp.md), or

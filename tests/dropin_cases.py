@@ -190,6 +190,17 @@ def api(rank, world):
         wire = torch.ops.torchlane.cast_compress(torch.ones(8), torch.float16, 1)
         torch.ops.torchlane.cast_decompress(wire, torch.float32)
     res["ranges"] = sorted({e.name for e in prof.events() if e.name.startswith("torchlane::")})
+    # PowerSGD's compression steps: iterations 0 and 1 all-reduce plainly, 2 compresses.
+    psgd = torchlane.DistributedDataParallel(make_model())
+    psgd.register_comm_hook(torchlane.hooks.PowerSGDState(rank=1, start_powerSGD_iter=2),
+                            torchlane.hooks.powersgd)
+    x, y = data(rank, 1)
+    for _ in range(2):
+        ((psgd(x) - y) ** 2).mean().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ((psgd(x) - y) ** 2).mean().backward()
+    res["powersgd_ranges"] = sorted(
+        {e.name for e in prof.events() if e.name.startswith("torchlane::")})
     res["runtime_logging"] = _runtime_logging(rank)
     return res
 

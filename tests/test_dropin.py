@@ -112,6 +112,12 @@ def test_profiler_ranges(api):
         for name in ("torchlane::copy_bucket_to_grad", "torchlane::cast_compress",
                      "torchlane::cast_decompress", "torchlane::allreduce_bucket"):
             assert name in r["ranges"], r["ranges"]
+        # P = M Q and Q = M^T P run in the hook (the backward's thread); M = P Q^T
+        # (torchlane::powersgd_decompress) in the second all-reduce's callback, often on Gloo's
+        # thread, which the profiler does not record.
+        for name in ("torchlane::powersgd_compress_p", "torchlane::powersgd_compress_q",
+                     "torchlane::powersgd_orthogonalize", "torchlane::copy_bucket_to_grad"):
+            assert name in r["powersgd_ranges"], r["powersgd_ranges"]
 
 
 def test_dcp_checkpoints_load_across_torch_and_torchlane(tmp_path):

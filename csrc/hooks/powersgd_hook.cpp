@@ -422,6 +422,10 @@ void PowerSGDHook::advance_pending_locked(size_t keep) {
 
 std::shared_ptr<PowerSGDHook::InFlight> PowerSGDHook::launch_first_locked(
     c10d::GradBucket& bucket) {
+  // Profiler ranges, one per compression step: P = M Q (+ launch), Q = M^T P (+ launch), and
+  // M = P Q^T in finish(), which runs in the second all-reduce's callback (often Gloo's thread).
+  RECORD_FUNCTION("torchlane::powersgd_compress_p",
+                  std::vector<c10::IValue>({bucket.getBufferRef()}));
   auto b = std::make_shared<InFlight>();
   b->index = static_cast<int64_t>(bucket.getIndex());
   b->buffer = bucket.getBufferRef();
@@ -491,6 +495,7 @@ std::shared_ptr<PowerSGDHook::InFlight> PowerSGDHook::launch_first_locked(
 
 void PowerSGDHook::launch_second_locked(const std::shared_ptr<InFlight>& b) {
   b->first_done->waitAndThrow();
+  RECORD_FUNCTION("torchlane::powersgd_compress_q", std::vector<c10::IValue>({b->buffer}));
   int64_t offset = 0;
   for (auto t : b->plan.uncompressed) {
     at::Tensor g = b->grads[t];
@@ -521,6 +526,7 @@ void PowerSGDHook::launch_second_locked(const std::shared_ptr<InFlight>& b) {
 void PowerSGDHook::finish(const std::shared_ptr<InFlight>& b, Memories& memory,
                           const PowerSGDOptions& options, int64_t world_size,
                           const c10::ivalue::Future* second_done) {
+  RECORD_FUNCTION("torchlane::powersgd_decompress", std::vector<c10::IValue>({b->buffer}));
   try {
     if (second_done && second_done->hasError()) {
       std::rethrow_exception(second_done->exception_ptr());
