@@ -735,8 +735,10 @@ def main(argv=None):
         optimizer = make_optimizer(raw_model, args)
     step, best_val = 0, None
     resumed = False
-    if args.resume != "no" and not args.zero:
-        loaded = load_checkpoint(ckpt_dir, raw_model, optimizer, batches, dp_group)
+    if args.resume != "no":
+        # --zero: each rank loads its shard, from a checkpoint of any world size
+        ckpt_model = zero_model if args.zero else raw_model
+        loaded = load_checkpoint(ckpt_dir, ckpt_model, optimizer, batches, dp_group)
         if loaded is None and args.resume == "yes":
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
         if loaded is not None:
@@ -873,11 +875,17 @@ def main(argv=None):
             pipe is None
             and diloco is None
             and not args.post_local_sgd
-            and not args.zero
             and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop)
         ):
             ckpt_file = save_checkpoint(
-                ckpt_dir, raw_model, optimizer, step, batches, best_val, dp_rank, dp_group
+                ckpt_dir,
+                model if args.zero else raw_model,  # --zero: every rank writes its shard
+                optimizer,
+                step,
+                batches,
+                best_val,
+                dp_rank,
+                dp_group,
             )
     progress.close()
     if mon:

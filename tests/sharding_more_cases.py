@@ -1,7 +1,10 @@
 """Per-rank functions of tests/test_sharding_more.py: parameter groups, sharded checkpoints,
 mixed precision (run by tests/dist.py on Gloo ranks)."""
 
+import os
+
 import torch
+import torch.distributed as dist
 import torchlane
 from sharding_cases import Net, _loss, batch
 from torch import nn
@@ -108,4 +111,50 @@ def group_errors(rank, world):
     _loss(model, x, y).backward()
     opt.step()
     out["frozen_ok"] = True
+    return out
+
+
+def _steps(model, opt, first, last, rank, world):
+    from sharding_cases import _global_loss
+
+    losses = []
+    for step in range(first, last):
+        losses.append(_global_loss(model, step, rank, world, 6 // world))
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def sharded_checkpoint(rank, world, stage, directory, save):
+    """Global batch of 6 over `world` ranks, train_gpt's groups. save=True: 4 steps with a
+    checkpoint after steps 2, 3 and 4 (keep_last=2), then 4 more; save=False: a differently
+    initialised model loads the newest checkpoint and trains the same 4 more steps; then a
+    corrupt shard file makes the next load raise on every rank."""
+    from torchlane import checkpoint
+
+    torch.manual_seed(0 if save else 1)
+    model = torchlane.ShardedDataParallel(Net(), stage=stage, bucket_cap_mb=0.001)
+    opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2)
+    out = {}
+    if save:
+        _steps(model, opt, 0, 2, rank, world)
+        for step in (2, 3, 4):
+            if step > 2:
+                _steps(model, opt, step - 1, step, rank, world)
+            checkpoint.save(directory, model, opt, step, data_position=step, keep_last=2)
+        out["files"] = sorted(os.listdir(directory))
+        out["full"] = model.full_state_dict()
+    else:
+        info = checkpoint.load(directory, model, opt)
+        out["step"], out["position"] = info.step, info.data_position
+    out["losses"] = _steps(model, opt, 4, 8, rank, world)
+    if not save:
+        dist.barrier()
+        if rank == 0:  # flip one byte of the last old rank's shard file
+            f = os.path.join(directory, f"ckpt-{4:010d}.shard-2-of-3.pt")
+            data = bytearray(open(f, "rb").read())
+            data[len(data) // 2] ^= 0xFF
+            open(f, "wb").write(bytes(data))
+        dist.barrier()
+        out["corrupt"] = _message(lambda: checkpoint.load(directory, model, opt))
     return out

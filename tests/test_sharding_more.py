@@ -45,7 +45,8 @@ def _check_group_errors(r):
 
 
 # ---- examples/train_gpt.py --zero, run as users run it (torchrun, 2 ranks) ----
-GPT_FLAGS = ["--max-steps", "6", "--eval-every", "3", "--grad-accum", "2", "--clip", "0.1"]
+GPT_FLAGS = ["--max-steps", "6", "--eval-every", "3", "--ckpt-every", "3"]
+GPT_FLAGS += ["--grad-accum", "2", "--clip", "0.1"]
 
 
 def _train_losses(tmp_path, name, *flags):
@@ -72,6 +73,27 @@ def test_train_gpt_zero3_logs_the_ddp_losses(tmp_path):
     _close(ref[1], got[1], 1e-5)
     assert ref[2] == got[2]  # the sample comes from the exported full state_dict
     assert ref[0][-1] < ref[0][0] - 0.3  # it trains: the comparison is not between constants
+    # every rank wrote its shard; the files alone give DDP's final weights
+    import torch
+    from torchlane import checkpoint
+
+    zero = checkpoint.consolidate(tmp_path / "zero3" / "checkpoints")
+    ddp = checkpoint.read(checkpoint.list_checkpoints(tmp_path / "ddp" / "checkpoints")[-1][1])
+    assert list(zero) == list(ddp["model"])
+    for k, v in ddp["model"].items():
+        assert torch.allclose(zero[k], v, rtol=1e-5, atol=1e-6), k
+
+    # resume as users do: the step-3 checkpoint of the stage-3 run, continued at stage 1
+    import shutil
+
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "zero3" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    for f in (tmp_path / "resumed" / "checkpoints").glob("ckpt-0000000006*"):
+        f.unlink()
+    from test_examples import _train
+
+    log, _ = _train(tmp_path / "resumed", *GPT_FLAGS, "--zero", "1", "--resume")
+    _close(ref[0][3:], [r["loss"] for r in log if r["type"] == "train"], 1e-5)
 
 
 def test_train_gpt_zero_flag_errors(capsys):
@@ -85,3 +107,38 @@ def test_train_gpt_zero_flag_errors(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--zero", "4"])
     assert parse_args(["--zero", "1"]).zero == 1
+
+
+def test_sharded_checkpoint_reshards_3_to_2_and_consolidates(tmp_path):
+    """Each rank writes its shard through torchlane.checkpoint (checksummed, atomically, the
+    manifest last); saved by 3 ranks at stage 3, loaded by 2 at stage 2, training continues with
+    the uninterrupted run's losses; the files alone give the full state_dict of a plain Net."""
+    import pytest
+    import torch
+    from sharding_cases import Net
+    from torchlane import checkpoint
+
+    d = str(tmp_path / "ckpt")
+    saved = dist.run(cases.sharded_checkpoint, 3, args=(3, d, True), timeout=300)
+    files = saved[0]["files"]
+    # keep_last=2: steps 3 and 4, each a manifest and 3 shard files; step 2 removed with its shards
+    assert files == [
+        f"ckpt-{s:010d}{suffix}.pt"
+        for s in (3, 4)
+        for suffix in ("", ".shard-0-of-3", ".shard-1-of-3", ".shard-2-of-3")
+    ]
+    full = checkpoint.consolidate(d)
+    net = Net()
+    net.load_state_dict(full)  # strict: every key, tied weights included
+    for k, v in saved[0]["full"].items():
+        assert torch.equal(full[k], v), k
+    with pytest.raises(checkpoint.CheckpointError, match="consolidate"):
+        checkpoint.load(d, Net())
+
+    loaded = dist.run(cases.sharded_checkpoint, 2, args=(2, d, False), timeout=300)
+    for r in loaded:
+        assert r["step"] == 4 and r["position"] == 4
+        _close(saved[0]["losses"], r["losses"], 1e-6)
+        assert r["corrupt"] is not None and "CheckpointError" in r["corrupt"], r["corrupt"]
+    assert "is corrupt" in loaded[1]["corrupt"]  # new rank 1 reads old shard 2
+    assert "could not be loaded on another rank" in loaded[0]["corrupt"]
