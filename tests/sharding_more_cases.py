@@ -158,3 +158,91 @@ def sharded_checkpoint(rank, world, stage, directory, save):
         dist.barrier()
         out["corrupt"] = _message(lambda: checkpoint.load(directory, model, opt))
     return out
+
+
+def _reference_mixed(rank, world, steps, reduce_dtype):
+    """FSDP2-style mixed precision written out in plain torch: a bf16 compute copy of an fp32
+    master model; bf16 gradients cast to reduce_dtype (bf16 when None), divided by the world
+    size, all-reduced, applied to the fp32 masters by AdamW, cast back into the compute copy."""
+    import copy
+
+    torch.manual_seed(0)
+    master = Net()
+    compute = copy.deepcopy(master).to(torch.bfloat16)
+    opt = torch.optim.AdamW(groups_of(master), lr=1e-2)
+    pairs = [
+        (m, c)
+        for m, c in zip(master.parameters(), compute.parameters(), strict=True)
+        if m.requires_grad
+    ]
+    losses = []
+    for step in range(steps):
+        x, y = batch(step, rank)
+        loss = _loss(compute, x, y)
+        loss.backward()
+        losses.append(loss.item())
+        for m, c in pairs:
+            g = c.grad if c.grad is not None else torch.zeros_like(c)
+            g = g.to(reduce_dtype or torch.bfloat16) / world
+            dist.all_reduce(g)
+            m.grad = g.float()
+            c.grad = None
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for m, c in pairs:
+                c.copy_(m)
+    return losses
+
+
+def _sharded_mixed(rank, world, steps, stage, mp):
+    torch.manual_seed(0)
+    model = torchlane.ShardedDataParallel(
+        Net(), stage=stage, bucket_cap_mb=0.001, mixed_precision=mp
+    )
+    opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2)
+    losses = []
+    for step in range(steps):
+        x, y = batch(step, rank)
+        loss = _loss(model, x, y)
+        loss.backward()
+        losses.append(loss.item())
+        if step == 0:
+            dtypes = (
+                sorted({str(p.dtype) for p in model.module.parameters()}),
+                sorted({str(s.dtype) for s in model._shards}),
+                sorted({str(s.grad.dtype) for s in model._shards}),
+            )
+        opt.step()
+        opt.zero_grad()
+    return losses, dtypes, model.full_state_dict()
+
+
+def mixed_precision(rank, world, steps):
+    bf16 = torch.bfloat16
+    out = {"fp32": _sharded_mixed(rank, world, steps, 2, None)[0], "runs": []}
+    for stage, reduce_dtype in ((2, torch.float32), (3, None), (1, torch.float32)):
+        mp = torchlane.MixedPrecision(param_dtype=bf16, reduce_dtype=reduce_dtype)
+        got, dtypes, full = _sharded_mixed(rank, world, steps, stage, mp)
+        ref = _reference_mixed(rank, world, steps, reduce_dtype)
+        out["runs"].append(((stage, str(reduce_dtype)), ref, got, dtypes))
+    out["full_dtypes"] = sorted({str(v.dtype) for v in full.values()})
+    out["full"] = full
+    try:  # torch's own policy object is accepted as it is
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=torch.float32)
+        out["torch_policy"] = _sharded_mixed(rank, world, steps, 2, policy)[0]
+    except ImportError:
+        out["torch_policy"] = None
+    out["bad"] = _message(
+        lambda: torchlane.ShardedDataParallel(
+            Net(), mixed_precision=torchlane.MixedPrecision(param_dtype=torch.int8)
+        )
+    )
+    out["both"] = _message(
+        lambda: torchlane.ShardedDataParallel(
+            Net(), reduce_dtype=bf16, mixed_precision=torchlane.MixedPrecision(param_dtype=bf16)
+        )
+    )
+    return out

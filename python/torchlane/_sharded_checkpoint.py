@@ -149,10 +149,7 @@ def save(path, model, optimizer, step, *, data_position, keep_last, discard_newe
     if rank == 0:
         try:
             buckets, aliases = _layout(model)
-            trainable = set(aliases)
-            replicated = OrderedDict(
-                (k, v) for k, v in model.module.state_dict().items() if k not in trainable
-            )
+            replicated = model.replicated_state_dict()
             manifest = {
                 "format": ck.FORMAT,
                 "kind": "sharded",
@@ -267,7 +264,7 @@ def apply(manifest, file, model, optimizer, stateful, strict, restore_rng):
                 )
         if optimizer is not None:
             optimizer.load_group_options(manifest["optimizer"]["param_groups"])
-        model.module.load_state_dict(manifest["model"], strict=False)
+        model.load_replicated_state_dict(manifest["model"])
     model._refresh_params()
     for name, obj in stateful.items():
         obj.load_state_dict(manifest["extra"][name])

@@ -21,6 +21,7 @@ See docs/sharding.md for what each stage keeps in memory and what is not impleme
 """
 
 import contextlib
+import dataclasses
 import math
 import weakref
 
@@ -31,7 +32,61 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torchlane import _C
 
-__all__ = ["ShardedDataParallel", "ShardedOptimizer"]
+__all__ = ["MixedPrecision", "ShardedDataParallel", "ShardedOptimizer"]
+
+_FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedPrecision:
+    """What torch FSDP2's MixedPrecisionPolicy says, for ShardedDataParallel(mixed_precision=).
+
+    param_dtype: dtype of the full parameters that forward and backward use (all-gathered from
+        the master shards, which keep the module's dtype, e.g. float32); None: the module's.
+    reduce_dtype: dtype of the gradient reduce-scatter (all-reduce at stage 1); None: param_dtype.
+    output_dtype: floating outputs of forward are cast to it; None: left as they are.
+    cast_forward_inputs: floating tensors among forward's arguments are cast to param_dtype.
+    torch.distributed.fsdp.MixedPrecisionPolicy objects are accepted as they are.
+    """
+
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    output_dtype: torch.dtype | None = None
+    cast_forward_inputs: bool = True
+
+
+def _check_mixed_precision(mp):
+    if mp is None:
+        return None
+    if not all(hasattr(mp, a) for a in ("param_dtype", "reduce_dtype")):
+        raise TypeError(
+            "mixed_precision must be a torchlane.MixedPrecision (or torch's MixedPrecisionPolicy) "
+            f"or None, got {type(mp).__name__}"
+        )
+    for name in ("param_dtype", "reduce_dtype", "output_dtype"):
+        v = getattr(mp, name, None)
+        if v is not None and v not in _FLOATING:
+            raise ValueError(f"mixed_precision.{name} must be a floating dtype or None, got {v}")
+    return MixedPrecision(
+        mp.param_dtype,
+        mp.reduce_dtype,
+        getattr(mp, "output_dtype", None),
+        bool(getattr(mp, "cast_forward_inputs", True)),
+    )
+
+
+def _cast_floating(obj, dtype):
+    """obj with its floating tensors (in tuples, lists and dicts) cast to dtype."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_cast_floating(x, dtype) for x in obj)
+    if isinstance(obj, list):
+        return [_cast_floating(x, dtype) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
+    return obj
+
 
 # Full (unsharded) parameters of every ShardedDataParallel: an optimizer stepping them directly is
 # a user error (it must be built on the shards), caught by a global optimizer pre-step hook.
@@ -81,6 +136,7 @@ class ShardedDataParallel(nn.Module):
         find_unused_parameters=False,
         broadcast_buffers=True,
         reduce_dtype=None,
+        mixed_precision=None,
     ):
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -101,6 +157,15 @@ class ShardedDataParallel(nn.Module):
             torch.float64,
         ):
             raise ValueError(f"reduce_dtype must be a floating dtype or None, got {reduce_dtype}")
+        mp = _check_mixed_precision(mixed_precision)
+        if mp is not None and reduce_dtype is not None:
+            raise ValueError(
+                "pass reduce_dtype either directly or in mixed_precision, not both "
+                f"(reduce_dtype={reduce_dtype}, mixed_precision={mixed_precision})"
+            )
+        if mp is not None:
+            reduce_dtype = mp.reduce_dtype
+        self.mixed_precision = mp
         self.module = module
         self.stage = stage
         self.process_group = process_group or dist.group.WORLD
@@ -143,12 +208,31 @@ class ShardedDataParallel(nn.Module):
                 for i, off in zip(b, offsets, strict=False):
                     p = params[i]
                     flat[off : off + p.numel()].copy_(p.reshape(-1))
-                    p.data = flat[off : off + p.numel()].view(p.shape)
                 start = self.rank * shard_numel
+                # The master shard keeps the module's dtype; with mixed_precision the full
+                # parameters that forward and backward see are param_dtype copies.
                 shard = nn.Parameter(flat[start : start + shard_numel].clone())
+                if mp is not None and mp.param_dtype is not None and flat.is_floating_point():
+                    flat = flat.to(mp.param_dtype)
+                for i, off in zip(b, offsets, strict=False):
+                    p = params[i]
+                    p.data = flat[off : off + p.numel()].view(p.shape)
                 self._flats.append(flat)
                 self._shards.append(shard)
                 self._layouts.append((offsets, numel, padded, shard_numel))
+        # Frozen floating parameters are replicated, not sharded: with mixed_precision they are
+        # cast to param_dtype too (forward mixes them with the others), their original values
+        # kept for state_dict export and checkpoints.
+        self._frozen_masters = {}  # id(param) -> (param, copy in the module's dtype)
+        if mp is not None and mp.param_dtype is not None:
+            trainable = {id(p) for p in params}
+            with torch.no_grad():
+                for p in module.parameters():
+                    if id(p) in trainable or not p.is_floating_point():
+                        continue
+                    if p.dtype != mp.param_dtype:
+                        self._frozen_masters[id(p)] = (p, p.detach().clone())
+                        p.data = p.data.to(mp.param_dtype)
         for p in params:
             _FULL_PARAMS[id(p)] = weakref.ref(p)
         _install_step_check()
@@ -222,7 +306,13 @@ class ShardedDataParallel(nn.Module):
             if buffers:
                 with torch.no_grad():
                     _C.broadcast_coalesced(self.process_group, buffers, 1 << 24, 0)
-        return self.module(*args, **kwargs)
+        mp = self.mixed_precision
+        if mp is not None and mp.cast_forward_inputs and mp.param_dtype is not None:
+            args, kwargs = _cast_floating((args, kwargs), mp.param_dtype)
+        out = self.module(*args, **kwargs)
+        if mp is not None and mp.output_dtype is not None:
+            out = _cast_floating(out, mp.output_dtype)
+        return out
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -265,13 +355,60 @@ class ShardedDataParallel(nn.Module):
 
     # ---- state ----
     def full_state_dict(self):
-        """The unsharded module state_dict (CPU copies), loadable by the plain nn.Module."""
+        """The unsharded module state_dict (CPU copies), loadable by the plain nn.Module. With
+        mixed_precision the parameters are the master values (the module's own dtype)."""
+        if self.mixed_precision is not None:
+            return self._master_state_dict()
         was_gathered = self._gathered
         self._gather_params()
         out = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         if not was_gathered:
             self._free_params()
         return out
+
+    def _param_names(self):
+        names = {}
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        return names
+
+    def replicated_state_dict(self):
+        """The module state_dict without the sharded (trainable) parameters: buffers and frozen
+        parameters, the latter in the module's own dtype under mixed_precision (CPU copies)."""
+        names = self._param_names()
+        sharded = {n for p in self._params for n in names[id(p)]}
+        out = {
+            k: v.detach().cpu().clone()
+            for k, v in self.module.state_dict().items()
+            if k not in sharded
+        }
+        for pid, (_, master) in self._frozen_masters.items():
+            for name in names[pid]:
+                out[name] = master.detach().cpu().clone()
+        return out
+
+    def load_replicated_state_dict(self, state_dict):
+        """Inverse of replicated_state_dict (keys it lacks are left as they are)."""
+        with torch.no_grad():
+            self.module.load_state_dict(state_dict, strict=False)
+            names = self._param_names()
+            for pid, (_, master) in self._frozen_masters.items():
+                for name in names[pid]:
+                    if name in state_dict:
+                        master.copy_(state_dict[name])
+
+    def _master_state_dict(self):
+        names = self._param_names()
+        out = self.replicated_state_dict()  # never reads the (stage 3: freed) full parameters
+        for b, shard in enumerate(self._shards):
+            offsets, numel, _, _ = self._layouts[b]
+            flat = _full_flat(self, shard.detach()).cpu()
+            for i, off in zip(self._buckets[b], offsets, strict=True):
+                p = self._params[i]
+                value = flat[off : off + p.numel()].view(p.shape).clone()
+                for name in names[id(p)]:
+                    out[name] = value
+        return {k: out[k] for k in self.module.state_dict()}
 
     def sharded_state(self):
         """This rank's master shards and the layout they came from (for resharding)."""
