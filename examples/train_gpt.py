@@ -139,6 +139,12 @@ def parse_args(argv=None):
         help="ZeRO stage (torchlane.ShardedDataParallel): 1 shards the optimizer state, 2 also "
         "the gradients, 3 also the parameters; 0: off (replicated --ddp)",
     )
+    a(
+        "--reshard-after-forward",
+        action="store_true",
+        help="--zero 3: gather each bucket just before the module that needs it (forward and "
+        "backward, the next one prefetched) and free it after, instead of the whole model",
+    )
     args = p.parse_args(argv)
     if args.pack and args.sampler != "tokens":
         p.error("--pack needs --sampler tokens")
@@ -164,6 +170,8 @@ def parse_args(argv=None):
             "--zero works with plain data parallelism on --ddp torchlane only (no --tp, --pp, "
             "--dp, --diloco, --ps, --post-local-sgd or --hook)"
         )
+    if args.reshard_after_forward and args.zero != 3:
+        p.error("--reshard-after-forward needs --zero 3")
     if args.resume is None:  # torchrun (elastic agent) sets TORCHELASTIC_RESTART_COUNT
         args.resume = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else "no"
     if args.attention == "auto":
@@ -302,7 +310,10 @@ def wrap_zero(raw_model, args):
     import torchlane
 
     model = torchlane.ShardedDataParallel(
-        raw_model, stage=args.zero, bucket_cap_mb=args.bucket_cap_mb
+        raw_model,
+        stage=args.zero,
+        bucket_cap_mb=args.bucket_cap_mb,
+        reshard_after_forward=args.reshard_after_forward,
     )
     optimizer = torchlane.ShardedOptimizer(
         model,

@@ -246,3 +246,84 @@ def mixed_precision(rank, world, steps):
         )
     )
     return out
+
+
+def per_bucket_stage3(rank, world, steps):
+    """Stage 3 with reshard_after_forward=True (one parameter per bucket) against torchlane DDP:
+    train_gpt's groups, grad accumulation over 2 micro-batches through no_sync, global-norm clip."""
+    out = {}
+    for kind in ("ddp", 3):
+        torch.manual_seed(0)
+        net = Net()
+        if kind == "ddp":
+            model = torchlane.DistributedDataParallel(net)
+            opt = torch.optim.AdamW(groups_of(net), lr=1e-2)
+        else:
+            model = torchlane.ShardedDataParallel(
+                net, stage=3, bucket_cap_mb=0.0001, reshard_after_forward=True
+            )
+            opt = torchlane.ShardedOptimizer(
+                model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2
+            )
+        losses = []
+        for step in range(steps):
+            for micro in range(2):
+                x, y = batch(2 * step + micro, rank)
+                if micro == 0:
+                    with model.no_sync():
+                        (_loss(model, x, y) / 2).backward()
+                else:
+                    loss = _loss(model, x, y) / 2
+                    loss.backward()
+                    losses.append(loss.item())
+            if kind == "ddp":
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in net.parameters() if p.grad is not None], 0.05
+                )
+            else:
+                opt.clip_grad_norm_(0.05)
+            opt.step()
+            opt.zero_grad()
+        out[kind] = losses
+    out["deep"] = _deep_memory(rank, steps)
+    g = model._gatherer
+    out["stats"] = {
+        "buckets": len(model._flats),
+        "full_bytes": sum(f.numel() * f.element_size() for f in model._flats),
+        "peak_bytes": g.peak_bytes,
+        "gathers": g.gathers,
+        "prefetch_hits": g.prefetch_hits,
+        "held_after_step": sum(f.untyped_storage().nbytes() for f in model._flats),
+    }
+    with model.summon_full_params():  # evaluation with everything gathered, then freed again
+        x, y = batch(0, rank)
+        with torch.no_grad():
+            out["eval"] = _loss(model.module, x, y).item()
+        out["held_in_summon"] = sum(f.untyped_storage().nbytes() for f in model._flats)
+    out["held_after_summon"] = sum(f.untyped_storage().nbytes() for f in model._flats)
+    out["stage2"] = _message(
+        lambda: torchlane.ShardedDataParallel(Net(), stage=2, reshard_after_forward=True)
+    )
+    return out
+
+
+def _deep_memory(rank, steps):
+    """8 linear layers, one bucket each: the full parameters held at once during a step."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(8) for m in (nn.Linear(32, 32), nn.Tanh())]
+    model = torchlane.ShardedDataParallel(
+        nn.Sequential(*layers), stage=3, bucket_cap_mb=0.001, reshard_after_forward=True
+    )
+    opt = torchlane.ShardedOptimizer(model, torch.optim.SGD, lr=0.1)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(steps):
+        x = torch.randn(4, 32, generator=g)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {
+        "buckets": len(model._flats),
+        "full_bytes": sum(f.numel() * f.element_size() for f in model._flats),
+        "peak_bytes": model._gatherer.peak_bytes,
+        "prefetch_hits": model._gatherer.prefetch_hits,
+    }

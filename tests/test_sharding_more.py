@@ -62,11 +62,14 @@ def _train_losses(tmp_path, name, *flags):
 
 
 def test_train_gpt_zero3_logs_the_ddp_losses(tmp_path):
-    """--zero 3 (parameter groups with and without weight decay, the global-norm clip over the
+    """--zero 3 --reshard-after-forward (parameter groups with and without weight decay, the global-norm clip over the
     shards, --grad-accum through no_sync, evaluation and sampling from gathered parameters)
     against --ddp torchlane with the same flags: same per-step losses within 1e-5."""
     ref = _train_losses(tmp_path, "ddp", "--ddp", "torchlane")
-    got = _train_losses(tmp_path, "zero3", "--zero", "3")
+    # one bucket per block or so, gathered module by module
+    got = _train_losses(
+        tmp_path, "zero3", "--zero", "3", "--reshard-after-forward", "--bucket-cap-mb", "0.1"
+    )
     assert "ZeRO stage 3" in got[3]
     assert len(ref[0]) == 6 and len(ref[1]) == 3
     _close(ref[0], got[0], 1e-5)
@@ -92,7 +95,8 @@ def test_train_gpt_zero3_logs_the_ddp_losses(tmp_path):
         f.unlink()
     from test_examples import _train
 
-    log, _ = _train(tmp_path / "resumed", *GPT_FLAGS, "--zero", "1", "--resume")
+    resumed = ("--zero", "1", "--bucket-cap-mb", "0.1", "--resume")
+    log, _ = _train(tmp_path / "resumed", *GPT_FLAGS, *resumed)
     _close(ref[0][3:], [r["loss"] for r in log if r["type"] == "train"], 1e-5)
 
 
@@ -106,6 +110,9 @@ def test_train_gpt_zero_flag_errors(capsys):
         assert "--zero works with plain data parallelism" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--zero", "4"])
+    with pytest.raises(SystemExit):
+        parse_args(["--zero", "2", "--reshard-after-forward"])
+    assert "needs --zero 3" in capsys.readouterr().err
     assert parse_args(["--zero", "1"]).zero == 1
 
 
@@ -175,3 +182,23 @@ def test_mixed_precision_matches_the_written_out_policy():
     net = Net()
     net.load_state_dict(results[0]["full"])
     assert torch.equal(net.frozen.weight, results[1]["full"]["frozen.weight"])
+
+
+def test_stage3_gathers_bucket_by_bucket_with_prefetch():
+    """reshard_after_forward=True: each bucket is gathered just before the module that needs it
+    (forward and backward) and freed after, the next one prefetched. Same losses as torchlane
+    DDP; at most part of the model is ever held in full."""
+    steps = 4
+    for r in dist.run(cases.per_bucket_stage3, 2, args=(steps,), timeout=300):
+        _close(r["ddp"], r[3], 1e-6)
+        s = r["stats"]
+        assert s["buckets"] >= 4, s
+        deep = r["deep"]  # 8 layers in 8 buckets: about 3 held at once (current, next, prefetch)
+        assert deep["buckets"] == 8 and deep["peak_bytes"] <= 0.5 * deep["full_bytes"], deep
+        assert deep["prefetch_hits"] > 0, deep
+        # every micro-batch gathers each bucket for forward and again for backward
+        assert s["gathers"] >= 2 * 2 * steps * s["buckets"], s
+        assert s["prefetch_hits"] > 0, s
+        assert s["held_after_step"] == 0
+        assert r["held_in_summon"] == s["full_bytes"] and r["held_after_summon"] == 0
+        assert "reshard_after_forward=True applies to stage 3 only" in r["stage2"]

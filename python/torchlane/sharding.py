@@ -31,6 +31,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torchlane import _C
+from torchlane._sharding_prefetch import BucketGatherer
 
 __all__ = ["MixedPrecision", "ShardedDataParallel", "ShardedOptimizer"]
 
@@ -137,6 +138,7 @@ class ShardedDataParallel(nn.Module):
         broadcast_buffers=True,
         reduce_dtype=None,
         mixed_precision=None,
+        reshard_after_forward=False,
     ):
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -157,6 +159,15 @@ class ShardedDataParallel(nn.Module):
             torch.float64,
         ):
             raise ValueError(f"reduce_dtype must be a floating dtype or None, got {reduce_dtype}")
+        if not isinstance(reshard_after_forward, bool):
+            raise TypeError(
+                f"reshard_after_forward must be True or False, got {reshard_after_forward!r}"
+            )
+        if reshard_after_forward and stage != 3:
+            raise ValueError(
+                f"reshard_after_forward=True applies to stage 3 only (got stage={stage}): stages "
+                "1 and 2 keep the full parameters"
+            )
         mp = _check_mixed_precision(mixed_precision)
         if mp is not None and reduce_dtype is not None:
             raise ValueError(
@@ -240,6 +251,8 @@ class ShardedDataParallel(nn.Module):
             params, self._buckets, self._shards, pg, stage, reduce_dtype
         )
         self._gathered = True
+        # See Note [Per-bucket gathering in stage 3].
+        self._gatherer = BucketGatherer(self) if reshard_after_forward else None
         if stage == 3:
             self._free_params()
 
@@ -259,6 +272,10 @@ class ShardedDataParallel(nn.Module):
     def _gather_params(self):
         if self._gathered:
             return
+        if self._gatherer is not None:
+            self._gatherer.gather_all()
+            self._gathered = True
+            return
         with torch.no_grad():
             for flat in self._flats:
                 flat.untyped_storage().resize_(flat.numel() * flat.element_size())
@@ -269,6 +286,8 @@ class ShardedDataParallel(nn.Module):
         self._gathered = True
 
     def _free_params(self):
+        if self._gatherer is not None:
+            self._gatherer.free_all()
         for flat in self._flats:
             flat.untyped_storage().resize_(0)
         self._gathered = False
@@ -293,14 +312,21 @@ class ShardedDataParallel(nn.Module):
         every rank enters it."""
         was_gathered = self._gathered
         self._gather_params()
+        if self._gatherer is not None:
+            self._gatherer.pinned = True
         try:
             yield self.module
         finally:
+            if self._gatherer is not None:
+                self._gatherer.pinned = False
             if not was_gathered and self.stage == 3:
                 self._free_params()
 
     def forward(self, *args, **kwargs):
-        self._gather_params()
+        if self._gatherer is None:
+            self._gather_params()
+        else:  # the modules' hooks gather bucket by bucket
+            self._gatherer.begin_forward()
         if self.broadcast_buffers and self.world_size > 1:
             buffers = list(self.module.buffers())
             if buffers:
@@ -310,6 +336,8 @@ class ShardedDataParallel(nn.Module):
         if mp is not None and mp.cast_forward_inputs and mp.param_dtype is not None:
             args, kwargs = _cast_floating((args, kwargs), mp.param_dtype)
         out = self.module(*args, **kwargs)
+        if self._gatherer is not None:
+            self._gatherer.end_forward()
         if mp is not None and mp.output_dtype is not None:
             out = _cast_floating(out, mp.output_dtype)
         return out
