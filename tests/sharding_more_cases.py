@@ -133,7 +133,9 @@ def sharded_checkpoint(rank, world, stage, directory, save):
     from torchlane import checkpoint
 
     torch.manual_seed(0 if save else 1)
-    model = torchlane.ShardedDataParallel(Net(), stage=stage, bucket_cap_mb=0.001)
+    # the loading model has another bucket plan too: elements are mapped parameter by parameter
+    cap = 0.001 if save else 0.0004
+    model = torchlane.ShardedDataParallel(Net(), stage=stage, bucket_cap_mb=cap)
     opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2)
     out = {}
     if save:
@@ -147,6 +149,7 @@ def sharded_checkpoint(rank, world, stage, directory, save):
     else:
         info = checkpoint.load(directory, model, opt)
         out["step"], out["position"] = info.step, info.data_position
+        out["buckets"] = len(model._flats)
     out["losses"] = _steps(model, opt, 4, 8, rank, world)
     if not save:
         dist.barrier()

@@ -95,7 +95,7 @@ def test_train_gpt_zero3_logs_the_ddp_losses(tmp_path):
         f.unlink()
     from test_examples import _train
 
-    resumed = ("--zero", "1", "--bucket-cap-mb", "0.1", "--resume")
+    resumed = ("--zero", "1", "--resume")  # and one 25 MB bucket instead of 0.1 MB ones
     log, _ = _train(tmp_path / "resumed", *GPT_FLAGS, *resumed)
     _close(ref[0][3:], [r["loss"] for r in log if r["type"] == "train"], 1e-5)
 
@@ -145,10 +145,13 @@ def test_sharded_checkpoint_reshards_3_to_2_and_consolidates(tmp_path):
     loaded = dist.run(cases.sharded_checkpoint, 2, args=(2, d, False), timeout=300)
     for r in loaded:
         assert r["step"] == 4 and r["position"] == 4
+        assert r["buckets"] > 2  # the saving model had 2 buckets
         _close(saved[0]["losses"], r["losses"], 1e-6)
         assert r["corrupt"] is not None and "CheckpointError" in r["corrupt"], r["corrupt"]
-    assert "is corrupt" in loaded[1]["corrupt"]  # new rank 1 reads old shard 2
-    assert "could not be loaded on another rank" in loaded[0]["corrupt"]
+    # ranks that read old shard 2 name the file; any other rank learns it from them
+    assert any("is corrupt" in r["corrupt"] for r in loaded)
+    for r in loaded:
+        assert "is corrupt" in r["corrupt"] or "could not be loaded on another rank" in r["corrupt"]
 
 
 def test_mixed_precision_matches_the_written_out_policy():

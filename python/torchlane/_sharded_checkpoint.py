@@ -16,8 +16,9 @@ so the newest ckpt-*.pt is always a complete checkpoint, and list_checkpoints / 
 work on manifests exactly as on plain files (a removed checkpoint takes its shard files along).
 
 Loading is resharding: rank r' of N' ranks needs the elements [r' S', (r'+1) S') of every flat
-bucket (S' its new shard length), and reads only the old shard files that overlap that range,
-each verified against the checksum the manifest holds. Everything is validated and every rank's
+bucket (S' its new shard length); parameter by parameter (the bucket plan may differ too), it
+maps them to the old flat buckets and reads only the old shard files that hold them, each
+verified against the checksum the manifest holds. Everything is validated and every rank's
 reads are agreed on (an all-reduce of a failure flag) before anything is applied, so a missing or
 corrupt shard file raises CheckpointError on every rank and changes nothing.
 `consolidate(file)` assembles the full, unsharded state_dict from the files alone (no process
@@ -294,13 +295,14 @@ def _read_plan(manifest, file, model, optimizer, stateful, strict):
             "into the plain module, then wrap that in ShardedDataParallel"
         )
     buckets, aliases = _layout(model)
-    saved = manifest["layout"]["buckets"]
-    if [[tuple(s) for _, s in b] for b in saved] != [[tuple(s) for _, s in b] for b in buckets]:
+    saved = {name: tuple(shape) for b in manifest["layout"]["buckets"] for name, shape in b}
+    mine = {name: tuple(shape) for b in buckets for name, shape in b}
+    if saved != mine:
         raise ck.CheckpointError(
-            f"checkpoint {file}: its buckets (parameter shapes per bucket "
-            f"{[[s for _, s in b] for b in saved]}) do not match this model's "
-            f"{[[s for _, s in b] for b in buckets]}; build the model with the same architecture "
-            "and bucket_cap_mb. Nothing was loaded"
+            f"checkpoint {file}: its sharded parameters do not match this model's: missing "
+            f"{sorted(set(mine) - set(saved))}, unexpected {sorted(set(saved) - set(mine))}, "
+            f"different shapes {sorted(k for k in mine if k in saved and mine[k] != saved[k])}; "
+            "nothing was loaded"
         )
     own = [k for k in model.module.state_dict() if k not in aliases]
     if strict:
@@ -342,36 +344,50 @@ def _read_plan(manifest, file, model, optimizer, stateful, strict):
             )
         return cache[r]
 
+    # Where each parameter lives in the old flat buckets: the bucket plan may differ (another
+    # bucket_cap_mb), so elements are mapped parameter by parameter.
+    where = {}
+    for ob, entries in enumerate(manifest["layout"]["buckets"]):
+        for (name, _shape), off in zip(entries, old_layouts[ob][0], strict=True):
+            where[name] = (ob, off)
+
+    def elementwise(v, ob):
+        return torch.is_tensor(v) and v.dim() == 1 and v.numel() == old_layouts[ob][3]
+
     params, states = [], []
     for b, shard in enumerate(model._shards):
-        _, numel, _, new_len = model._layouts[b]
-        old_len = old_layouts[b][3]
+        offsets, numel, _, new_len = model._layouts[b]
         start = model.rank * new_len
         stop = min(start + new_len, numel)
         p = torch.zeros(new_len, dtype=shard.dtype)
         st = {}
-        for r in range(old_world):
-            lo, hi = max(start, r * old_len), min(stop, (r + 1) * old_len)
+        for (name, shape), off in zip(buckets[b], offsets, strict=True):
+            lo, hi = max(start, off), min(stop, off + _numel(shape))
             if lo >= hi:
-                continue  # this old shard holds none of this rank's elements: not read
-            src = old_shard(r)
-            p[lo - start : hi - start] = src["params"][b][lo - r * old_len : hi - r * old_len]
-            if optimizer is None:
                 continue
-            for k, v in src["optim"][b].items():
-                if torch.is_tensor(v) and v.dim() == 1 and v.numel() == old_len:
-                    if k not in st:
-                        st[k] = torch.zeros(new_len, dtype=v.dtype)
-                    st[k][lo - start : hi - start] = v[lo - r * old_len : hi - r * old_len]
-                else:
-                    st.setdefault(k, v)
-        if optimizer is not None and start >= stop:
-            # All padding on this rank: take the non-elementwise entries (step) from rank 0.
-            for k, v in old_shard(0)["optim"][b].items():
-                if torch.is_tensor(v) and v.dim() == 1 and v.numel() == old_len:
-                    st[k] = torch.zeros(new_len, dtype=v.dtype)
-                else:
-                    st[k] = v
+            ob, old_off = where[name]
+            old_len = old_layouts[ob][3]
+            old_lo = old_off + lo - off
+            for r in range(old_world):
+                a, z = max(old_lo, r * old_len), min(old_lo + hi - lo, (r + 1) * old_len)
+                if a >= z:
+                    continue  # this old shard holds none of these elements: not read
+                src = old_shard(r)
+                dst = slice(a - old_lo + lo - start, z - old_lo + lo - start)
+                p[dst] = src["params"][ob][a - r * old_len : z - r * old_len]
+                if optimizer is None:
+                    continue
+                for k, v in src["optim"][ob].items():
+                    if elementwise(v, ob):
+                        if k not in st:
+                            st[k] = torch.zeros(new_len, dtype=v.dtype)
+                        st[k][dst] = v[a - r * old_len : z - r * old_len]
+                    else:
+                        st.setdefault(k, v)
+        if optimizer is not None and not st:
+            # Only padding on this rank: the entries (zeros, step) as old rank 0's first bucket.
+            for k, v in old_shard(0)["optim"][0].items():
+                st[k] = torch.zeros(new_len, dtype=v.dtype) if elementwise(v, 0) else v
         params.append(p.to(shard.device))
         states.append(st)
     return params, states

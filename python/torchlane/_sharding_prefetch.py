@@ -6,15 +6,16 @@ Note [Per-bucket gathering in stage 3]
 The unit of gathering is the flat bucket of Note [Sharded flat bucket] (one all_gather_single
 each), and a module needs the buckets that hold its direct parameters.
 - Forward: a forward pre-hook gathers the module's buckets (waiting on a prefetch if one is in
-  flight) and counts the module as active on them; the post-hook uncounts it and frees every
-  bucket no active module needs (an enclosing module whose direct parameters share the bucket
-  keeps it alive). The first forward records the order in which buckets were first needed;
-  from then on each pre-hook launches the gather of the next bucket in that order (async) before
+  flight) and counts the module as active on them; the post-hook uncounts it. The first forward
+  records the sequence of module calls (their buckets) and frees every bucket no active module
+  needs (an enclosing module whose direct parameters share the bucket keeps it alive). Later
+  forwards keep a bucket until its last call in the sequence (the submodules of one block share
+  one gather), and each pre-hook launches the async gathers of the next call's buckets before
   the module computes, so communication overlaps compute.
 - Backward: the post-hook registers a hook on the module's outputs; it fires when their gradient
   is ready, before the module's own backward runs, and gathers the module's buckets again (the
   autograd graph saved views of the parameters, whose storage is resized back and refilled in
-  place) and prefetches the bucket before it in forward order. A bucket is freed once every one
+  place) and prefetches the buckets of the call before it (backward runs the calls in reverse). A bucket is freed once every one
   of its parameters has accumulated its gradient in this backward (a post-accumulate-grad hook),
   which is when no backward node needs the values any longer; buckets with an unused parameter
   stay until the optimizer step frees everything.
@@ -37,7 +38,10 @@ class BucketGatherer:
         self.full = [False] * n
         self.pending = {}  # bucket -> (Work, shard cast to the flat's dtype)
         self.active = [0] * n
-        self.order, self.recorded = [], False
+        # The first forward records the module calls (their buckets) in order; later ones use it
+        # to prefetch the next call's buckets and to keep a bucket until its last call.
+        self.calls, self.recorded, self.call_index = [], False, 0
+        self.last_use = {}
         self.pinned = False  # summon_full_params: the hooks gather but never free
         self.gathers = 0  # all-gathers launched (a measure of re-gathering)
         self.prefetch_hits = 0  # buckets found already in flight when a module needed them
@@ -95,44 +99,44 @@ class BucketGatherer:
         self.full[b] = False
         self.model._gathered = False
 
-    def _prefetch(self, buckets, step):
-        if not self.recorded:
-            return
-        positions = [self.order.index(b) for b in buckets if b in self.order]
-        if not positions:
-            return
-        nxt = (max(positions) + 1) if step > 0 else (min(positions) - 1)
-        if 0 <= nxt < len(self.order):
-            b = self.order[nxt]
-            if not self.full[b] and b not in self.pending:
-                self._launch(b)
+    def _prefetch(self, call):
+        """Launches the gathers of recorded call `call`'s buckets that are not held."""
+        if self.recorded and 0 <= call < len(self.calls):
+            for b in self.calls[call]:
+                if not self.full[b] and b not in self.pending:
+                    self._launch(b)
 
     # ---- hooks ----
     def _pre_forward(self, buckets, module, args):
+        call = self.call_index
+        self.call_index += 1
+        if not self.recorded:
+            self.calls.append(buckets)
+        module._torchlane_call = call  # read by the post-hook of this call
         for b in buckets:
             self.active[b] += 1
-            if not self.recorded and b not in self.order:
-                self.order.append(b)
         for b in buckets:
             self._ensure(b)
-        self._prefetch(buckets, +1)
+        self._prefetch(call + 1)
 
     def _post_forward(self, buckets, module, args, output):
+        call = module.__dict__.pop("_torchlane_call", self.call_index)
         for b in buckets:
             self.active[b] -= 1
         if torch.is_grad_enabled():
-            hook = functools.partial(self._pre_backward, buckets)
+            hook = functools.partial(self._pre_backward, buckets, call)
             for t in _tensors(output):
                 if t.requires_grad:
                     t.register_hook(hook)
         for b in buckets:
-            if self.active[b] == 0:
+            # Before the order is known every bucket goes at once; then after its last call.
+            if self.active[b] == 0 and (not self.recorded or self.last_use.get(b, -1) <= call):
                 self._release(b)
 
-    def _pre_backward(self, buckets, grad):
+    def _pre_backward(self, buckets, call, grad):
         for b in buckets:
             self._ensure(b)
-        self._prefetch(buckets, -1)
+        self._prefetch(call - 1)  # backward runs the calls in reverse
 
     def _grad_ready(self, b, param):
         self.waiting[b] -= 1
@@ -142,9 +146,14 @@ class BucketGatherer:
     # ---- the whole model ----
     def begin_forward(self):
         self.waiting = list(self.sizes)
+        self.call_index = 0
 
     def end_forward(self):
-        self.recorded = True
+        if not self.recorded:
+            self.recorded = True
+            for call, buckets in enumerate(self.calls):
+                for b in buckets:
+                    self.last_use[b] = call
 
     def gather_all(self):
         for b in range(len(self.full)):
