@@ -160,6 +160,13 @@ def sharded_checkpoint(rank, world, stage, directory, save):
             open(f, "wb").write(bytes(data))
         dist.barrier()
         out["corrupt"] = _message(lambda: checkpoint.load(directory, model, opt))
+        other = torchlane.ShardedDataParallel(nn.Sequential(nn.Linear(7, 13)), stage=2)
+        out["other_model"] = _message(
+            lambda: checkpoint.load(os.path.join(directory, f"ckpt-{3:010d}.pt"), other)
+        )
+        out["torch_optim"] = _message(
+            lambda: checkpoint.save(directory, model, torch.optim.SGD(model.parameters()), 9)
+        )
     return out
 
 
