@@ -25,7 +25,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "python"), str(ROOT / "tests")]
 
-VARIANTS = ("ddp", "zero1", "zero2", "zero3", "torch_zero_redundancy", "torch_fsdp2")
+VARIANTS = (
+    "ddp",
+    "zero1",
+    "zero2",
+    "zero3",
+    "zero3_prefetch",
+    "torch_zero_redundancy",
+    "torch_fsdp2",
+)
 
 
 def _bytes(ts):
@@ -52,6 +60,11 @@ def _build(variant, cfg):
     if variant == "ddp":
         m = torchlane.DistributedDataParallel(model)
         return m, torch.optim.AdamW(m.parameters(), **kw), None
+    if variant == "zero3_prefetch":  # bucket by bucket: 1 MB buckets, so there are several
+        m = torchlane.ShardedDataParallel(
+            model, stage=3, reshard_after_forward=True, bucket_cap_mb=1.0
+        )
+        return m, torchlane.ShardedOptimizer(m, torch.optim.AdamW, **kw), None
     if variant.startswith("zero"):
         m = torchlane.ShardedDataParallel(model, stage=int(variant[-1]))
         return m, torchlane.ShardedOptimizer(m, torch.optim.AdamW, **kw), None
@@ -137,6 +150,16 @@ def run_rank(rank, world, args):
             "step_ms": 1e3 * statistics.median(times[1:]),
             "losses": losses,
             "n_params": n_params,
+            # stage 3: most bytes of full (gathered) parameters held at once during a step
+            "peak_full_param_bytes": (
+                (
+                    m._gatherer.peak_bytes
+                    if m._gatherer is not None
+                    else sum(f.numel() * f.element_size() for f in m._flats)
+                )
+                if variant.startswith("zero3")
+                else None
+            ),
         }
         del m, opt
     return out
@@ -163,12 +186,14 @@ def main(argv=None):
         "zero1": (4 + 4 + 8 / N) * P,
         "zero2": (4 + 12 / N) * P,
         "zero3": 16 * P / N,
+        "zero3_prefetch": 16 * P / N,
         "torch_zero_redundancy": (4 + 4 + 8 / N) * P,
         "torch_fsdp2": 16 * P / N,
     }
     print(f"GPT {P / 1e6:.2f}M params, {N} ranks (Gloo/CPU, shared noisy machine)")
     print(
-        f"{'variant':24s} {'MB/rank':>9s} {'formula':>9s} {'ratio':>6s} {'step ms':>8s} {'vs ddp':>7s}"
+        f"{'variant':24s} {'MB/rank':>9s} {'formula':>9s} {'ratio':>6s} {'step ms':>8s} "
+        f"{'vs ddp':>7s} {'peak gathered MB':>17s}"
     )
     for v in VARIANTS:
         r = r0[v]
@@ -181,7 +206,12 @@ def main(argv=None):
         print(
             f"{v:24s} {r['total_bytes_max_rank'] / 1e6:9.2f} {formula[v] / 1e6:9.2f} "
             f"{r['total_bytes_max_rank'] / formula[v]:6.2f} {r['step_ms']:8.1f} "
-            f"{r['step_ms'] / r0['ddp']['step_ms']:7.2f}"
+            f"{r['step_ms'] / r0['ddp']['step_ms']:7.2f} "
+            + (
+                f"{r['peak_full_param_bytes'] / 1e6:17.2f}"
+                if r.get("peak_full_param_bytes")
+                else ""
+            )
         )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -144,6 +144,21 @@ def parse_args(argv=None):
     a("--max-staleness", type=int, default=None, help="--ps: rounds ahead (default: unbounded)")
     a("--ps-sync-every", type=int, default=10, help="--ps: a worker pushes every N steps")
     a("--post-local-sgd", type=int, default=0, metavar="H", help="torch's PostLocalSGDOptimizer")
+    # ---- sharded data parallel ----
+    a(
+        "--zero",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=0,
+        help="ZeRO stage (torchlane.ShardedDataParallel): 1 shards the optimizer state, 2 also "
+        "the gradients, 3 also the parameters; 0: off (replicated --ddp)",
+    )
+    a(
+        "--reshard-after-forward",
+        action="store_true",
+        help="--zero 3: gather each bucket just before the module that needs it (forward and "
+        "backward, the next one prefetched) and free it after, instead of the whole model",
+    )
     args = p.parse_args(argv)
     if args.pack and args.sampler != "tokens":
         p.error("--pack needs --sampler tokens")
@@ -157,6 +172,22 @@ def parse_args(argv=None):
         p.error("--diloco H and --ps N_SERVERS must be >= 0, and not both set")
     if (args.diloco or args.ps or args.post_local_sgd) and (args.tp > 1 or args.pp > 1):
         p.error("--diloco, --ps and --post-local-sgd work with data parallelism only (--tp 1 --pp 1)")
+    if args.zero and (
+        args.ddp != "torchlane"
+        or args.tp > 1
+        or args.pp > 1
+        or args.dp is not None
+        or args.diloco
+        or args.ps
+        or args.post_local_sgd
+        or args.hook != "none"
+    ):
+        p.error(
+            "--zero works with plain data parallelism on --ddp torchlane only (no --tp, --pp, "
+            "--dp, --diloco, --ps, --post-local-sgd or --hook)"
+        )
+    if args.reshard_after_forward and args.zero != 3:
+        p.error("--reshard-after-forward needs --zero 3")
     if args.resume is None:  # torchrun (elastic agent) sets TORCHELASTIC_RESTART_COUNT
         args.resume = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else "no"
     if args.attention == "auto":
@@ -276,14 +307,43 @@ def register_hook(ddp, flavour, hook):
 # ----------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(model, args):
+def param_groups(model, args):
+    """Weight decay on matrices (embeddings, linear weights), none on biases and norms."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
+    return [
         {"params": decay, "weight_decay": args.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def make_optimizer(model, args):
+    return torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
+
+
+def wrap_zero(raw_model, args):
+    """--zero: ShardedDataParallel + AdamW on this rank's shards, with make_optimizer's groups."""
+    import torchlane
+
+    model = torchlane.ShardedDataParallel(
+        raw_model,
+        stage=args.zero,
+        bucket_cap_mb=args.bucket_cap_mb,
+        reshard_after_forward=args.reshard_after_forward,
+    )
+    optimizer = torchlane.ShardedOptimizer(
+        model,
+        torch.optim.AdamW,
+        param_groups=param_groups(raw_model, args),
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    return model, optimizer
+
+
+def full_params(model, args):
+    """--zero 3 frees the full parameters between steps: gather them around an evaluation."""
+    return model.summon_full_params() if args.zero else contextlib.nullcontext()
 
 
 def lr_at(step, args):
@@ -694,11 +754,18 @@ def main(argv=None):
         parallelize_gpt(raw_model, mesh["tp"], sequence_parallel=args.sequence_parallel)
         # Each tp rank checkpoints its shards with its data-parallel replicas.
         ckpt_dir = ckpt_dir / f"tp{mesh['tp'].get_local_rank()}-of-{args.tp}"
-    optimizer = make_optimizer(raw_model, args)
+    if args.zero:
+        if world == 1:
+            raise SystemExit("--zero: launch 2 or more ranks with torchrun")
+        zero_model, optimizer = wrap_zero(raw_model, args)
+    else:
+        optimizer = make_optimizer(raw_model, args)
     step, best_val = 0, None
     resumed = False
     if args.resume != "no":
-        loaded = load_checkpoint(ckpt_dir, raw_model, optimizer, batches, dp_group)
+        # --zero: each rank loads its shard, from a checkpoint of any world size
+        ckpt_model = zero_model if args.zero else raw_model
+        loaded = load_checkpoint(ckpt_dir, ckpt_model, optimizer, batches, dp_group)
         if loaded is None and args.resume == "yes":
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
         if loaded is not None:
@@ -709,8 +776,10 @@ def main(argv=None):
         pipe = make_pipeline(raw_model, mesh, args).attach_optimizer(optimizer)
         model = None
     else:
-        wrap = dp_size > 1 and not args.diloco
+        wrap = dp_size > 1 and not args.diloco and not args.zero
         model = wrap_ddp(raw_model, args, device, dp_group) if wrap else raw_model
+        if args.zero:
+            model = zero_model
     diloco = make_diloco(raw_model, optimizer, args) if args.diloco else None
     if args.post_local_sgd and world > 1:
         optimizer = post_local_sgd(model, optimizer, args)
@@ -722,7 +791,8 @@ def main(argv=None):
         print(
             f"corpus: {description}\n"
             f"model: {count_params(cfg) / 1e6:.2f}M parameters {cfg.to_dict()}\n"
-            f"{world} rank(s) on {device.type}, ddp={args.ddp if dp_size > 1 else 'none'}, "
+            f"{world} rank(s) on {device.type}, ddp={args.ddp if dp_size > 1 else 'none'}"
+            f"{f' (ZeRO stage {args.zero})' if args.zero else ''}, "
             f"dp={dp_size}, tp={args.tp}{' (sequence parallel)' if args.sequence_parallel else ''}, "
             f"attention={args.attention}, "
             f"hook={args.hook}, dtype={args.dtype}, {tokens_per_step} tokens/step, "
@@ -747,11 +817,12 @@ def main(argv=None):
     if args.monitoring:
         from torchlane.monitor import Monitor
 
-        ddp = model if world > 1 and args.ddp == "torchlane" else None
+        ddp = model if world > 1 and args.ddp == "torchlane" and not args.zero else None
         mon = Monitor(out_dir / "monitor", ddp, rank=rank, watchdog_timeout=args.watchdog_s)
     progress = Progress(rank, args.max_steps, step, args.no_progress)
     if step == 0 or step % args.eval_every == 0:
-        val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
+        with full_params(model, args):
+            val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
         progress.write(f"step {step:5d}  val loss {val:.4f}")
         log(type="val", step=step, val_loss=val)
     t_run = time.perf_counter()
@@ -797,6 +868,8 @@ def main(argv=None):
             from torchlane.parallel import clip_grad_norm_
 
             clip_grad_norm_(raw_model, args.clip)  # the norm of the full, unsharded gradient
+        elif args.clip > 0 and args.zero:
+            optimizer.clip_grad_norm_(args.clip)  # the global norm over every rank's shard
         elif args.clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         optimizer.step()
@@ -819,7 +892,8 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == stop:
             if diloco is not None:
                 diloco.wait()  # no all-reduce in flight while evaluate's runs
-            val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
+            with full_params(model, args):
+                val = evaluate_any(raw_model, pipe, mesh, val_tokens, args, device, world, dp_rank)
             best_val = val if best_val is None else min(best_val, val)
             progress.write(f"step {step:5d}  val loss {val:.4f}")
             log(type="val", step=step, val_loss=val)
@@ -831,7 +905,14 @@ def main(argv=None):
             and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop)
         ):
             ckpt_file = save_checkpoint(
-                ckpt_dir, raw_model, optimizer, step, batches, best_val, dp_rank, dp_group
+                ckpt_dir,
+                model if args.zero else raw_model,  # --zero: every rank writes its shard
+                optimizer,
+                step,
+                batches,
+                best_val,
+                dp_rank,
+                dp_group,
             )
     progress.close()
     if mon:
@@ -845,6 +926,11 @@ def main(argv=None):
             log(type="summary", step=step, best_val_loss=best_val, train_seconds=elapsed)
             if pipe.rebalance_log:
                 print(f"pipeline re-balances: {pipe.rebalance_log}")
+    elif args.zero:  # sample from an unsharded copy (a collective: every rank gathers)
+        full = model.full_state_dict()
+        if rank == 0:
+            sampler = GPT(cfg).to(device)
+            sampler.load_state_dict(full)
     elif args.tp > 1:  # sample from an unsharded copy (a collective: every rank gathers)
         from torchlane.parallel import full_state_dict
 

@@ -74,12 +74,22 @@ from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from torchlane._validate import check_int
 
+from torchlane import _sharded_checkpoint as _sharded
+
 try:
     import numpy as np
 except ImportError:  # pragma: no cover - numpy is a dependency, but its RNG is optional
     np = None
 
-__all__ = ["Checkpoint", "CheckpointError", "save", "load", "read", "list_checkpoints"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "save",
+    "load",
+    "read",
+    "list_checkpoints",
+    "consolidate",
+]
 
 FORMAT = "torchlane.checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -156,6 +166,17 @@ def save(
         raise TypeError(f"checkpoint.save: discard_newer must be True or False, got {discard_newer!r}")
     check_int("keep_last", keep_last, 1, allow_none=True, where="checkpoint.save")
     module = _unwrap(model, "checkpoint.save")
+    if _sharded.is_sharded_model(module):  # Note [Sharded checkpoint files]
+        return _sharded.save(
+            path,
+            module,
+            optimizer,
+            step,
+            data_position=data_position,
+            keep_last=keep_last,
+            discard_newer=discard_newer,
+            extra=extra,
+        )
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"checkpoint.save: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
@@ -194,11 +215,11 @@ def save(
             state["checksum"] = _digest(state, where="checkpoint")
             _write_atomically(os.fspath(path), target, state)
             for _, old in newer:  # discard_newer=True: only once the new file is durable
-                os.remove(old)
+                _remove_checkpoint(old)
             if keep_last is not None:
                 for _, old in list_checkpoints(path)[:-keep_last]:
                     if old != target:  # never the file just written
-                        os.remove(old)
+                        _remove_checkpoint(old)
         except BaseException as e:  # noqa: B036 - the other ranks must learn about any failure
             error = e
     if world > 1:
@@ -213,13 +234,20 @@ def save(
     return target
 
 
-def _write_atomically(directory, target, state):
+def _remove_checkpoint(path):
+    """Removes a checkpoint file and, for a sharded one, its shard files (manifest first)."""
+    os.remove(path)
+    for shard in _sharded.shard_files(path):
+        os.remove(shard)
+
+
+def _write_atomically(directory, target, state, prefix=".ckpt-"):
     # Serialise in memory first: torch.save's C++ writer reports a failed write (a full disk) as
     # an unreadable RuntimeError, a plain file write as an OSError with its errno.
     buffer = io.BytesIO()
     torch.save(state, buffer)
     try:
-        _write_file(directory, target, buffer.getbuffer())
+        _write_file(directory, target, buffer.getbuffer(), prefix)
     except OSError as e:
         code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else "unknown errno"
         raise CheckpointError(
@@ -228,12 +256,16 @@ def _write_atomically(directory, target, state):
         ) from e
 
 
-def _write_file(directory, target, data):
+def _write_file(directory, target, data, prefix=".ckpt-"):
+    # `prefix` is per writer: the ranks of a sharded save write into one directory at once.
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):  # leftovers of a writer that died mid-write
-        if name.startswith(".ckpt-") and name.endswith(".tmp"):
-            os.remove(os.path.join(directory, name))
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -262,6 +294,24 @@ def _extra_state(name, value):
 
 def read(path):
     """Read and verify one checkpoint file; returns its dict. Raises CheckpointError if corrupt."""
+    return read_any(path, FORMAT)
+
+
+def consolidate(path):
+    """The full, unsharded model state_dict of a checkpoint file (or of the newest checkpoint in
+    a directory), loadable by the plain nn.Module; for a sharded checkpoint it is assembled from
+    every rank's shard file (Note [Sharded checkpoint files]). Needs no process group."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"checkpoint.consolidate: no checkpoint in {path}")
+        path = found[-1][1]
+    return _sharded.consolidate(path)
+
+
+def read_any(path, fmt):
+    """read() for a file of format `fmt` (a checkpoint or one of its shard files)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
@@ -273,8 +323,8 @@ def read(path):
             "checkpoint): "
             f"{type(e).__name__}: {_first_line(e)}"
         ) from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint file {path} is not a torchlane checkpoint ({FORMAT})")
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise CheckpointError(f"checkpoint file {path} is not a torchlane checkpoint ({fmt})")
     expected = state.pop("checksum", None)
     actual = _digest(state)
     if expected != actual:
@@ -314,7 +364,8 @@ def load(
     if not isinstance(missing_ok, bool):
         raise TypeError(f"checkpoint.load: missing_ok must be True or False, got {missing_ok!r}")
     module = _unwrap(model, "checkpoint.load")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+    sharded = _sharded.is_sharded_model(module)
+    if optimizer is not None and not sharded and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"checkpoint.load: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
         )
@@ -467,6 +518,14 @@ def _validate(state, file, module, optimizer, stateful, strict):
 
 
 def _apply(state, file, module, optimizer, stateful, strict, restore_rng, rank, world):
+    if _sharded.is_sharded_model(module):
+        return _sharded.apply(state, file, module, optimizer, stateful, strict, restore_rng)
+    if state.get("kind") == "sharded":
+        raise CheckpointError(
+            f"checkpoint {file} is sharded (written by a ShardedDataParallel model); load it into "
+            "a ShardedDataParallel model, or get the full state_dict with "
+            "torchlane.checkpoint.consolidate(file)"
+        )
     _validate(state, file, module, optimizer, stateful, strict)
     module.load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
