@@ -72,9 +72,8 @@ import torch.distributed as dist
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
-from torchlane._validate import check_int
-
 from torchlane import _sharded_checkpoint as _sharded
+from torchlane._validate import check_int
 
 try:
     import numpy as np
