@@ -312,6 +312,119 @@ void TopKHook::end_step(bool grads_finite) {
   saved_residuals_.clear();
 }
 
+at::Tensor TopKWire::values(const at::Tensor& packed, at::ScalarType dtype) const {
+  return packed.narrow(0, 0, value_bytes()).view(dtype);
+}
+at::Tensor TopKWire::dense(const at::Tensor& packed, at::ScalarType dtype) const {
+  return packed.narrow(0, value_bytes(), dense_bytes()).view(dtype);
+}
+at::Tensor TopKWire::indices(const at::Tensor& packed) const {
+  return packed.narrow(0, index_offset(), 4 * k).view(at::kInt);
+}
+
+namespace {
+
+// residual += compressed, then the top `entries` of the residual over the whole compressed space
+// (or topk_count(n, ratio) per tensor when layerwise), as (values, int32 indices into the
+// compressed space). Undefined tensors when nothing is compressed.
+std::tuple<at::Tensor, at::Tensor> select_topk(const TopKPlan& plan,
+                                               const std::vector<at::Tensor>& grads,
+                                               const at::Tensor& compressed, at::Tensor& residual,
+                                               bool layerwise, double ratio, int64_t entries) {
+  if (plan.compressed_numel == 0) {
+    return {};
+  }
+  if (!layerwise) {
+    return topk_compress_(residual, compressed, entries);
+  }
+  std::vector<at::Tensor> vs, is;
+  for (size_t c = 0; c < plan.compressed.size(); ++c) {
+    const int64_t offset = plan.compressed_offsets[c];
+    const int64_t n = grads[plan.compressed[c]].numel();
+    at::Tensor part = residual.narrow(0, offset, n);
+    auto [v, i] = topk_compress_(part, compressed.narrow(0, offset, n), topk_count(n, ratio));
+    vs.push_back(v);
+    is.push_back(i.add_(offset));
+  }
+  return {at::cat(vs), at::cat(is)};
+}
+
+// One rank's message: `values`, the plan's dense tensors and `indices`, laid out by `wire`.
+at::Tensor topk_pack(const TopKWire& wire, const TopKPlan& plan,
+                     const std::vector<at::Tensor>& grads, const at::Tensor& values,
+                     const at::Tensor& indices, const at::Tensor& buffer) {
+  const auto dtype = buffer.scalar_type();
+  at::Tensor packed = at::empty({wire.total_bytes()}, buffer.options().dtype(at::kByte));
+  if (wire.k > 0) {
+    wire.values(packed, dtype).copy_(values);
+    wire.indices(packed).copy_(indices);
+  }
+  if (wire.dense_numel > 0) {
+    at::Tensor dense = wire.dense(packed, dtype);
+    int64_t offset = 0;
+    for (auto t : plan.dense) {
+      const int64_t n = grads[t].numel();
+      dense.narrow(0, offset, n).copy_(grads[t].reshape({-1}));
+      offset += n;
+    }
+  }
+  return packed;
+}
+
+// Every rank's message in, the mean gradient out: the sparse parts scatter-added into the
+// compressed space (the buffer itself when nothing is dense), the dense parts averaged, and both
+// written back into the bucket's gradients.
+void topk_unpack_mean(const TopKWire& wire, const TopKPlan& plan,
+                      const std::vector<at::Tensor>& from_ranks,
+                      const std::vector<at::Tensor>& grads, const at::Tensor& buffer) {
+  const auto dtype = buffer.scalar_type();
+  const double scale = 1.0 / static_cast<double>(from_ranks.size());
+  at::Tensor flat = buffer.view({-1});
+  at::Tensor out = plan.dense.empty() ? flat : at::Tensor();
+  if (plan.compressed_numel > 0) {
+    if (!out.defined()) {
+      out = at::empty({plan.compressed_numel}, flat.options());
+    }
+    out.zero_();
+    for (const auto& packed : from_ranks) {
+      topk_scatter_add_(out, wire.values(packed, dtype), wire.indices(packed), scale);
+    }
+  }
+  if (plan.dense.empty()) {
+    return;  // `out` was the buffer
+  }
+  at::Tensor dense_mean;
+  for (const auto& packed : from_ranks) {
+    at::Tensor part = wire.dense(packed, dtype);
+    dense_mean = dense_mean.defined() ? dense_mean.add_(part, scale) : part.mul(scale);
+  }
+  for (size_t c = 0; c < plan.compressed.size(); ++c) {
+    at::Tensor g = grads[plan.compressed[c]];
+    g.copy_(out.narrow(0, plan.compressed_offsets[c], g.numel()).view_as(g));
+  }
+  int64_t offset = 0;
+  for (auto t : plan.dense) {
+    at::Tensor g = grads[t];
+    g.copy_(dense_mean.narrow(0, offset, g.numel()).view_as(g));
+    offset += g.numel();
+  }
+}
+
+}  // namespace
+
+at::Tensor TopKHook::residual_for_locked(int64_t bucket_index,
+                                         const std::vector<std::vector<int64_t>>& shapes,
+                                         int64_t numel, const at::Tensor& buffer) {
+  BucketResidual& slot = residuals_[bucket_index];
+  if (!slot.residual.defined() || slot.shapes != shapes ||
+      slot.residual.device() != buffer.device() ||
+      slot.residual.scalar_type() != buffer.scalar_type()) {
+    slot.shapes = shapes;  // first compressed step, or the buckets were rebuilt
+    slot.residual = at::zeros({numel}, buffer.options());
+  }
+  return slot.residual;
+}
+
 c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& bucket) {
   std::lock_guard<std::mutex> guard(mutex_);
   at::Tensor buffer = bucket.getBufferRef();
@@ -344,25 +457,17 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
   const TopKPlan plan =
       topk_plan(shapes, options_.ratio, options_.min_compression_rate, element_size);
   const int64_t cn = plan.compressed_numel;
-
   at::Tensor residual;  // over the compressed space
-  if (cn > 0) {
-    BucketResidual& slot = residuals_[static_cast<int64_t>(bucket.getIndex())];
-    if (!slot.residual.defined() || slot.shapes != shapes ||
-        slot.residual.device() != buffer.device() ||
-        slot.residual.scalar_type() != buffer.scalar_type()) {
-      slot.shapes = shapes;  // first compressed step, or the buckets were rebuilt
-      slot.residual = at::zeros({cn}, buffer.options());
-    }
-    residual = slot.residual;
-  }
   int64_t entries = 0;  // (value, index) pairs this step's top-k sends
-  if (options_.layerwise) {
-    for (auto t : plan.compressed) {
-      entries += topk_count(grads[t].numel(), ratio);
+  if (cn > 0) {
+    residual = residual_for_locked(static_cast<int64_t>(bucket.getIndex()), shapes, cn, buffer);
+    if (options_.layerwise) {
+      for (auto t : plan.compressed) {
+        entries += topk_count(grads[t].numel(), ratio);
+      }
+    } else {
+      entries = topk_count(cn, ratio);
     }
-  } else if (cn > 0) {
-    entries = topk_count(cn, ratio);
   }
   if (cn > 0 && entries * (element_size + 4) >= cn * element_size) {
     // Early in the ratio warm-up, top-k would send more bytes than the tensors: send them dense,
@@ -377,10 +482,9 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
   }
 
   // The compressed space: the buffer itself when every tensor is compressed.
-  at::Tensor flat = buffer.view({-1});
   at::Tensor compressed;
   if (plan.dense.empty()) {
-    compressed = flat;
+    compressed = buffer.view({-1});
   } else if (cn > 0) {
     std::vector<at::Tensor> parts;
     for (auto t : plan.compressed) {
@@ -388,92 +492,23 @@ c10::intrusive_ptr<c10::ivalue::Future> TopKHook::runHook(c10d::GradBucket& buck
     }
     compressed = at::cat(parts);
   }
+  auto [values, indices] =
+      select_topk(plan, grads, compressed, residual, options_.layerwise, ratio, entries);
+  const TopKWire wire{values.defined() ? values.numel() : 0, plan.dense_numel, element_size};
+  at::Tensor packed = topk_pack(wire, plan, grads, values, indices, buffer);
 
-  at::Tensor values, indices;
-  if (cn > 0 && !options_.layerwise) {
-    std::tie(values, indices) = topk_compress_(residual, compressed, entries);
-  } else if (cn > 0) {
-    std::vector<at::Tensor> vs, is;
-    for (size_t c = 0; c < plan.compressed.size(); ++c) {
-      const int64_t offset = plan.compressed_offsets[c];
-      const int64_t n = grads[plan.compressed[c]].numel();
-      at::Tensor part = residual.narrow(0, offset, n);
-      auto [v, i] = topk_compress_(part, compressed.narrow(0, offset, n), topk_count(n, ratio));
-      vs.push_back(v);
-      is.push_back(i.add_(offset));
-    }
-    values = at::cat(vs);
-    indices = at::cat(is);
-  }
-  const int64_t k = values.defined() ? values.numel() : 0;
-
-  // Packed per rank: k values | the dense tensors' elements | k int32 indices (in this order, so
-  // that every part starts aligned to its element size).
-  const int64_t value_bytes = k * element_size;
-  const int64_t dense_bytes = plan.dense_numel * element_size;
-  const int64_t index_offset = value_bytes + dense_bytes;
-  at::Tensor packed = at::empty({index_offset + 4 * k}, buffer.options().dtype(at::kByte));
-  if (k > 0) {
-    packed.narrow(0, 0, value_bytes).view(buffer.scalar_type()).copy_(values);
-    packed.narrow(0, index_offset, 4 * k).view(at::kInt).copy_(indices);
-  }
-  if (dense_bytes > 0) {
-    at::Tensor dense = packed.narrow(0, value_bytes, dense_bytes).view(buffer.scalar_type());
-    int64_t offset = 0;
-    for (auto t : plan.dense) {
-      const int64_t n = grads[t].numel();
-      dense.narrow(0, offset, n).copy_(grads[t].reshape({-1}));
-      offset += n;
-    }
-  }
-
-  const int64_t world = process_group_->getSize();
   std::vector<std::vector<at::Tensor>> gathered(1);
-  for (int64_t r = 0; r < world; ++r) {
+  for (int64_t r = 0; r < process_group_->getSize(); ++r) {
     gathered[0].push_back(at::empty_like(packed));
   }
-  auto fut = launch_allgather(gathered, {packed});
-  const auto dtype = buffer.scalar_type();
-  return fut->then(
-      [buffer, grads, plan, gathered, value_bytes, dense_bytes, index_offset, k, dtype,
-       world](c10::ivalue::Future& done) {
-        done.value();  // rethrows a communication error
-        const double scale = 1.0 / static_cast<double>(world);
-        at::Tensor flat = buffer.view({-1});
-        // The sparse part lands in the compressed space: the buffer itself when nothing is dense.
-        at::Tensor out = plan.dense.empty() ? flat : at::Tensor();
-        if (plan.compressed_numel > 0) {
-          if (!out.defined()) {
-            out = at::empty({plan.compressed_numel}, flat.options());
-          }
-          out.zero_();
-          for (const auto& from_rank : gathered[0]) {
-            topk_scatter_add_(out, from_rank.narrow(0, 0, value_bytes).view(dtype),
-                              from_rank.narrow(0, index_offset, 4 * k).view(at::kInt), scale);
-          }
-        }
-        at::Tensor dense_mean;
-        if (dense_bytes > 0) {
-          for (const auto& from_rank : gathered[0]) {
-            at::Tensor part = from_rank.narrow(0, value_bytes, dense_bytes).view(dtype);
-            dense_mean = dense_mean.defined() ? dense_mean.add_(part, scale) : part.mul(scale);
-          }
-        }
-        if (!plan.dense.empty()) {
-          for (size_t c = 0; c < plan.compressed.size(); ++c) {
-            at::Tensor g = grads[plan.compressed[c]];
-            g.copy_(out.narrow(0, plan.compressed_offsets[c], g.numel()).view_as(g));
-          }
-          int64_t offset = 0;
-          for (auto t : plan.dense) {
-            at::Tensor g = grads[t];
-            g.copy_(dense_mean.narrow(0, offset, g.numel()).view_as(g));
-            offset += g.numel();
-          }
-        }
-        return c10::IValue(buffer);
-      },
-      c10::TensorType::get());
+  return launch_allgather(gathered, {packed})
+      ->then(
+          [buffer, grads, plan, gathered, wire](c10::ivalue::Future& done) {
+            done.value();  // rethrows a communication error
+            topk_unpack_mean(wire, plan, gathered[0], grads, buffer);
+            return c10::IValue(buffer);
+          },
+          c10::TensorType::get());
 }
 
 // ---- ops: torchlane::topk_compress_ / torchlane::topk_scatter_add_ (schemas in bindings.cpp) ----

@@ -45,6 +45,29 @@ struct TopKPlan {
 TopKPlan topk_plan(const std::vector<std::vector<int64_t>>& shapes, double ratio,
                    double min_compression_rate, int64_t element_size);
 
+// What one rank sends per compressed bucket, as bytes: k values | the dense tensors' elements |
+// k int32 indices into the compressed space (in this order, so that every part starts aligned to
+// its element size). Every rank's message has the same layout, so one all-gather carries them.
+struct TopKWire {
+  int64_t k = 0, dense_numel = 0, element_size = 0;
+  int64_t value_bytes() const {
+    return k * element_size;
+  }
+  int64_t dense_bytes() const {
+    return dense_numel * element_size;
+  }
+  int64_t index_offset() const {
+    return value_bytes() + dense_bytes();
+  }
+  int64_t total_bytes() const {
+    return index_offset() + 4 * k;
+  }
+  // Views of a packed message (uint8) as its three parts.
+  at::Tensor values(const at::Tensor& packed, at::ScalarType dtype) const;
+  at::Tensor dense(const at::Tensor& packed, at::ScalarType dtype) const;
+  at::Tensor indices(const at::Tensor& packed) const;
+};
+
 // Compression math of the top-k hook (bound as ops torchlane::topk_compress_ and
 // torchlane::topk_scatter_add_).
 //
@@ -87,6 +110,11 @@ class TopKHook : public CommHook {
   };
 
   void maybe_increase_iter(const c10d::GradBucket& bucket);
+  // The bucket's error-feedback residual over `numel` compressed elements; zeros when the bucket
+  // layout, device or dtype changed since it was made.
+  at::Tensor residual_for_locked(int64_t bucket_index,
+                                 const std::vector<std::vector<int64_t>>& shapes, int64_t numel,
+                                 const at::Tensor& buffer);
 
   TopKOptions options_;
   mutable std::mutex mutex_;
