@@ -288,13 +288,14 @@ bool DistributedDataParallel::grads_finite() const {
 CommStats DistributedDataParallel::comm_stats() const {
   const auto stats = reducer_->stats();
   auto ms = [&](int64_t t) {
-    return t && stats.first_hook_ns ? static_cast<double>(t - stats.first_hook_ns) / 1e6 : 0.0;
+    const int64_t t0 = stats.times.first_hook_ns;
+    return t && t0 ? static_cast<double>(t - t0) / 1e6 : 0.0;
   };
   CommStats out;
   out.bytes_reduced = stats.bytes_reduced;
   out.bytes_sent = stats.bytes_sent;
-  out.backward_end_ms = ms(stats.backward_end_ns);
-  out.comm_end_ms = ms(stats.comm_end_ns);
+  out.backward_end_ms = ms(stats.times.backward_end_ns);
+  out.comm_end_ms = ms(stats.times.comm_end_ns);
   for (const auto& b : reducer_->buckets()) {
     BucketInfo info;
     info.numel = b.buffer.numel();

@@ -1,9 +1,8 @@
 // Bindings of csrc/reducer/: the pure bucket plan and the Reducer.
 #include "reducer/reducer.hpp"
 #include "bindings/bindings.h"
+#include "comm/clock.hpp"
 #include "reducer/bucket_plan.hpp"
-
-#include <chrono>
 
 #include <torch/csrc/distributed/c10d/python_comm_hook.h>
 
@@ -23,34 +22,34 @@ py::dict flight_record_to_dict(const Reducer& reducer) {
   d["completed_bucket"] = f.completed_bucket.load();
   d["completed_ns"] = f.completed_ns.load();
   // The same steady clock as the reducer's timestamps, so now_ns - launched_ns is an age.
-  d["now_ns"] = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                    std::chrono::steady_clock::now().time_since_epoch())
-                    .count();
+  d["now_ns"] = comm::now_ns();
   return d;
 }
 
 py::dict stats_to_dict(const Reducer& reducer) {
   const auto stats = reducer.stats();
   auto ms = [&](int64_t t) {
-    return t && stats.first_hook_ns ? static_cast<double>(t - stats.first_hook_ns) / 1e6 : 0.0;
+    const int64_t t0 = stats.times.first_hook_ns;
+    return t && t0 ? static_cast<double>(t - t0) / 1e6 : 0.0;
   };
   py::list events;
-  for (size_t b = 0; b < stats.ready_ns.size(); ++b) {
+  for (size_t b = 0; b < stats.bucket_times.size(); ++b) {
+    const auto& t = stats.bucket_times[b];
     py::dict e;
     e["index"] = b;
-    e["ready_ms"] = ms(stats.ready_ns[b]);
-    e["launch_ms"] = ms(stats.launch_ns[b]);
-    e["return_ms"] = ms(stats.return_ns[b]);
-    e["done_ms"] = ms(stats.done_ns[b]);
+    e["ready_ms"] = ms(t.ready_ns);
+    e["launch_ms"] = ms(t.launch_ns);
+    e["return_ms"] = ms(t.return_ns);
+    e["done_ms"] = ms(t.done_ns());
     events.append(e);
   }
   py::dict d;
   d["bytes_reduced"] = stats.bytes_reduced;
   d["bytes_sent"] = stats.bytes_sent;
   d["row_sparse_bytes_saved"] = stats.row_sparse_bytes_saved;
-  d["backward_end_ms"] = ms(stats.backward_end_ns);
-  d["comm_end_ms"] = ms(stats.comm_end_ns);
-  d["first_hook_ns"] = stats.first_hook_ns;  // steady clock: Python's time.monotonic_ns()
+  d["backward_end_ms"] = ms(stats.times.backward_end_ns);
+  d["comm_end_ms"] = ms(stats.times.comm_end_ns);
+  d["first_hook_ns"] = stats.times.first_hook_ns;  // steady clock: Python's time.monotonic_ns()
   d["ready_order"] = stats.ready_order;
   d["bucket_events"] = events;
   py::list collectives;

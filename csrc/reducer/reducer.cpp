@@ -138,7 +138,6 @@ void Reducer::initialize_buckets(const std::vector<std::vector<int64_t>>& assign
       bucket.views.emplace_back();
       param_location_[i] = {buckets.size(), 0};
       bucket.pending = 1;
-      bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
       buckets.push_back(std::move(bucket));
       continue;
     }
@@ -168,7 +167,6 @@ void Reducer::initialize_buckets(const std::vector<std::vector<int64_t>>& assign
       bucket.views.push_back(std::move(view));
     }
     bucket.pending = members.size();
-    bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
     buckets.push_back(std::move(bucket));
   }
   buckets_ = std::move(buckets);
@@ -187,10 +185,9 @@ void Reducer::reset_iteration_state() {
   for (auto& bucket : buckets_) {
     bucket.pending = bucket.params.size();
     bucket.future.reset();
-    bucket.ready_ns = bucket.launch_ns = bucket.return_ns = bucket.wait_ns = 0;
+    bucket.timer = BucketTimer();  // a fresh completion slot: Note [Step timer]
     bucket.sparse_grad.reset();
     bucket.wire_bytes = 0;
-    bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
   }
   local_used_future_.reset();
   if (!(options_.static_graph && iterations_ > 0)) {
@@ -378,7 +375,7 @@ void Reducer::on_gradient_ready(int64_t index) {
   if (!backward_started_) {
     backward_started_ = true;
     require_finalize_ = true;
-    first_hook_ns_ = now_ns();
+    step_times_.first_hook_ns = now_ns();
     step_ready_order_.clear();
     flight_->iteration_first_seq.store(collective_seq_ + 1, std::memory_order_relaxed);
     flight_->iteration.fetch_add(1, std::memory_order_relaxed);
@@ -417,7 +414,7 @@ void Reducer::mark_ready(int64_t index) {
   auto& bucket = buckets_[b];
   TORCH_INTERNAL_ASSERT(bucket.pending > 0);
   if (--bucket.pending == 0) {
-    bucket.ready_ns = now_ns();
+    bucket.timer.ready_ns = now_ns();
     launch_ready_buckets();
   }
 }
@@ -557,10 +554,10 @@ void Reducer::launch_ready_buckets() {
 void Reducer::launch_bucket(size_t b) {
   auto& bucket = buckets_[b];
   RECORD_FUNCTION("torchlane::allreduce_bucket", std::vector<c10::IValue>({bucket.buffer}));
-  bucket.launch_ns = now_ns();
+  bucket.timer.launch_ns = now_ns();
   bucket.wire_bytes = bucket_bytes(bucket);
   flight_->on_launch(++collective_seq_, static_cast<int64_t>(b), bucket.wire_bytes,
-                     bucket.launch_ns);
+                     bucket.timer.launch_ns);
   if (bucket.sparse) {  // See Note [Sparse gradients].
     if (comm_hook_) {
       auto grad_bucket = make_grad_bucket(b, bucket.sparse_grad);
@@ -588,10 +585,8 @@ void Reducer::launch_bucket(size_t b) {
     bucket.future = comm::launched(process_group_->allreduce(tensors));
     step_bytes_sent_ += bucket.buffer.nbytes();
   }
-  bucket.return_ns = now_ns();
-  // The callback may run after finalize_backward returned (futures wake waiters before running
-  // callbacks), so it writes only to a slot it co-owns.
-  auto done = bucket.done_ns;
+  bucket.timer.return_ns = now_ns();
+  auto done = bucket.timer.callback_ns;  // Note [Step timer]
   // Note [Flight record]: on_launch above ran before the launch, so a launch that hangs shows.
   auto flight = flight_;
   const int64_t seq = collective_seq_;
@@ -658,7 +653,7 @@ void Reducer::finalize_backward() {
 }
 
 void Reducer::finalize_locked() {
-  backward_end_ns_ = now_ns();
+  step_times_.backward_end_ns = now_ns();
   if (static_graph_first_iteration()) {
     expected_hook_count_ = hook_count_;
     for (size_t i = 0; i < params_.size(); ++i) {
@@ -685,9 +680,9 @@ void Reducer::finalize_locked() {
   expect_hooks_ = false;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     wait_or_throw(*buckets_[b].future, describe_bucket(b));
-    buckets_[b].wait_ns = now_ns();
+    buckets_[b].timer.wait_ns = now_ns();
   }
-  comm_end_ns_ = now_ns();
+  step_times_.comm_end_ns = now_ns();
   if (local_used_future_) {
     wait_or_throw(*local_used_future_, "the unused-parameter flags");
     auto used = local_used_result_.to(at::kCPU);
@@ -820,9 +815,7 @@ void Reducer::write_back_sparse(size_t b) {
 
 void Reducer::publish_stats() {
   StepStats stats;
-  stats.first_hook_ns = first_hook_ns_;
-  stats.backward_end_ns = backward_end_ns_;
-  stats.comm_end_ns = comm_end_ns_;
+  stats.times = step_times_;
   stats.ready_order = step_ready_order_;
   stats.row_sparse_bytes_saved = step_bytes_saved_;
   step_bytes_saved_ = 0;
@@ -831,11 +824,7 @@ void Reducer::publish_stats() {
     stats.bytes_reduced += bucket.row_sparse ? param_meta_[bucket.params.front()].bytes
                            : bucket.sparse   ? bucket.wire_bytes
                                              : bucket_bytes(bucket);
-    stats.ready_ns.push_back(bucket.ready_ns);
-    stats.launch_ns.push_back(bucket.launch_ns);
-    stats.return_ns.push_back(bucket.return_ns);
-    stats.done_slots.push_back(bucket.done_ns);
-    stats.wait_ns.push_back(bucket.wait_ns);
+    stats.bucket_times.push_back(bucket.timer);
   }
   auto* counting = comm_hook_counts_bytes_ ? dynamic_cast<CommHook*>(comm_hook_.get()) : nullptr;
   stats.bytes_sent = step_bytes_sent_ + (counting ? counting->take_bytes_sent() : 0);
@@ -850,15 +839,11 @@ void Reducer::publish_stats() {
 StepStats Reducer::stats() const {
   std::lock_guard<std::mutex> guard(stats_mutex_);
   StepStats stats = last_stats_;
-  stats.done_ns.clear();
-  for (size_t b = 0; b < stats.done_slots.size(); ++b) {
-    // Completion callbacks run after waiters are woken, so the earlier of the callback and the
-    // wait's return bounds when the bucket's communication finished.
-    const int64_t callback = stats.done_slots[b]->load();
-    stats.done_ns.push_back(callback ? std::min(callback, stats.wait_ns[b]) : stats.wait_ns[b]);
-  }
-  if (!stats.done_ns.empty()) {
-    stats.comm_end_ns = *std::max_element(stats.done_ns.begin(), stats.done_ns.end());
+  if (!stats.bucket_times.empty()) {
+    stats.times.comm_end_ns = 0;
+    for (const auto& t : stats.bucket_times) {
+      stats.times.comm_end_ns = std::max(stats.times.comm_end_ns, t.done_ns());
+    }
   }
   return stats;
 }

@@ -18,6 +18,7 @@
 #include "reducer/bucket_plan.hpp"
 #include "reducer/flight_record.hpp"
 #include "reducer/grad_ready_hooks.hpp"
+#include "reducer/step_timer.hpp"
 
 namespace torchlane {
 
@@ -44,12 +45,7 @@ struct Bucket {
   std::vector<at::Tensor> views;  // views of `buffer` shaped like each parameter
   size_t pending = 0;             // parameters not yet ready in this iteration
   c10::intrusive_ptr<c10::ivalue::Future> future;
-  int64_t ready_ns = 0;
-  int64_t launch_ns = 0;
-  int64_t return_ns = 0;  // when the launch (the comm hook's runHook) returned
-  int64_t wait_ns = 0;    // when finalize_backward's wait on `future` returned
-  // Written by the future's completion callback, which may outlive this iteration.
-  std::shared_ptr<std::atomic<int64_t>> done_ns;
+  BucketTimer timer;  // Note [Step timer]
   // Note [Sparse gradients]: a bucket of one parameter whose gradient travels as a sparse COO
   // tensor (`buffer` is then empty and `views` unused). row_sparse: the parameter's `.grad` is
   // dense and is converted to (row index, row) pairs for the reduction.
@@ -61,16 +57,12 @@ struct Bucket {
 
 // Timing and volume of the last synchronised backward pass (see Reducer::stats()).
 struct StepStats {
-  int64_t first_hook_ns = 0;
-  int64_t backward_end_ns = 0;
-  int64_t comm_end_ns = 0;
+  StepTimes times;  // comm_end_ns: the latest bucket_times[b].done_ns()
+  std::vector<BucketTimer> bucket_times;
   int64_t bytes_reduced = 0;  // uncompressed bytes of all buckets
   int64_t bytes_sent = 0;     // bytes this rank handed to the process group (after compression)
   int64_t row_sparse_bytes_saved = 0;  // dense bytes of row-sparse parameters minus what they sent
-  std::vector<int64_t> ready_ns, launch_ns, return_ns, done_ns;  // per bucket, steady-clock ns
-  std::vector<CommHook::CollectiveEvent> collectives;            // from a hook that records them
-  std::vector<std::shared_ptr<std::atomic<int64_t>>> done_slots;
-  std::vector<int64_t> wait_ns;
+  std::vector<CommHook::CollectiveEvent> collectives;  // from a hook that records them
   std::vector<int64_t> ready_order;  // parameter indices in the order they became ready
 };
 
@@ -210,7 +202,7 @@ class Reducer {
   c10::intrusive_ptr<c10::ivalue::Future> local_used_future_;
   int64_t iterations_ = 0;  // finished synchronised backward passes
   bool grads_finite_ = true;
-  int64_t first_hook_ns_ = 0, backward_end_ns_ = 0, comm_end_ns_ = 0;
+  StepTimes step_times_;                   // Note [Step timer]
   std::vector<int64_t> step_ready_order_;  // this iteration's, for the logging data
 
   // Note [Bucket rebuild]: the order in which gradients became ready in the first synchronised
