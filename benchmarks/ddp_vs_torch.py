@@ -95,46 +95,18 @@ def default_json(args):
 
 
 def launch(args, argv):
-    import subprocess
-
-    try:
-        return _launch(args, argv)
-    except subprocess.TimeoutExpired:
-        print(
-            f"[ddp_vs_torch] timed out after {args.timeout_s:g} s (--timeout-s); ranks ended",
-            file=sys.stderr,
-        )
-        return 124
-
-
-def _launch(args, argv):
     """Start args.world_size ranks with torchrun, inside a shaped namespace when --link-mbit is set."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.world_size}",
-        str(Path(__file__).resolve()),
-        *argv,
-    ]
     import netns
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("TORCHLANE_BENCH_JSON", str(default_json(args)))
-    if args.link_mbit:
-        try:
-            with netns.shaped_namespace(args.link_mbit) as ns:
-                print(
-                    f"[ddp_vs_torch] {args.world_size} ranks in namespace {ns}, loopback shaped to "
-                    f"{args.link_mbit:g} Mbit/s (tbf)",
-                    flush=True,
-                )
-                return netns.run_group(netns.netns_command(ns, cmd), env, args.timeout_s)
-        except netns.NetnsUnavailable as e:
-            print(f"[ddp_vs_torch] {e}", file=sys.stderr)
-            return 2
-    return netns.run_group(cmd, env, args.timeout_s)
+    return netns.torchrun_ranks(
+        "ddp_vs_torch",
+        Path(__file__).resolve(),
+        args.world_size,
+        argv,
+        args.link_mbit,
+        default_json(args),
+        args.timeout_s,
+    )
 
 
 # ----------------------------------------------------------------------------- models

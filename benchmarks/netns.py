@@ -105,6 +105,40 @@ def run_group(cmd, env=None, timeout=None):
         raise
 
 
+def torchrun_ranks(tag, script, world_size, argv, link_mbit, json_path, timeout_s):
+    """Start `world_size` ranks of `script` with torchrun (OMP_NUM_THREADS=1, TORCHLANE_BENCH_JSON
+    defaulting to json_path), inside a namespace whose loopback is shaped to link_mbit when it is
+    set. Returns the exit code: 2 when namespaces are unavailable, 124 on timeout (ranks ended)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={world_size}",
+        str(script),
+        *argv,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("TORCHLANE_BENCH_JSON", str(json_path))
+    try:
+        if not link_mbit:
+            return run_group(cmd, env, timeout_s)
+        try:
+            with shaped_namespace(link_mbit) as ns:
+                print(
+                    f"[{tag}] {world_size} ranks in namespace {ns}, loopback shaped to "
+                    f"{link_mbit:g} Mbit/s (tbf)",
+                    flush=True,
+                )
+                return run_group(netns_command(ns, cmd), env, timeout_s)
+        except NetnsUnavailable as e:
+            print(f"[{tag}] {e}", file=sys.stderr)
+            return 2
+    except subprocess.TimeoutExpired:
+        print(f"[{tag}] timed out after {timeout_s:g} s; ranks ended", file=sys.stderr)
+        return 124
+
+
 def _measure_stream(n_bytes=16 * 1024 * 1024):
     """Send n_bytes over one TCP connection on 127.0.0.1; return Mbit/s (run inside the netns)."""
     srv = socket.socket()

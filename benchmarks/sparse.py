@@ -57,38 +57,17 @@ def default_json(args):
 
 
 def launch(args, argv):
-    import subprocess
-
     import netns
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.world_size}",
-        str(Path(__file__).resolve()),
-        *argv,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("TORCHLANE_BENCH_JSON", str(args.json or default_json(args)))
-    try:
-        if args.link_mbit:
-            try:
-                with netns.shaped_namespace(args.link_mbit) as ns:
-                    print(
-                        f"[sparse] {args.world_size} ranks, loopback shaped to "
-                        f"{args.link_mbit:g} Mbit/s (tbf) in namespace {ns}",
-                        flush=True,
-                    )
-                    return netns.run_group(netns.netns_command(ns, cmd), env, args.timeout_s)
-            except netns.NetnsUnavailable as e:
-                print(f"[sparse] {e}", file=sys.stderr)
-                return 2
-        return netns.run_group(cmd, env, args.timeout_s)
-    except subprocess.TimeoutExpired:
-        print(f"[sparse] timed out after {args.timeout_s:g} s; ranks ended", file=sys.stderr)
-        return 124
+    return netns.torchrun_ranks(
+        "sparse",
+        Path(__file__).resolve(),
+        args.world_size,
+        argv,
+        args.link_mbit,
+        args.json or default_json(args),
+        args.timeout_s,
+    )
 
 
 def run_variant(name, args, rank, world):
