@@ -19,6 +19,17 @@ import traceback
 import torch.multiprocessing as mp
 
 
+def subprocess_env(*paths, **extra):
+    """os.environ for a child Python process (a CLI, torchrun) that must import this checkout's
+    torchlane: the repo's python/ (and `paths`) first on PYTHONPATH, `extra` variables set."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.join(root, "python"), *map(str, paths), env.get("PYTHONPATH", "")]
+    )
+    return env
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

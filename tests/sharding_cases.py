@@ -65,6 +65,13 @@ def _train(rank, world, kind, optim, steps, clip=None, accum=1):
             net, stage=kind, find_unused_parameters=True, bucket_cap_mb=0.001
         )
         opt = torchlane.ShardedOptimizer(model, cls, **kw)
+    return run_steps(rank, kind, net, model, opt, steps, clip, accum)
+
+
+def run_steps(rank, kind, net, model, opt, steps, clip=None, accum=1):
+    """Train `steps` steps of `accum` micro-batches (no_sync on all but the last; Net's extra
+    layer locally unused on alternate steps), clipping as kind ("ddp" or a stage) does; the
+    per-micro-batch losses."""
     losses = []
     for step in range(steps):
         for micro in range(accum):

@@ -6,7 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 import torchlane
-from sharding_cases import Net, _loss, batch
+from sharding_cases import Net, _loss, batch, run_steps
 from torch import nn
 
 
@@ -44,30 +44,7 @@ def train_groups(rank, world, kind, optim, steps, clip=None, accum=1, grouped=Tr
         opt = torchlane.ShardedOptimizer(
             model, cls, param_groups=groups_of if grouped else None, **kw
         )
-    losses = []
-    for step in range(steps):
-        for micro in range(accum):
-            x, y = batch(step * accum + micro, rank)
-            use_extra = (step + rank) % 2 == 0
-            last = micro == accum - 1
-            if last:
-                loss = _loss(model, x, y, use_extra) / accum
-                loss.backward()
-            else:
-                with model.no_sync():
-                    loss = _loss(model, x, y, use_extra) / accum
-                    loss.backward()
-            losses.append(loss.item())
-        if clip is not None:
-            if kind == "ddp":
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in net.parameters() if p.grad is not None], clip
-                )
-            else:
-                opt.clip_grad_norm_(clip)
-        opt.step()
-        opt.zero_grad()
-    return losses
+    return run_steps(rank, kind, net, model, opt, steps, clip, accum)
 
 
 def group_trajectories(rank, world, combos, steps):

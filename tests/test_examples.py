@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist
 import pytest
 import torch
 
@@ -200,10 +201,7 @@ def test_train_gpt_token_sampler_pack_and_monitor(tmp_path):
     assert vals[0] == pytest.approx(vals[1], rel=1e-4, abs=1e-4)
     mon = tmp_path / "packed" / "monitor"
     assert sorted(p.name for p in mon.glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),
-    )
+    env = dist.subprocess_env()
     r = subprocess.run(
         [sys.executable, "-m", "torchlane.monitor", str(mon), "--no-plot"],
         capture_output=True,

@@ -104,5 +104,11 @@ def test_torchlane_imports_without_lightning():
         "try:\n    import torchlane.integrations.lightning\n"
         "except ImportError as e:\n    print('ImportError', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=dist.subprocess_env(),
+    )
     assert out.stdout.startswith("ImportError") and "lightning" in out.stdout

@@ -44,8 +44,7 @@ def test_records_report_trace_and_cli(tmp_path):
     assert any(e["name"].startswith("allreduce bucket") for e in events)
     with pytest.raises(ValueError, match="step 99"):
         monitor.export_chrome_trace(runs, 99, tmp_path / "u.json")
-    py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([py, os.environ.get("PYTHONPATH", "")]))
+    env = dist.subprocess_env()
     out = subprocess.run(
         [sys.executable, "-m", "torchlane.monitor", run, "--min-excess-ms", "50"],
         capture_output=True,

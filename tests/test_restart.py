@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import dist
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -13,11 +14,7 @@ TRAINER = os.path.join(HERE, "restart_trainer.py")
 
 
 def _torchrun(tmp_path, name, *extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(HERE, "..", "python"), HERE] + [env.get("PYTHONPATH", "")]
-    )
-    env["OMP_NUM_THREADS"] = "1"
+    env = dist.subprocess_env(HERE, OMP_NUM_THREADS="1")
     # torchrun shares its rendezvous TCPStore with the workers by default, and a restarted
     # worker group then reads the previous attempt's Gloo/NCCL addresses from it and fails to
     # connect (pytorch/pytorch#135712, still so in torch 2.13). Opting out gives each attempt
