@@ -6,7 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 import torchlane
-from sharding_cases import Net, _loss, batch, run_steps
+from sharding_cases import Net, _loss, _message, batch, run_steps
 from torch import nn
 
 
@@ -56,14 +56,6 @@ def group_trajectories(rank, world, combos, steps):
     # the groups matter: without them (one group, weight decay 0, one lr) the losses differ
     ungrouped = train_groups(rank, world, "ddp", "adamw", steps, grouped=False)
     return out, ungrouped, group_errors(rank, world)
-
-
-def _message(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def group_errors(rank, world):
