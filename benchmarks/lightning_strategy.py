@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples"))
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples"), str(HERE.parent / "python")]
 
 
 def parse_args():

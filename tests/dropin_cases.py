@@ -192,15 +192,17 @@ def api(rank, world):
     res["ranges"] = sorted({e.name for e in prof.events() if e.name.startswith("torchlane::")})
     # PowerSGD's compression steps: iterations 0 and 1 all-reduce plainly, 2 compresses.
     psgd = torchlane.DistributedDataParallel(make_model())
-    psgd.register_comm_hook(torchlane.hooks.PowerSGDState(rank=1, start_powerSGD_iter=2),
-                            torchlane.hooks.powersgd)
+    psgd.register_comm_hook(
+        torchlane.hooks.PowerSGDState(rank=1, start_powerSGD_iter=2), torchlane.hooks.powersgd
+    )
     x, y = data(rank, 1)
     for _ in range(2):
         ((psgd(x) - y) ** 2).mean().backward()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ((psgd(x) - y) ** 2).mean().backward()
     res["powersgd_ranges"] = sorted(
-        {e.name for e in prof.events() if e.name.startswith("torchlane::")})
+        {e.name for e in prof.events() if e.name.startswith("torchlane::")}
+    )
     res["runtime_logging"] = _runtime_logging(rank)
     return res
 
@@ -266,8 +268,10 @@ def dcp(rank, world, tmp):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     res = {}
-    for src_cls, dst_cls, tag in ((TorchDDP, torchlane.DistributedDataParallel, "th2tl"),
-                                  (torchlane.DistributedDataParallel, TorchDDP, "tl2th")):
+    for src_cls, dst_cls, tag in (
+        (TorchDDP, torchlane.DistributedDataParallel, "th2tl"),
+        (torchlane.DistributedDataParallel, TorchDDP, "tl2th"),
+    ):
         src = src_cls(make_model(1))
         src_opt = _train(src, rank)
         msd, osd = get_state_dict(src, src_opt)
@@ -279,8 +283,9 @@ def dcp(rank, world, tmp):
         dst_keys = sorted(dmsd)  # set_state_dict below renames the keys of the dict it is given
         state = {"model": dmsd, "optim": dosd}
         dcp_mod.load(state, checkpoint_id=path)
-        set_state_dict(dst, dst_opt, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(
+            dst, dst_opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
         after_m, after_o = get_state_dict(dst, dst_opt)
         res[tag] = {
             "keys": (sorted(msd), dst_keys),
@@ -294,36 +299,52 @@ def dcp(rank, world, tmp):
 # ---- torch.compile ----
 
 
+class _Blocks(nn.Module):
+    """A user-defined module: dynamo compiles its forward as a frame of its own (it skips frames
+    of torch.nn's own modules, such as nn.Sequential, which run eagerly under either DDP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(32, 32) for _ in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
 def compiled(rank, world):
+    """torch.compile of torchlane DDP beside torch.compile of torch DDP, and eager torchlane."""
     import torch._dynamo
+    from torch._dynamo.backends.registry import lookup_backend
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    seen = []
-
-    from torch._dynamo.backends.registry import lookup_backend
-
     aot_eager = lookup_backend("aot_eager")
-
-    def backend(gm, inputs):  # aot_eager (AOT autograd, no codegen), counting the graphs
-        seen.append(len(gm.graph.nodes))
-        return aot_eager(gm, inputs)
-
-    res = {}
-    losses = {}
     # DDPOptimizer takes its first bucket's size from this torch constant (1 MiB) and asserts it
     # is not above the cap, as torch DDP with a cap under 1 MiB does too; torchlane's first bucket
     # is min(1 MiB, cap), so the test's small cap is mirrored here.
     torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 32 * 33 * 4
-    for tag in ("eager", "compiled"):
+    res = {}
+    for tag in ("eager", "compiled", "torch_compiled"):
+        torch._dynamo.reset()
+        counters.clear()
+        seen = []
+
+        def backend(gm, inputs, seen=seen):  # aot_eager (AOT autograd, no codegen), counting graphs
+            seen.append(len(gm.graph.nodes))
+            return aot_eager(gm, inputs)
+
         torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+        cls = (
+            nn.parallel.DistributedDataParallel
+            if tag == "torch_compiled"
+            else torchlane.DistributedDataParallel
+        )
         # A small bucket cap so that DDPOptimizer has bucket boundaries to split at.
-        ddp = torchlane.DistributedDataParallel(model, bucket_cap_mb=32 * 33 * 4 / 2**20)
-        run = torch.compile(ddp, backend=backend) if tag == "compiled" else ddp
+        ddp = cls(_Blocks(), bucket_cap_mb=32 * 33 * 4 / 2**20)
+        run = ddp if tag == "eager" else torch.compile(ddp, backend=backend)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        losses[tag] = []
+        losses = []
         for step in range(3):
             g = torch.Generator().manual_seed(10 * step + rank)
             x = torch.randn(4, 32, generator=g)
@@ -331,17 +352,30 @@ def compiled(rank, world):
             loss = run(x).square().mean()
             loss.backward()
             opt.step()
-            losses[tag].append(loss.item())
-        stats = ddp.comm_stats()
-        # Overlap: buckets launched from the hooks before the backward pass ended.
-        res[f"{tag}_overlap"] = (
-            stats["num_buckets"],
-            sum(e["launch_ms"] < stats["backward_end_ms"] for e in stats["bucket_events"]),
-        )
-    res["losses"] = losses
-    res["graph_breaks"] = dict(counters["graph_break"])
-    res["graphs"] = seen
+            losses.append(loss.item())
+        res[tag] = {
+            "losses": losses,
+            # The reason of each graph break, without dynamo's free-text explanation.
+            "breaks": sorted(
+                str(k).split("\n")[0] + " @ " + _qualname(str(k)) for k in counters["graph_break"]
+            ),
+            "graphs": seen,
+        }
+        if tag != "torch_compiled":
+            stats = ddp.comm_stats()
+            # Overlap: buckets launched from the hooks before the backward pass ended.
+            res[tag]["overlap"] = (
+                stats["num_buckets"],
+                sum(e["launch_ms"] < stats["backward_end_ms"] for e in stats["bucket_events"]),
+            )
     return res
+
+
+def _qualname(reason):
+    for line in reason.splitlines():
+        if "qualname:" in line:
+            return line.split("qualname:")[1].split(",")[0].strip()
+    return "?"
 
 
 # ---- HF accelerate (test-only extra) ----
@@ -369,8 +403,14 @@ def _accelerate_run(accelerator, model, rank, steps, tmp, tag):
 def accelerate_case(rank, world, tmp, port):
     import os
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     import accelerate
     from safetensors.torch import load_file
     from torchlane.integrations.accelerate import Accelerator
@@ -378,12 +418,14 @@ def accelerate_case(rank, world, tmp, port):
     res = {}
     ref = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
     th, res["torch_losses"], res["torch_keys"], res["torch_params"] = _accelerate_run(
-        ref, make_model(3), rank, 6, tmp, "torch")
+        ref, make_model(3), rank, 6, tmp, "torch"
+    )
     res["torch_type"] = type(th).__module__
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
     wrapped = torchlane.DistributedDataParallel(make_model(3))
     tl, res["tl_losses"], res["tl_keys"], res["tl_params"] = _accelerate_run(
-        acc, wrapped, rank, 6, tmp, "tl")
+        acc, wrapped, rank, 6, tmp, "tl"
+    )
     res["used_as_is"] = tl is wrapped
     res["unwrapped"] = acc.unwrap_model(tl) is wrapped.module
     files = {}
