@@ -159,6 +159,13 @@ def parse_args(argv=None):
         help="--zero 3: gather each bucket just before the module that needs it (forward and "
         "backward, the next one prefetched) and free it after, instead of the whole model",
     )
+    a(
+        "--mixed-precision",
+        choices=("none", "bf16", "bf16-reduce"),
+        default="none",
+        help="--zero: forward and backward on bf16 copies of the fp32 master shards "
+        "(torchlane.MixedPrecision); bf16: gradients reduced in fp32, bf16-reduce: in bf16",
+    )
     args = p.parse_args(argv)
     if args.pack and args.sampler != "tokens":
         p.error("--pack needs --sampler tokens")
@@ -188,6 +195,11 @@ def parse_args(argv=None):
         )
     if args.reshard_after_forward and args.zero != 3:
         p.error("--reshard-after-forward needs --zero 3")
+    if args.mixed_precision != "none" and (not args.zero or args.dtype != "fp32"):
+        p.error(
+            f"--mixed-precision {args.mixed_precision} needs --zero and --dtype fp32 (for "
+            "replicated training use --dtype bf16, autocast)"
+        )
     if args.resume is None:  # torchrun (elastic agent) sets TORCHELASTIC_RESTART_COUNT
         args.resume = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else "no"
     if args.attention == "auto":
@@ -330,6 +342,13 @@ def wrap_zero(raw_model, args):
         stage=args.zero,
         bucket_cap_mb=args.bucket_cap_mb,
         reshard_after_forward=args.reshard_after_forward,
+        mixed_precision=None
+        if args.mixed_precision == "none"
+        else torchlane.MixedPrecision(
+            param_dtype=torch.bfloat16,
+            reduce_dtype=torch.bfloat16 if args.mixed_precision == "bf16-reduce" else torch.float32,
+            output_dtype=torch.float32,
+        ),
     )
     optimizer = torchlane.ShardedOptimizer(
         model,
@@ -792,7 +811,8 @@ def main(argv=None):
             f"corpus: {description}\n"
             f"model: {count_params(cfg) / 1e6:.2f}M parameters {cfg.to_dict()}\n"
             f"{world} rank(s) on {device.type}, ddp={args.ddp if dp_size > 1 else 'none'}"
-            f"{f' (ZeRO stage {args.zero})' if args.zero else ''}, "
+            f"{f' (ZeRO stage {args.zero})' if args.zero else ''}"
+            f"{f' mixed precision {args.mixed_precision}' if args.mixed_precision != 'none' else ''}, "
             f"dp={dp_size}, tp={args.tp}{' (sequence parallel)' if args.sequence_parallel else ''}, "
             f"attention={args.attention}, "
             f"hook={args.hook}, dtype={args.dtype}, {tokens_per_step} tokens/step, "

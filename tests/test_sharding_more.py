@@ -100,6 +100,19 @@ def test_train_gpt_zero3_logs_the_ddp_losses(tmp_path):
     _close(ref[0][3:], [r["loss"] for r in log if r["type"] == "train"], 1e-5)
 
 
+def test_train_gpt_zero_mixed_precision_tracks_fp32(tmp_path):
+    """--zero 2 --mixed-precision bf16: forward/backward on bf16 copies of the fp32 master
+    shards. Its losses are not the fp32 run's (bf16 really is used) but stay within bf16's
+    rounding of them over the 6 steps (AdamW, clip, grad-accum as above)."""
+    ref = _train_losses(tmp_path, "fp32", "--zero", "2")
+    got = _train_losses(tmp_path, "bf16", "--zero", "2", "--mixed-precision", "bf16")
+    assert "mixed precision bf16" in got[3]
+    assert got[0] != ref[0]
+    _close(ref[0], got[0], 2e-2)
+    _close(ref[1], got[1], 2e-2)
+    assert ref[0][-1] < ref[0][0] - 0.3
+
+
 def test_train_gpt_zero_flag_errors(capsys):
     import pytest
     from train_gpt import parse_args
@@ -113,6 +126,11 @@ def test_train_gpt_zero_flag_errors(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--zero", "2", "--reshard-after-forward"])
     assert "needs --zero 3" in capsys.readouterr().err
+    for bad in (["--mixed-precision", "bf16"], ["--zero", "1", "--mixed-precision", "bf16",
+                                                   "--dtype", "bf16"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert "--mixed-precision bf16 needs --zero and --dtype fp32" in capsys.readouterr().err
     assert parse_args(["--zero", "1"]).zero == 1
 
 

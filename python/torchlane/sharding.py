@@ -31,7 +31,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torchlane import _C
-from torchlane._sharding_prefetch import BucketGatherer
+from torchlane._sharding_prefetch import BucketGatherer, _all_gather
 
 __all__ = ["MixedPrecision", "ShardedDataParallel", "ShardedOptimizer"]
 
@@ -467,7 +467,7 @@ class ShardedDataParallel(nn.Module):
 def _full_flat(model, shard):
     """All-gathers a shard-shaped tensor into its full padded bucket (float32, CPU)."""
     out = torch.empty(shard.numel() * model.world_size, dtype=shard.dtype, device=shard.device)
-    dist.all_gather_into_tensor(out, shard.contiguous(), group=model.process_group)
+    _all_gather(out, shard.contiguous(), group=model.process_group)
     return out
 
 
