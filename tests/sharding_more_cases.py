@@ -306,3 +306,66 @@ def _deep_memory(rank, steps):
         "peak_bytes": model._gatherer.peak_bytes,
         "prefetch_hits": model._gatherer.prefetch_hits,
     }
+
+
+def sharded_dcp(rank, world, stage, directory, save):
+    """torch.distributed.checkpoint through torchlane.ShardedCheckpoint. save=True: 4 steps,
+    dcp.save, 4 more steps; save=False: a differently initialised model with another stage and
+    bucket plan loads it (fresh optimizer) and trains the same 4 more steps."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0 if save else 1)
+    cap = 0.001 if save else 0.0004
+    model = torchlane.ShardedDataParallel(Net(), stage=stage, bucket_cap_mb=cap)
+    opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2)
+    out = {}
+    if save:
+        _steps(model, opt, 0, 4, rank, world)
+        dcp.save({"app": torchlane.ShardedCheckpoint(model, opt)}, checkpoint_id=directory)
+        out["full"] = model.full_state_dict()
+        out["full_optim"] = opt.full_state()
+    else:
+        dcp.load({"app": torchlane.ShardedCheckpoint(model, opt)}, checkpoint_id=directory)
+        out["buckets"] = len(model._flats)
+        out["errors"] = {
+            "model": _message(lambda: torchlane.ShardedCheckpoint(Net())),
+            "optim": _message(
+                lambda: torchlane.ShardedCheckpoint(model, torch.optim.SGD(Net().parameters()))
+            ),
+        }
+    out["losses"] = _steps(model, opt, 4, 8, rank, world)
+    return out
+
+
+class _Scaled(nn.Module):
+    """A zero-dimensional parameter between two layers (written whole by ShardedCheckpoint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.randn(()))
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.scale)
+
+
+def sharded_dcp_scalar(rank, world, directory):
+    """Saves a trained _Scaled (Adam, one step) with ShardedCheckpoint, loads it into a
+    differently initialised one: the same full state_dict and optimizer state."""
+    import torch.distributed.checkpoint as dcp
+
+    out = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = torchlane.ShardedDataParallel(_Scaled(), stage=2, bucket_cap_mb=0.0001)
+        opt = torchlane.ShardedOptimizer(model, torch.optim.Adam, lr=0.1)
+        ckpt = torchlane.ShardedCheckpoint(model, opt)
+        if seed == 0:
+            model(torch.randn(4, 5, generator=torch.Generator().manual_seed(rank))).sum().backward()
+            opt.step()
+            dcp.save({"app": ckpt}, checkpoint_id=directory)
+        else:
+            dcp.load({"app": ckpt}, checkpoint_id=directory)
+        out[seed] = (model.full_state_dict(), opt.full_state())
+    return out
