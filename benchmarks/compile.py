@@ -123,7 +123,9 @@ def ranks(args):
             "max_loss_diff_compiled_vs_eager": max(
                 abs(a - b)
                 for a, b in zip(
-                    state["torchlane_compiled"]["losses"], state["torchlane_eager"]["losses"]
+                    state["torchlane_compiled"]["losses"],
+                    state["torchlane_eager"]["losses"],
+                    strict=True,
                 )
             ),
             "command": "python " + " ".join([os.path.relpath(__file__, HERE.parent)] + sys.argv[1:]),

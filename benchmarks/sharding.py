@@ -105,6 +105,27 @@ def _counted(variant, m, opt):
     return params, grads, _optim_bytes(opt)
 
 
+def _rss(field):
+    """VmRSS / VmHWM (peak since the last _reset_peak) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _reset_peak():
+    """Linux: writing 5 to clear_refs resets VmHWM, so each variant's peak is its own."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def run_rank(rank, world, args):
     import torch
     import torch.distributed as dist
@@ -118,6 +139,8 @@ def run_rank(rank, world, args):
         for _ in range(args.steps)
     ]
     for variant in VARIANTS:
+        _reset_peak()
+        rss_before = _rss("VmRSS")
         try:
             m, opt, _ = _build(variant, cfg)
         except Exception as e:  # noqa: BLE001 (reported: e.g. FSDP2 not on Gloo/CPU)
@@ -150,6 +173,9 @@ def run_rank(rank, world, args):
             "step_ms": 1e3 * statistics.median(times[1:]),
             "losses": losses,
             "n_params": n_params,
+            # peak resident memory of the rank during this variant, and before it was built
+            "rss_peak_bytes": _rss("VmHWM"),
+            "rss_before_bytes": rss_before,
             # stage 3: most bytes of full (gathered) parameters held at once during a step
             "peak_full_param_bytes": (
                 (
@@ -193,7 +219,7 @@ def main(argv=None):
     print(f"GPT {P / 1e6:.2f}M params, {N} ranks (Gloo/CPU, shared noisy machine)")
     print(
         f"{'variant':24s} {'MB/rank':>9s} {'formula':>9s} {'ratio':>6s} {'step ms':>8s} "
-        f"{'vs ddp':>7s} {'peak gathered MB':>17s}"
+        f"{'vs ddp':>7s} {'RSS peak MB':>12s} {'peak gathered MB':>17s}"
     )
     for v in VARIANTS:
         r = r0[v]
@@ -203,10 +229,12 @@ def main(argv=None):
         r["formula_bytes"] = formula[v]
         # per-rank max over ranks: shards differ by padding only
         r["total_bytes_max_rank"] = max(x[v]["total_bytes"] for x in res)
+        r["rss_peak_bytes_max_rank"] = max(x[v]["rss_peak_bytes"] or 0 for x in res)
         print(
             f"{v:24s} {r['total_bytes_max_rank'] / 1e6:9.2f} {formula[v] / 1e6:9.2f} "
             f"{r['total_bytes_max_rank'] / formula[v]:6.2f} {r['step_ms']:8.1f} "
             f"{r['step_ms'] / r0['ddp']['step_ms']:7.2f} "
+            f"{r['rss_peak_bytes_max_rank'] / 1e6:12.0f} "
             + (
                 f"{r['peak_full_param_bytes'] / 1e6:17.2f}"
                 if r.get("peak_full_param_bytes")
