@@ -34,11 +34,11 @@ from torchlane import (  # noqa: E402, F401
     hooks,
     nn,
 )
+from torchlane._sharding_dcp import ShardedCheckpoint  # noqa: E402, F401
 from torchlane.async_ import DiLoCo, LocalSGD, ps  # noqa: E402, F401
 from torchlane.attention import attention, varlen_attention  # noqa: E402, F401
 from torchlane.autotune import BucketAutotune  # noqa: E402, F401
 from torchlane.ddp import DistributedDataParallel  # noqa: E402, F401
-from torchlane._sharding_dcp import ShardedCheckpoint  # noqa: E402, F401
 from torchlane.sharding import (  # noqa: E402, F401
     MixedPrecision,
     ShardedDataParallel,
