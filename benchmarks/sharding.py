@@ -9,7 +9,8 @@ after a step: parameters (full copies + master shards), gradients (kept between 
 persistent reduce buffers) and optimizer state (tensors in optimizer.state); compared with the
 ZeRO formula for fp32 Adam: DDP 16 B/param; stage 1 4+4+8/N; stage 2 4+(4+8)/N; stage 3 16/N.
 (torchlane keeps a separate fp32 master shard, +4/N B/param for stages 1 and 2.)
-Step time: median of the slowest rank over the timed steps, the first step excluded. The
+Step time: median of the slowest rank over the timed steps, the first step excluded. Peak RSS:
+the largest VmHWM over the ranks, each variant run in fresh processes (torch itself included). The
 machine these figures were taken on is shared and noisy. JSON (+ PNG) in benchmarks/results/.
 """
 
@@ -126,7 +127,7 @@ def _reset_peak():
         pass
 
 
-def run_rank(rank, world, args):
+def run_rank(rank, world, args, variants=VARIANTS):
     import torch
     import torch.distributed as dist
     from gpt import GPTConfig
@@ -138,7 +139,7 @@ def run_rank(rank, world, args):
         torch.randint(0, 256, (args.batch, args.block_size + 1), generator=g)
         for _ in range(args.steps)
     ]
-    for variant in VARIANTS:
+    for variant in variants:
         _reset_peak()
         rss_before = _rss("VmRSS")
         try:
@@ -200,10 +201,20 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", default=str(HERE / "results" / "sharding.json"))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset")
     args = p.parse_args(argv)
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    if "ddp" not in variants or len(variants) != len(args.variants.split(",")):
+        p.error(f"--variants: a subset of {','.join(VARIANTS)} that includes ddp")
     import dist as tdist
 
-    res = tdist.run(run_rank, args.world, args=(args,), timeout=1800, pg_timeout=600)
+    # Each variant in its own processes: the peak RSS is then its own (freed memory stays in a
+    # process's heap, so variants sharing one process would inherit each other's).
+    res = [{} for _ in range(args.world)]
+    for v in variants:
+        one = tdist.run(run_rank, args.world, args=(args, (v,)), timeout=1800, pg_timeout=600)
+        for r, out in zip(res, one, strict=True):
+            r.update(out)
     r0 = res[0]
     P = r0["ddp"]["n_params"]
     N = args.world
@@ -221,7 +232,7 @@ def main(argv=None):
         f"{'variant':24s} {'MB/rank':>9s} {'formula':>9s} {'ratio':>6s} {'step ms':>8s} "
         f"{'vs ddp':>7s} {'RSS peak MB':>12s} {'peak gathered MB':>17s}"
     )
-    for v in VARIANTS:
+    for v in variants:
         r = r0[v]
         if "error" in r:
             print(f"{v:24s} did not run: {r['error']}")
@@ -250,7 +261,7 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ok = [v for v in VARIANTS if "error" not in r0[v]]
+        ok = [v for v in variants if "error" not in r0[v]]
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
         ax[0].bar(ok, [r0[v]["total_bytes_max_rank"] / 1e6 for v in ok], label="counted")
         ax[0].plot(ok, [formula[v] / 1e6 for v in ok], "rx", label="ZeRO formula")

@@ -94,6 +94,16 @@ def _steps(model, opt, first, last, rank, world):
     return losses
 
 
+def _saver_or_loader(stage, save):
+    """The model and optimizer that save (seed 0) or load (seed 1, another bucket plan, so that
+    elements are mapped parameter by parameter) a sharded checkpoint."""
+    torch.manual_seed(0 if save else 1)
+    cap = 0.001 if save else 0.0004
+    model = torchlane.ShardedDataParallel(Net(), stage=stage, bucket_cap_mb=cap)
+    opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2)
+    return model, opt
+
+
 def sharded_checkpoint(rank, world, stage, directory, save):
     """Global batch of 6 over `world` ranks, train_gpt's groups. save=True: 4 steps with a
     checkpoint after steps 2, 3 and 4 (keep_last=2), then 4 more; save=False: a differently
@@ -101,11 +111,7 @@ def sharded_checkpoint(rank, world, stage, directory, save):
     corrupt shard file makes the next load raise on every rank."""
     from torchlane import checkpoint
 
-    torch.manual_seed(0 if save else 1)
-    # the loading model has another bucket plan too: elements are mapped parameter by parameter
-    cap = 0.001 if save else 0.0004
-    model = torchlane.ShardedDataParallel(Net(), stage=stage, bucket_cap_mb=cap)
-    opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2)
+    model, opt = _saver_or_loader(stage, save)
     out = {}
     if save:
         _steps(model, opt, 0, 2, rank, world)
@@ -314,10 +320,7 @@ def sharded_dcp(rank, world, stage, directory, save):
     bucket plan loads it (fresh optimizer) and trains the same 4 more steps."""
     import torch.distributed.checkpoint as dcp
 
-    torch.manual_seed(0 if save else 1)
-    cap = 0.001 if save else 0.0004
-    model = torchlane.ShardedDataParallel(Net(), stage=stage, bucket_cap_mb=cap)
-    opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2)
+    model, opt = _saver_or_loader(stage, save)
     out = {}
     if save:
         _steps(model, opt, 0, 4, rank, world)

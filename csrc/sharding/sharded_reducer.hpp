@@ -71,6 +71,9 @@ class ShardedReducer {
 
   void autograd_hook(int64_t index);
   void launch_locked(int64_t bucket);
+  void release_finished_locked();
+  // Note [Sharded gradient buffers]
+  static constexpr int64_t kMaxReduceScattersInFlight = 2;
   void finalize_backward();
   void reset_locked();
 
