@@ -108,8 +108,8 @@ def test_train_gpt_zero_mixed_precision_tracks_fp32(tmp_path):
     got = _train_losses(tmp_path, "bf16", "--zero", "2", "--mixed-precision", "bf16")
     assert "mixed precision bf16" in got[3]
     assert got[0] != ref[0]
-    _close(ref[0], got[0], 2e-2)
-    _close(ref[1], got[1], 2e-2)
+    _close(ref[0], got[0], 5e-3)
+    _close(ref[1], got[1], 5e-3)
     assert ref[0][-1] < ref[0][0] - 0.3
 
 
