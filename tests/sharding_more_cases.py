@@ -372,3 +372,29 @@ def sharded_dcp_scalar(rank, world, directory):
             dcp.load({"app": ckpt}, checkpoint_id=directory)
         out[seed] = (model.full_state_dict(), opt.full_state())
     return out
+
+
+def sharded_dcp_mixed(rank, world, directory):
+    """bf16 compute on fp32 masters: stage 2 saves through ShardedCheckpoint after 3 steps and
+    trains 3 more; a stage-3 model (another seed) loads and trains the same 3."""
+    import torch.distributed.checkpoint as dcp
+
+    out = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        mp = torchlane.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model = torchlane.ShardedDataParallel(
+            Net(), stage=3 if seed else 2, bucket_cap_mb=0.001, mixed_precision=mp
+        )
+        opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, param_groups=groups_of, lr=1e-2)
+        ckpt = {"app": torchlane.ShardedCheckpoint(model, opt)}
+        if seed == 0:
+            _steps(model, opt, 0, 3, rank, world)
+            dcp.save(ckpt, checkpoint_id=directory)
+        else:
+            dcp.load(ckpt, checkpoint_id=directory)
+        out[seed] = {
+            "full": model.full_state_dict(),
+            "losses": _steps(model, opt, 3, 6, rank, world),
+        }
+    return out
