@@ -21,6 +21,8 @@ the full parameters. Zero-dimensional parameters are not shardable into blocks: 
 whole (a broadcast from the rank that holds them).
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed._shard.metadata import ShardMetadata
@@ -85,9 +87,7 @@ class _Layout:
                 placement = f"rank:{r}/{device}"
                 metas.append(ShardMetadata(offsets, sizes, placement))
                 if r == m.rank:
-                    n = 1
-                    for s in sizes:
-                        n *= s
+                    n = math.prod(sizes)
                     start = at + _flat_index(p.shape, offsets) - lo
                     view = flat_of_rank_shard[start : start + n].view(sizes)
                     local.append(Shard(view, metas[-1]))
@@ -162,13 +162,14 @@ class ShardedCheckpoint:
                 f"got {type(optimizer).__name__}"
             )
         self.model, self.optimizer = model, optimizer
+        self._layout = _Layout(model)  # fixed by the model's buckets
         self._states = None
 
     def state_dict(self):
         """The model's state_dict keys and shapes, trainable parameters as ShardedTensors over
         the master shards; the optimizer's FQN-keyed state. Collective."""
         m = self.model
-        layout = _Layout(m)
+        layout = self._layout
         model_sd = m.replicated_state_dict()
         for names, p, b, pieces in layout.entries:
             shard = m._shards[b].detach()
@@ -203,7 +204,7 @@ class ShardedCheckpoint:
         m.load_replicated_state_dict(
             {k: v for k, v in state_dict["model"].items() if not isinstance(v, ShardedTensor)}
         )
-        layout = _Layout(m)
+        layout = self._layout
         with torch.no_grad():
             for names, p, b, pieces in layout.entries:
                 if p.dim() == 0:  # written whole: copy back into the owner's shard
