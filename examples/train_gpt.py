@@ -143,6 +143,13 @@ def parse_args(argv=None):
     a("--ps", type=int, default=0, metavar="N_SERVERS", help="async parameter server")
     a("--max-staleness", type=int, default=None, help="--ps: rounds ahead (default: unbounded)")
     a("--ps-sync-every", type=int, default=10, help="--ps: a worker pushes every N steps")
+    a(
+        "--ps-checkpoint-every",
+        type=int,
+        default=0,
+        help="--ps: each server checkpoints every N applied updates to OUT_DIR/checkpoints/ps "
+        "and resumes from there when restarted (0: no server checkpoints)",
+    )
     a("--post-local-sgd", type=int, default=0, metavar="H", help="torch's PostLocalSGDOptimizer")
     # ---- sharded data parallel ----
     a(
@@ -177,6 +184,8 @@ def parse_args(argv=None):
         p.error(f"--tp and --dp must be >= 1, got --tp {args.tp} --dp {args.dp}")
     if args.diloco < 0 or args.ps < 0 or (args.diloco and args.ps):
         p.error("--diloco H and --ps N_SERVERS must be >= 0, and not both set")
+    if args.ps_checkpoint_every < 0 or (args.ps_checkpoint_every and not args.ps):
+        p.error("--ps-checkpoint-every must be >= 0 and needs --ps")
     if (args.diloco or args.ps or args.post_local_sgd) and (args.tp > 1 or args.pp > 1):
         p.error("--diloco, --ps and --post-local-sgd work with data parallelism only (--tp 1 --pp 1)")
     if args.zero and (
@@ -629,6 +638,7 @@ def main_ps(args, rank, world, device):
         256, args.block_size, args.n_layer, args.n_head, args.n_embd, args.dropout, args.attention
     )
     raw_model = GPT(cfg).to(device)
+    ps_dir = Path(args.out_dir) / "checkpoints" / "ps"
     ps = torchlane.ps.ParameterServer(
         raw_model,
         num_servers=args.ps,
@@ -637,8 +647,13 @@ def main_ps(args, rank, world, device):
         outer_lr=args.outer_lr,
         outer_momentum=args.outer_momentum,
         nesterov=args.outer_momentum > 0,
+        checkpoint_dir=ps_dir if rank < args.ps and args.ps_checkpoint_every else None,
+        checkpoint_every=max(args.ps_checkpoint_every, 1),
     )
     if ps.is_server:
+        if ps.resumed_from:
+            print(f"server {rank}: resumed from {ps.resumed_from} at version "
+                  f"{ps.server.version}", flush=True)
         report = ps.serve()
         stale = [r["staleness"] for r in report["log"]]
         print(

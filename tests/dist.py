@@ -115,3 +115,101 @@ def run(fn, world_size=2, args=(), timeout=180, pg_timeout=60, env=None, may_die
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _store_worker(rank, world_size, port, fn, args, queue, key):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore(
+            "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60)
+        )
+        result = fn(rank, world_size, store, *args)
+        queue.put((key, True, pickle.dumps(result)))
+    except BaseException:
+        queue.put((key, False, traceback.format_exc()))
+
+
+class StoreJob:
+    """Processes that share a c10d TCPStore hosted here (it outlives them) and no default
+    process group, so single ranks can be killed and started again:
+
+        job = StoreJob(world_size=3)
+        job.start(rank, fn, args)           # fn(rank, world_size, store, *args)
+        job.kill(key); job.start(rank, fn, args)    # a restarted process of the same rank
+        results = job.wait({(rank, incarnation), ...})
+
+    Results are keyed by (rank, incarnation), incarnation counting starts of that rank from 0.
+    """
+
+    def __init__(self, world_size):
+        import torch.distributed as dist
+
+        self.world_size = world_size
+        self.store = dist.TCPStore(
+            "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        self._ctx = mp.get_context("spawn")
+        self._queue = self._ctx.Queue()
+        self.procs = {}  # (rank, incarnation) -> process
+        self.killed = set()
+        self.results, self.errors = {}, {}
+
+    def start(self, rank, fn, args=(), may_die=False):
+        key = (rank, sum(1 for r, _ in self.procs if r == rank))
+        if may_die:
+            self.killed.add(key)
+        p = self._ctx.Process(
+            target=_store_worker,
+            args=(rank, self.world_size, self.store.port, fn, args, self._queue, key),
+            daemon=True,
+        )
+        p.start()
+        self.procs[key] = p
+        return key
+
+    def kill(self, key):
+        self.killed.add(key)
+        self.procs[key].kill()
+        self.procs[key].join()
+
+    def _drain(self, timeout):
+        try:
+            key, ok, value = self._queue.get(timeout=timeout)
+        except queue_mod.Empty:
+            return
+        if ok:
+            self.results[key] = pickle.loads(value)
+        else:
+            self.errors[key] = value
+
+    def wait_until(self, predicate, timeout=120, what="a condition"):
+        """Polls predicate() (reading results as they come) until it holds."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            self._drain(0.05)
+            if self.errors:
+                key = min(self.errors)
+                raise RankError(f"rank {key[0]} (start {key[1]}) failed:\n{self.errors[key]}")
+            for key, p in self.procs.items():
+                if p.exitcode is not None and key not in self.results and key not in self.killed:
+                    self._drain(3.0)  # its report would have arrived by now
+                    if key not in self.results and key not in self.errors:
+                        raise RankError(f"rank {key[0]} (start {key[1]}) exited with code "
+                                        f"{p.exitcode} without reporting")
+            if time.monotonic() > deadline:
+                raise RankError(f"timed out after {timeout}s waiting for {what}")
+
+    def wait(self, keys, timeout=180):
+        self.wait_until(lambda: all(k in self.results for k in keys), timeout, f"{sorted(keys)}")
+        return {k: self.results[k] for k in keys}
+
+    def close(self):
+        for p in self.procs.values():
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()

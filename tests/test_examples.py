@@ -233,3 +233,24 @@ def test_train_gpt_diloco_streaming_loss_falls(tmp_path):
     trains = [r for r in records if r["type"] == "train"]
     assert len(trains) == 30 and len(vals) == 3
     assert vals[-1] < vals[0] - 0.3, vals
+
+
+def test_train_gpt_ps_server_resumes_from_its_checkpoint(tmp_path):
+    """--ps 1 on 3 ranks (torchrun): the workers' val loss falls; run again on the same out dir,
+    the server resumes the global parameters from its checkpoint (as after a torchrun restart),
+    so the second run starts where the first ended rather than from the initial loss."""
+    flags = [
+        *("--ps", "1", "--max-staleness", "1", "--ps-sync-every", "5", "--ps-checkpoint-every"),
+        *("1", "--outer-lr", "0.25", "--outer-momentum", "0", "--lr", "3e-3", "--max-steps"),
+        *("20", "--eval-every", "10", "--attention", "sdpa"),
+    ]
+    records, out = _train(tmp_path, *flags, nproc=3)
+    vals = [r["val_loss"] for r in records if r["type"] == "val"]
+    assert len([r for r in records if r["type"] == "train"]) == 20 and len(vals) == 3
+    assert vals[-1] < vals[0], vals
+    assert "server 0: applied 8 updates" in out, out  # 2 workers x 20 / 5 pushes
+    again, out2 = _train(tmp_path, *flags, nproc=3)
+    assert "server 0: resumed from" in out2 and "at version 8" in out2, out2
+    assert "server 0: applied 16 updates" in out2, out2
+    vals2 = [r["val_loss"] for r in again if r["type"] == "val"]
+    assert vals2[-1] < vals[-1], (vals, vals2)  # it went on from the first run's parameters

@@ -19,6 +19,28 @@ void bind_ps(py::module_& m, py::module_& /*testing*/) {
       .def("apply", &ps::ShardServer::apply, py::arg("worker"), py::arg("update"),
            py::call_guard<py::gil_scoped_release>())
       .def("remove", &ps::ShardServer::remove, py::arg("worker"), py::arg("left"))
+      .def("rejoin", &ps::ShardServer::rejoin, py::arg("worker"))
+      .def("state",
+           [](const ps::ShardServer& s) {
+             auto st = s.state();
+             py::object momentum = py::none();
+             if (st.momentum_buffer.defined()) {
+               momentum = py::cast(st.momentum_buffer);
+             }
+             return py::dict(py::arg("shard") = st.shard, py::arg("momentum_buffer") = momentum,
+                             py::arg("version") = st.version, py::arg("workers") = st.workers,
+                             py::arg("log") = st.log);
+           })
+      .def(
+          "restore",
+          [](ps::ShardServer& s, at::Tensor shard, std::optional<at::Tensor> momentum_buffer,
+             int64_t version, at::Tensor workers, at::Tensor log) {
+            s.restore(ps::ShardServer::State{std::move(shard),
+                                             momentum_buffer.value_or(at::Tensor()), version,
+                                             std::move(workers), std::move(log)});
+          },
+          py::arg("shard"), py::arg("momentum_buffer"), py::arg("version"), py::arg("workers"),
+          py::arg("log"))
       .def_property_readonly("shard", &ps::ShardServer::shard)
       .def_property_readonly("version", &ps::ShardServer::version)
       .def_property_readonly("live_workers", &ps::ShardServer::live_workers)

@@ -97,6 +97,84 @@ void ShardServer::remove(int64_t worker, bool left) {
   w.dead = !left;
 }
 
+void ShardServer::rejoin(int64_t worker) {
+  auto& w = find(worker, "rejoin");
+  int64_t slowest = std::numeric_limits<int64_t>::max();
+  for (const auto& other : workers_) {
+    if (other.live && other.rank != worker) {
+      slowest = std::min(slowest, other.clock);
+    }
+  }
+  if (slowest != std::numeric_limits<int64_t>::max()) {
+    w.clock = std::max(w.clock, slowest);
+  }
+  w.live = true;
+  w.dead = false;
+  w.pulled_round = -1;
+}
+
+ShardServer::State ShardServer::state() const {
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  auto workers = at::empty({static_cast<int64_t>(workers_.size()), 4}, opts);
+  auto wa = workers.accessor<int64_t, 2>();
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    const auto& w = workers_[i];
+    wa[i][0] = w.rank;
+    wa[i][1] = w.clock;
+    wa[i][2] = w.live;
+    wa[i][3] = w.dead;
+  }
+  auto log = at::empty({static_cast<int64_t>(log_.size()), 5}, opts);
+  auto la = log.accessor<int64_t, 2>();
+  for (size_t i = 0; i < log_.size(); ++i) {
+    const auto& r = log_[i];
+    la[i][0] = r.worker;
+    la[i][1] = r.round;
+    la[i][2] = r.staleness;
+    la[i][3] = r.base_version;
+    la[i][4] = r.version;
+  }
+  return State{shard_.clone(), momentum_buffer_.defined() ? momentum_buffer_.clone() : at::Tensor(),
+               version_, workers, log};
+}
+
+void ShardServer::restore(const State& state) {
+  TORCH_CHECK_VALUE(
+      state.shard.sizes() == shard_.sizes() && state.shard.scalar_type() == shard_.scalar_type(),
+      "ShardServer.restore: the checkpoint's shard has shape ", state.shard.sizes(), " and dtype ",
+      state.shard.scalar_type(), ", this server's ", shard_.sizes(), " and ", shard_.scalar_type());
+  TORCH_CHECK_VALUE(
+      !state.momentum_buffer.defined() || state.momentum_buffer.sizes() == shard_.sizes(),
+      "ShardServer.restore: the momentum buffer does not match the shard");
+  TORCH_CHECK_VALUE(state.workers.dim() == 2 && state.workers.size(0) == int64_t(workers_.size()) &&
+                        state.workers.size(1) == 4 && state.workers.scalar_type() == at::kLong,
+                    "ShardServer.restore: the checkpoint has ", state.workers.sizes(),
+                    " worker rows, this server ", workers_.size(), " workers");
+  TORCH_CHECK_VALUE(
+      state.log.dim() == 2 && state.log.size(1) == 5 && state.log.scalar_type() == at::kLong,
+      "ShardServer.restore: malformed log of shape ", state.log.sizes());
+  auto wa = state.workers.accessor<int64_t, 2>();
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    TORCH_CHECK_VALUE(wa[i][0] == workers_[i].rank, "ShardServer.restore: the checkpoint's worker ",
+                      i, " is rank ", wa[i][0], ", this server's rank ", workers_[i].rank);
+  }
+  shard_.copy_(state.shard);
+  momentum_buffer_ = state.momentum_buffer.defined() ? state.momentum_buffer.clone() : at::Tensor();
+  version_ = state.version;
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    auto& w = workers_[i];
+    w.clock = wa[i][1];
+    w.live = true;  // expected back; Note [Rejoining workers]
+    w.dead = false;
+    w.pulled_round = -1;
+  }
+  log_.clear();
+  auto la = state.log.accessor<int64_t, 2>();
+  for (int64_t i = 0; i < state.log.size(0); ++i) {
+    log_.push_back(ApplyRecord{la[i][0], la[i][1], la[i][2], la[i][3], la[i][4]});
+  }
+}
+
 std::vector<int64_t> ShardServer::live_workers() const {
   std::vector<int64_t> out;
   for (const auto& w : workers_) {

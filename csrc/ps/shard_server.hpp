@@ -34,6 +34,16 @@ struct ApplyRecord {
 // workers' previous rounds); no bound (std::nullopt) is fully asynchronous (ASP). Workers that
 // left or died no longer count in the minimum, so a dead worker never blocks the others; an
 // update that was applied stays applied.
+
+// Note [Rejoining workers]
+// A worker that comes back (a restarted process, or a live one whose link to this server broke)
+// is live again with no parameters: it must pull before it pushes. Its clock is raised to the
+// slowest other live worker's clock, so the bound neither holds the others back until the
+// newcomer catches up nor holds the newcomer back; the rounds it missed are simply not
+// computed (as with any asynchronous worker that was slow). A restarted server (restore()) has
+// the clocks of its checkpoint and counts every worker as live, whether it had left or died
+// before: it cannot tell which of them a restarted job brings back. Each must pull first; one
+// that does not come back is dropped after the heartbeat timeout.
 class ShardServer {
  public:
   ShardServer(at::Tensor shard, OuterOptions options, std::optional<int64_t> max_staleness,
@@ -47,6 +57,23 @@ class ShardServer {
   int64_t apply(int64_t worker, const at::Tensor& update);
   // A worker that finished (left = true) or stopped answering: no longer waited for.
   void remove(int64_t worker, bool left);
+  // A worker (a restarted process, or the same one after its link broke) that is back: live
+  // again, holding no parameters until it pulls (Note [Rejoining workers]).
+  void rejoin(int64_t worker);
+
+  // The whole state, for the server's checkpoint: per worker [rank, clock, live, dead], and per
+  // log line [worker, round, staleness, base_version, version] (int64 tensors).
+  struct State {
+    at::Tensor shard;
+    at::Tensor momentum_buffer;  // undefined until the first update with momentum
+    int64_t version;
+    at::Tensor workers;
+    at::Tensor log;
+  };
+  State state() const;
+  // Restores a state() of a server over the same shard size and worker ranks. Every worker
+  // is live and must pull again (a restarted server sent nothing yet).
+  void restore(const State& state);
 
   const at::Tensor& shard() const {
     return shard_;
