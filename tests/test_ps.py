@@ -361,3 +361,21 @@ def test_ps_server_checkpoint_round_trip_and_errors(tmp_path):
     for kw, error, msg in bad:
         with pytest.raises(error, match=msg):
             torchlane.ps.ParameterServer(_model(), **kw)
+
+
+def test_ps_worker_restarted_after_the_server_stopped_gets_an_error():
+    # Worker 2 dies, worker 1 finishes, the server (rejoin_timeout_s=0) stops; a new process of
+    # worker 2 then gets a clear error instead of waiting wait_timeout_s for a link.
+    kw = dict(heartbeat_timeout_s=20.0)
+    job = dist.StoreJob(3)
+    try:
+        job.start(0, _store_rank, (1, 0, kw))
+        job.start(1, _store_rank, (1, 6, kw))
+        first = job.start(2, _store_rank, (1, 40, kw, 2), may_die=True)
+        out = job.wait([(0, 0), (1, 0)])
+        assert out[(0, 0)]["dead_workers"] == [2] and job.procs[first].exitcode is not None
+        second = job.start(2, _store_rank, (1, 6, kw))
+        with pytest.raises(dist.RankError, match="server 0 has stopped serving"):
+            job.wait([second])
+    finally:
+        job.close()

@@ -250,6 +250,13 @@ class ParameterServer:
             if incarnation == 0 or incarnation < broken:
                 time.sleep(0.05)
                 continue
+            if self._store.check([f"{_KEY}/server/{s}/done/{incarnation}"]):
+                self._beat.set()
+                raise RuntimeError(
+                    f"torchlane.ps: server {s} has stopped serving (every worker had left or "
+                    f"died); worker {self.rank} can rejoin only while it runs (raise the "
+                    f"server's rejoin_timeout_s to wait longer for restarted workers)"
+                )
             if incarnation == broken:
                 # The same server: link again only if it is alive (its own beat moves); a dead
                 # one is waited for until its restart publishes a new incarnation.
@@ -465,6 +472,7 @@ class ParameterServer:
                     server.remove(w, left=False)
         if self.checkpoint_dir:
             self._save()
+        store.set(f"{_KEY}/server/{self.rank}/done/{self.incarnation}", "1")
         dead = set(server.dead_workers)
         for worker, works in self._sent.items():
             if worker not in dead:  # a dead worker's last reply may never complete
