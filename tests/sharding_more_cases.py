@@ -398,3 +398,57 @@ def sharded_dcp_mixed(rank, world, directory):
             "losses": _steps(model, opt, 3, 6, rank, world),
         }
     return out
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 9), nn.Tanh(), nn.Linear(9, 3))
+
+
+def _mlp_steps(model, opt, first, last, rank, world):
+    """Global batch of 12 rows per step split over the ranks; returns the global mean losses."""
+    losses = []
+    for step in range(first, last):
+        g = torch.Generator().manual_seed(500 + step)
+        x, y = torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)
+        n = 12 // world
+        loss = nn.functional.mse_loss(model(x[rank * n : (rank + 1) * n]), y[rank * n : (rank + 1) * n])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def sharded_dcp_to_torch(rank, world, directory, loader):
+    """ShardedCheckpoint -> torch: stage 3 trains 3 steps, dcp.save, 3 more (the reference).
+    loader "fsdp2": torch's fully_shard model (another init) with torch.optim.AdamW loads the
+    files through torch.distributed.checkpoint.state_dict.get_state_dict/set_state_dict, then
+    trains the same 3 steps; "ddp": torch DDP the same way."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    if loader is None:
+        torch.manual_seed(0)
+        model = torchlane.ShardedDataParallel(_mlp(), stage=3, bucket_cap_mb=0.0005)
+        opt = torchlane.ShardedOptimizer(model, torch.optim.AdamW, **kw)
+        _mlp_steps(model, opt, 0, 3, rank, world)
+        dcp.save({"app": torchlane.ShardedCheckpoint(model, opt)}, checkpoint_id=directory)
+        return {"losses": _mlp_steps(model, opt, 3, 6, rank, world), "buckets": len(model._flats)}
+    torch.manual_seed(1)
+    model = _mlp()
+    if loader == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), **kw)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"app": {"model": model_sd, "optim": optim_sd}}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    return {"losses": _mlp_steps(model, opt, 3, 6, rank, world)}

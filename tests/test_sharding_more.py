@@ -5,6 +5,8 @@ checkpoints through torchlane.checkpoint, mixed precision. Helpers in tests/shar
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
 
@@ -303,3 +305,15 @@ def test_dcp_checkpoint_with_mixed_precision(tmp_path):
         for k, v in saved["full"].items():
             assert torch.equal(v, loaded["full"][k]), k
         assert saved["losses"] == loaded["losses"]
+
+
+@pytest.mark.parametrize("loader", ["fsdp2", "ddp"])
+def test_dcp_checkpoint_loads_into_torch_fsdp2_and_ddp(tmp_path, loader):
+    """A ShardedCheckpoint (stage 3, 2 ranks) loads into torch's own FSDP2 (fully_shard) and
+    DDP models with torch.optim.AdamW through torch's get_state_dict / dcp.load /
+    set_state_dict, and they continue with the saving run's losses (AdamW state included)."""
+    d = str(tmp_path / "dcp")
+    saved = dist.run(cases.sharded_dcp_to_torch, 2, args=(d, None), timeout=300)
+    assert saved[0]["buckets"] > 1
+    loaded = dist.run(cases.sharded_dcp_to_torch, 2, args=(d, loader), timeout=300)
+    _close(saved[0]["losses"], loaded[0]["losses"], 1e-6)

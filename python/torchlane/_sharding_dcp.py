@@ -15,7 +15,9 @@ communication. DCP reads by overlap of chunks, so a checkpoint written at one wo
 or bucket_cap_mb loads at any other, and a plain module loads the "model" part with
 `dcp.load({"app": {"model": module.state_dict()}}, ...)`. Optimizer state follows torch's
 FQN-keyed layout: `optim.state.<fqn>.<name>` for per-element entries (exp_avg, ...: the same
-blocks), the others (step) as they are, and `optim.param_groups` (the options per group). Loads
+blocks), the others (step) as they are, and `optim.param_groups` (the options per group and its
+parameters' names, as torch's get_state_dict writes them, so torch's set_state_dict loads the
+files into FSDP2, DDP or a plain module with its own optimizer). Loads
 write into the views, then `load_state_dict` hands the buffers to the optimizer and re-gathers
 the full parameters. Zero-dimensional parameters are not shardable into blocks: they are written
 whole (a broadcast from the rank that holds them).
@@ -194,7 +196,16 @@ class ShardedCheckpoint:
             # (A rank that holds nothing of a parameter has a ShardedTensor without local
             # shards, which DCP's load drops; it then re-keys the state_dict the pre-2.4 way,
             # which would walk a list of dicts of non-tensors differently from the save.)
-            out["optim"] = {"state": state, "param_groups": tuple(self.optimizer.group_options())}
+            # Each group lists its parameters by name, as torch's get_state_dict does, so that
+            # torch's set_state_dict (FSDP2, DDP, a plain module) can place the groups too.
+            names = m._param_names()
+            groups = tuple(
+                {**options, "params": [names[id(m._params[i])][0] for i in members]}
+                for options, members in zip(
+                    self.optimizer.group_options(), self.optimizer._group_members, strict=True
+                )
+            )
+            out["optim"] = {"state": state, "param_groups": groups}
         return out
 
     def load_state_dict(self, state_dict):
@@ -213,7 +224,9 @@ class ShardedCheckpoint:
                         m._shards[b].detach()[at] = state_dict["model"][names[0]]
         if self.optimizer is not None and "optim" in state_dict:
             optim = state_dict["optim"]
-            self.optimizer.load_group_options(list(optim["param_groups"]))
+            self.optimizer.load_group_options(
+                [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
+            )
             for names, p, b, pieces in layout.entries:
                 for k, v in optim["state"][names[0]].items():
                     if isinstance(v, ShardedTensor):

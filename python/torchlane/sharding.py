@@ -593,10 +593,12 @@ class ShardedOptimizer:
         self._views = None  # None: the optimizer works on the whole shards
         if param_groups is None:
             self.optimizer = cls(model._shards, **kwargs)
+            self._group_members = [list(range(len(model._params)))]
             return
         specs = _group_specs(model, param_groups)
         if not specs:
             raise ValueError("param_groups is empty; pass None to optimize every parameter")
+        self._group_members = [ids for _, ids in specs]  # indices into model._params
         self._views = []
         groups = []
         for (options, _), runs in zip(specs, _group_runs(model, specs), strict=True):
