@@ -207,3 +207,37 @@ def test_mismatched_layout_raises_python_message(program, tmp_path):
         assert py_messages[rank] is not None
         assert line[len("MISMATCH ") :] == py_messages[rank]
         assert "fc1.weight" in line
+
+
+def test_wheel_ships_the_library_headers_and_cmake_package(tmp_path):
+    """`pip wheel .` (in-tree, like `make build`'s objects: TORCHLANE_NATIVE=1 keeps the compile
+    flags of the in-place build, so ninja has nothing to recompile and this takes seconds)."""
+    import zipfile
+
+    env = dict(os.environ, TORCHLANE_NATIVE="1")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps"]
+        + [ROOT, "-w", str(tmp_path / "dist")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("torchlane-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    for name in [
+        "torchlane/lib/libtorchlane.so",
+        "torchlane/include/torchlane/torchlane.h",
+        "torchlane/include/torchlane/api/ddp.h",
+        "torchlane/include/torchlane/comm/comm_hook.hpp",
+        "torchlane/include/torchlane/hooks/powersgd_hook.hpp",
+        "torchlane/include/torchlane/reducer/reducer.hpp",
+        "torchlane/share/cmake/torchlane/torchlaneConfig.cmake",
+        "torchlane/share/cmake/torchlane/torchlaneConfigVersion.cmake",
+    ]:
+        assert name in names, name
+    (ext,) = [n for n in names if n.startswith("torchlane/_C") and n.endswith(".so")]
+    # Installed, _C finds the wheel's own library (RUNPATH $ORIGIN/lib).
+    site = tmp_path / "site"
+    assert _ldd_torchlane(str(site / ext)) == os.path.realpath(site / "torchlane/lib/libtorchlane.so")
