@@ -89,7 +89,8 @@ clean:
 # it without the Python package.
 CPP_PREFIX := $(CURDIR)/build/cpp-install
 TORCH_CMAKE = $(shell $(PYTHON) -c "import torch; print(torch.utils.cmake_prefix_path)")
-TORCHLANE_CMAKE = $(shell $(PYTHON) -c "import torchlane; print(torchlane.cmake_prefix_path)")
+# In the recipe's shell (which sees the exported PYTHONPATH; $(shell) does not), after `build`.
+TORCHLANE_CMAKE = $$($(PYTHON) -c "import torchlane; print(torchlane.cmake_prefix_path)")
 .PHONY: cpp-deps cpp-lib cpp-demo cpp-test
 cpp-deps:
 	@command -v cmake >/dev/null && test -f /usr/include/gloo/config.h || \
