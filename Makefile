@@ -79,13 +79,18 @@ lint:
 	clang-format --dry-run --Werror $(CPP_SOURCES)
 
 clean:
-	rm -rf build python/torchlane/_C*.so
+	rm -rf build python/torchlane/_C*.so python/torchlane/lib python/torchlane/include python/torchlane/share
 
-# ---- C++ API (CMakeLists.txt, docs/cpp_api.md) ----
-# libtorchlane + find_package(torchlane), the LibTorch example trained on $(NPROC) ranks, and the
-# C++ API tests. cmake/ccache and the Gloo headers (Note [Gloo headers]) come from apt.
+# ---- C++ API (docs/cpp_api.md) ----
+# `make build` makes python/torchlane/lib/libtorchlane.so (the core torchlane._C links) and ships
+# the CMake package next to it (torchlane.cmake_prefix_path): C++ programs find_package(torchlane)
+# there and link that same library. cmake, ccache and the Gloo headers (Note [Gloo headers]) come
+# from apt. cpp-lib is the standalone CMake build of the library (CMakeLists.txt), for installing
+# it without the Python package.
 CPP_PREFIX := $(CURDIR)/build/cpp-install
 TORCH_CMAKE = $(shell $(PYTHON) -c "import torch; print(torch.utils.cmake_prefix_path)")
+# In the recipe's shell (which sees the exported PYTHONPATH; $(shell) does not), after `build`.
+TORCHLANE_CMAKE = $$($(PYTHON) -c "import torchlane; print(torchlane.cmake_prefix_path)")
 .PHONY: cpp-deps cpp-lib cpp-demo cpp-test
 cpp-deps:
 	@command -v cmake >/dev/null && test -f /usr/include/gloo/config.h || \
@@ -97,13 +102,15 @@ cpp-lib: deps cpp-deps
 	cmake --build build/cpp -j $(MAX_JOBS)
 	cmake --install build/cpp --prefix $(CPP_PREFIX)
 
-# The example is its own CMake project: it finds the installed package like a user's would.
-cpp-demo: cpp-lib
-	cmake -S examples/cpp -B build/cpp-demo -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE);$(CPP_PREFIX)"
+# The example is its own CMake project: it finds the Python package's CMake package like a user's
+# would (the Gloo headers are needed when the library is built, hence cpp-deps before build).
+cpp-demo: cpp-deps build
+	cmake -S examples/cpp -B build/cpp-demo -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE);$(TORCHLANE_CMAKE)" \
+		-Dtorchlane_DIR="$(TORCHLANE_CMAKE)/torchlane"
 	cmake --build build/cpp-demo -j $(MAX_JOBS)
 	$(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) --no-python \
 		./build/cpp-demo/train_mlp
 
-cpp-test: build cpp-deps
+cpp-test: cpp-deps build
 	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
 	$(PYTHON) -m pytest -q tests/test_cpp_api.py

@@ -10,7 +10,8 @@ under torchlane.DistributedDataParallel and torch.nn.parallel.DistributedDataPar
 turns. Each figure is rank 0's median step time (zero_grad, forward, loss, backward with the
 all-reduces, optimizer step). The C++ front end removes the Python overhead per step; with a
 small model that overhead is a visible share of the step. Builds the C++ program with CMake in
-build/cpp-test (incremental). JSON: benchmarks/results/cpp_api.json.
+build/cpp-demo (examples/cpp, incremental) against the Python package's libtorchlane.so
+(torchlane.cmake_prefix_path, as `make cpp-demo`). JSON: benchmarks/results/cpp_api.json.
 """
 
 import argparse
@@ -31,24 +32,23 @@ IN, OUT, GLOBAL_BATCH = 32, 8, 256
 
 def build():
     import torch
+    import torchlane
 
-    build_dir = ROOT / "build" / "cpp-test"
-    if not (build_dir / "CMakeCache.txt").exists():
-        subprocess.run(
-            [
-                "cmake",
-                "-S",
-                str(ROOT),
-                "-B",
-                str(build_dir),
-                "-DTORCHLANE_WITH_ATTENTION=OFF",
-                f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            ],
-            check=True,
-        )
+    build_dir = ROOT / "build" / "cpp-demo"
     subprocess.run(
-        ["cmake", "--build", str(build_dir), "-j", "2", "--target", "train_mlp"], check=True
+        [
+            "cmake",
+            "-S",
+            str(ROOT / "examples" / "cpp"),
+            "-B",
+            str(build_dir),
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{torchlane.cmake_prefix_path}",
+            f"-Dtorchlane_DIR={os.path.join(torchlane.cmake_prefix_path, 'torchlane')}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        check=True,
     )
+    subprocess.run(["cmake", "--build", str(build_dir), "-j", "2"], check=True)
     return build_dir / "train_mlp"
 
 

@@ -1,18 +1,25 @@
-"""The C++ API (csrc/api/, docs/cpp_api.md): tests/cpp/test_ddp.cpp built with CMake against the
-installed torch and run on 2 ranks, compared with the one-process replica and with
-python/torchlane/ddp.py on the same model and data (tests/cpp_api_cases.py)."""
+"""The C++ API (csrc/api/, docs/cpp_api.md): tests/cpp/test_ddp.cpp built with CMake as a user's
+project, find_package(torchlane) from torchlane.cmake_prefix_path (the CMake package the Python
+build ships), so it links the libtorchlane.so that torchlane._C links; run on 2 ranks, compared
+with the one-process replica and with python/torchlane/ddp.py on the same model and data
+(tests/cpp_api_cases.py). Also: one copy of the core per process (Note [One copy of the core] in
+setup.py)."""
 
+import ast
 import os
 import shutil
 import subprocess
+import sys
 
 import dist
 import pytest
+import torchlane
 from cpp_api_cases import STEPS, losses_case, mismatch_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD = os.path.join(ROOT, "build", "cpp-test")
+BUILD = os.path.join(ROOT, "build", "cpp-api-test")
 WORLD = 2
+LIB = os.path.join(os.path.dirname(torchlane.__file__), "lib", "libtorchlane.so")
 
 
 def _skip_reason():
@@ -34,20 +41,23 @@ def program():
     import torch
 
     env = dict(os.environ, CCACHE_BASEDIR=os.path.dirname(ROOT), CCACHE_NOHASHDIR="1")
+    prefix = f"{torch.utils.cmake_prefix_path};{torchlane.cmake_prefix_path}"
     configure = [
         "cmake",
         "-S",
-        ROOT,
+        os.path.join(ROOT, "tests", "cpp"),
         "-B",
         BUILD,
         "-DCMAKE_BUILD_TYPE=Release",
-        "-DTORCHLANE_WITH_ATTENTION=OFF",
-        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DCMAKE_PREFIX_PATH={prefix}",
+        f"-Dtorchlane_DIR={os.path.join(torchlane.cmake_prefix_path, 'torchlane')}",
     ]
     if shutil.which("ccache"):
         configure.append("-DCMAKE_CXX_COMPILER_LAUNCHER=ccache")
-    # Incremental: the build directory is kept under build/ between runs.
-    if not os.path.exists(os.path.join(BUILD, "CMakeCache.txt")):
+    # Incremental: the build directory is kept under build/ between runs (configured again when
+    # the torch or torchlane package moved).
+    cache = os.path.join(BUILD, "CMakeCache.txt")
+    if not os.path.exists(cache) or prefix not in open(cache).read():
         subprocess.run(configure, check=True, env=env, capture_output=True)
     jobs = os.environ.get("MAX_JOBS", "2")
     subprocess.run(
@@ -57,6 +67,70 @@ def program():
         capture_output=True,
     )
     return os.path.join(BUILD, "torchlane_api_test")
+
+
+def _ldd_torchlane(path):
+    """Where the dynamic loader finds libtorchlane.so for `path` (None: not linked)."""
+    out = subprocess.run(["ldd", path], check=True, capture_output=True, text=True).stdout
+    found = [line.split("=>")[1].split()[0] for line in out.splitlines() if "libtorchlane" in line]
+    assert len(found) <= 1, out
+    return os.path.realpath(found[0]) if found else None
+
+
+def test_python_extension_links_the_core_library():
+    assert os.path.exists(LIB)
+    assert _ldd_torchlane(torchlane._C.__file__) == os.path.realpath(LIB)
+    # _C holds only the bindings: the core's code is not compiled into it a second time.
+    symbols = subprocess.run(
+        ["nm", "-C", "--defined-only", torchlane._C.__file__],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "torchlane::Reducer::Reducer(" not in symbols
+    core = subprocess.run(
+        ["nm", "-C", "-D", "--defined-only", LIB], check=True, capture_output=True, text=True
+    ).stdout
+    assert "torchlane::Reducer::Reducer(" in core
+    assert "torchlane::DistributedDataParallel::" in core  # the C++ API (csrc/api/) is in it
+
+
+ONE_PROCESS = r"""
+import ctypes, os, sys, torch, torchlane
+def mapped():
+    with open("/proc/self/maps") as f:
+        return sorted({l.split()[-1] for l in f if l.rstrip().endswith(".so") and "torchlane" in l})
+print("MAPS", mapped())
+# Loading the C++ API's library again (as a C++ program's dependency would be) finds the loaded one.
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+print("MAPS", mapped())
+op = torch.ops.torchlane.attention_fwd.default
+print("DUMP", "|".join(torch._C._dispatch_dump(op.name()).splitlines()))
+"""
+
+
+def test_one_core_library_per_process():
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS, LIB],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    ).stdout
+    maps = [ast.literal_eval(line[5:]) for line in out.splitlines() if line.startswith("MAPS ")]
+    ext = os.path.realpath(torchlane._C.__file__)
+    for libs in maps:
+        assert sorted(map(os.path.realpath, libs)) == sorted([ext, os.path.realpath(LIB)]), out
+    (dump,) = [line for line in out.splitlines() if line.startswith("DUMP ")]
+    # The schema and the CPU kernel each registered once (a second TORCH_LIBRARY(torchlane) would
+    # have failed the import).
+    assert dump.count("registered at") >= 2, dump
+    assert dump.count("CPU: registered at") == 1, dump
+
+
+def test_cpp_program_links_the_python_packages_library(program):
+    assert _ldd_torchlane(program) == os.path.realpath(LIB)
+    assert _ldd_torchlane(torchlane._C.__file__) == os.path.realpath(LIB)
 
 
 def run_cpp(program, case, tmp_path, world=WORLD):
@@ -133,3 +207,37 @@ def test_mismatched_layout_raises_python_message(program, tmp_path):
         assert py_messages[rank] is not None
         assert line[len("MISMATCH ") :] == py_messages[rank]
         assert "fc1.weight" in line
+
+
+def test_wheel_ships_the_library_headers_and_cmake_package(tmp_path):
+    """`pip wheel .` (in-tree, like `make build`'s objects: TORCHLANE_NATIVE=1 keeps the compile
+    flags of the in-place build, so ninja has nothing to recompile and this takes seconds)."""
+    import zipfile
+
+    env = dict(os.environ, TORCHLANE_NATIVE="1")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps"]
+        + [ROOT, "-w", str(tmp_path / "dist")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("torchlane-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    for name in [
+        "torchlane/lib/libtorchlane.so",
+        "torchlane/include/torchlane/torchlane.h",
+        "torchlane/include/torchlane/api/ddp.h",
+        "torchlane/include/torchlane/comm/comm_hook.hpp",
+        "torchlane/include/torchlane/hooks/powersgd_hook.hpp",
+        "torchlane/include/torchlane/reducer/reducer.hpp",
+        "torchlane/share/cmake/torchlane/torchlaneConfig.cmake",
+        "torchlane/share/cmake/torchlane/torchlaneConfigVersion.cmake",
+    ]:
+        assert name in names, name
+    (ext,) = [n for n in names if n.startswith("torchlane/_C") and n.endswith(".so")]
+    # Installed, _C finds the wheel's own library (RUNPATH $ORIGIN/lib).
+    site = tmp_path / "site"
+    assert _ldd_torchlane(str(site / ext)) == os.path.realpath(site / "torchlane/lib/libtorchlane.so")

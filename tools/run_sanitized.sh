@@ -6,9 +6,11 @@
 #   tools/run_sanitized.sh                    # the default C++-heavy test files
 #   tools/run_sanitized.sh tests/test_x.py -k y   # any pytest arguments instead
 #
-# The in-place build overwrote python/torchlane/_C*.so with the sanitized one, which cannot even
-# be imported without the ASan runtime preloaded. So this script first
-#   1. moves the sanitized .so, with a copy of the Python package, to build/sanitize/pkg/torchlane/;
+# The in-place build overwrote python/torchlane/_C*.so and python/torchlane/lib/libtorchlane.so
+# (the core _C links, Note [One copy of the core] in setup.py) with sanitized ones, which cannot
+# even be imported without the ASan runtime preloaded. So this script first
+#   1. moves the sanitized _C and libtorchlane.so, with a copy of the Python package, to
+#      build/sanitize/pkg/torchlane/;
 #   2. restores the normal build in python/torchlane/ (`setup.py build_ext --inplace --force`
 #      without the sanitizer flags: a relink of the normal objects, or a full build if there are
 #      none);
@@ -22,28 +24,33 @@ STAGE="$ROOT/build/sanitize/pkg"
 
 is_sanitized() { [[ $(ldd "$1" 2>/dev/null || true) == *libasan* ]]; }
 
-# Puts the sanitized extension $1 into a fresh copy of the Python package under $STAGE.
+# Puts the sanitized extension $1 and core library $2 into a fresh copy of the Python package
+# under $STAGE.
 stage_package() {
     local keep
     keep=$(mktemp -d)
     mv "$1" "$keep/"
+    mv "$2" "$keep/libtorchlane.so"
     rm -rf "$STAGE"
     mkdir -p "$STAGE"
     cp -r python/torchlane "$STAGE/"
-    rm -f "$STAGE"/torchlane/_C*.so
+    rm -f "$STAGE"/torchlane/_C*.so "$STAGE"/torchlane/lib/libtorchlane.so
     find "$STAGE" -name '__pycache__' -prune -exec rm -rf {} +
-    mv "$keep"/* "$STAGE/torchlane/"
+    mkdir -p "$STAGE/torchlane/lib"
+    mv "$keep/libtorchlane.so" "$STAGE/torchlane/lib/"
+    mv "$keep"/_C*.so "$STAGE/torchlane/"
     rmdir "$keep"
 }
 
 inplace=$(ls python/torchlane/_C*.so 2>/dev/null | head -n 1 || true)
 staged=$(ls "$STAGE"/torchlane/_C*.so 2>/dev/null | head -n 1 || true)
-if [[ -n "$inplace" ]] && is_sanitized "$inplace"; then
-    stage_package "$inplace"
+if [[ -n "$inplace" ]] && is_sanitized "$inplace" && is_sanitized python/torchlane/lib/libtorchlane.so; then
+    stage_package "$inplace" python/torchlane/lib/libtorchlane.so
     echo "run_sanitized: staged the sanitized extension in $STAGE; restoring the normal build"
     env -u TORCHLANE_SANITIZE -u TORCHLANE_DEBUG "$PYTHON" setup.py -q build_ext --inplace --force
-elif [[ -n "$staged" ]] && is_sanitized "$staged"; then
-    stage_package "$staged"  # the current Python sources with the previously built extension
+elif [[ -n "$staged" ]] && is_sanitized "$staged" && is_sanitized "$STAGE/torchlane/lib/libtorchlane.so"; then
+    # the current Python sources with the previously built extension and library
+    stage_package "$staged" "$STAGE/torchlane/lib/libtorchlane.so"
 else
     echo "run_sanitized: no sanitized torchlane._C found; run \`make sanitize\`" >&2
     exit 2
@@ -71,7 +78,10 @@ import sys
 import torch  # noqa: F401
 import torchlane
 assert torchlane._C.__file__.startswith(sys.argv[1]), torchlane._C.__file__
-print("run_sanitized: torchlane._C =", torchlane._C.__file__)
+with open("/proc/self/maps") as f:
+    libs = {line.split()[-1] for line in f if line.rstrip().endswith("/libtorchlane.so")}
+assert libs == {sys.argv[1] + "/torchlane/lib/libtorchlane.so"}, libs
+print("run_sanitized: torchlane._C =", torchlane._C.__file__, "linking", *libs)
 EOF
 
 # Canary: a deliberate heap overflow and signed overflow in a tiny library built the same way

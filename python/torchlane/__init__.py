@@ -18,6 +18,13 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
 
 __version__ = "0.1.0"
 
+import os as _os  # noqa: E402
+
+# The CMake package of the C++ API (docs/cpp_api.md), like torch.utils.cmake_prefix_path:
+#   cmake -DCMAKE_PREFIX_PATH="<torch's>;<this>" ... then find_package(torchlane) gives
+# torchlane::torchlane, the lib/libtorchlane.so this package's _C links.
+cmake_prefix_path = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "share", "cmake")
+
 # Drops the c10d Work objects of torchlane's last collectives on this thread before the
 # interpreter finalizes, after Gloo's worker thread has let go of them (Note [Releasing
 # collectives' Work objects] in csrc/comm/kept_works.hpp): left to the worker thread during
