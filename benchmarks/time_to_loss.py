@@ -5,6 +5,7 @@ and tokens per rank.
 
     python benchmarks/time_to_loss.py --link-mbit 20 --ranks 4 --steps 200    # needs root
     python benchmarks/time_to_loss.py --link-mbit 0 --steps 40                 # unshaped loopback
+    python benchmarks/time_to_loss.py --slow-factor 2 --out /tmp/slowed        # one worker 2x slower
 
 Every method runs under torchrun inside one network namespace whose loopback is shaped to
 --link-mbit (benchmarks/netns.py; Note [Shaped loopback is a shared medium]: all ranks share
@@ -55,6 +56,8 @@ def run_method(name, extra, args, ns):
             "--eval-batches", "4", "--warmup-steps", "10", "--sample-tokens", "1",
             "--attention", "sdpa", "--no-progress", "--out-dir", out, *extra,
         ]  # fmt: skip
+        if args.slow_factor > 1:  # the last rank: a worker, never the one that logs
+            cmd += ["--slow-rank", str(ranks - 1), "--slow-factor", str(args.slow_factor)]
         if ns is not None:
             cmd = netns.netns_command(ns, cmd)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "python"))
@@ -89,6 +92,12 @@ def main():
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument(
+        "--slow-factor",
+        type=float,
+        default=1.0,
+        help="> 1: the last rank (a worker) is that much slower (train_gpt.py --slow-rank)",
+    )
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "time_to_loss"))
     args = p.parse_args()

@@ -106,6 +106,14 @@ def parse_args(argv=None):
     a("--sample-tokens", type=int, default=300)
     a("--prompt", default="def ")
     a("--seed", type=int, default=1337)
+    a(
+        "--slow-rank",
+        type=int,
+        default=-1,
+        help="emulate a straggler: this rank sleeps (--slow-factor - 1) x its step's compute "
+        "time after each backward (data parallelism, --diloco, --ps; -1: none)",
+    )
+    a("--slow-factor", type=float, default=2.0, help="--slow-rank: how much slower that rank is")
     a("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     # ---- tensor / pipeline parallel ----
     a("--tp", type=int, default=1, help="tensor-parallel size (world = dp x tp)")
@@ -184,6 +192,8 @@ def parse_args(argv=None):
         p.error(f"--tp and --dp must be >= 1, got --tp {args.tp} --dp {args.dp}")
     if args.diloco < 0 or args.ps < 0 or (args.diloco and args.ps):
         p.error("--diloco H and --ps N_SERVERS must be >= 0, and not both set")
+    if args.slow_rank >= 0 and (args.slow_factor < 1 or args.tp > 1 or args.pp > 1):
+        p.error("--slow-rank needs --slow-factor >= 1 and no --tp/--pp")
     if args.ps_checkpoint_every < 0 or (args.ps_checkpoint_every and not args.ps):
         p.error("--ps-checkpoint-every must be >= 0 and needs --ps")
     if (args.diloco or args.ps or args.post_local_sgd) and (args.tp > 1 or args.pp > 1):
@@ -372,6 +382,12 @@ def wrap_zero(raw_model, args):
 def full_params(model, args):
     """--zero 3 frees the full parameters between steps: gather them around an evaluation."""
     return model.summon_full_params() if args.zero else contextlib.nullcontext()
+
+
+def straggle(args, rank, t0):
+    """--slow-rank: that rank sleeps so that its step so far takes --slow-factor times as long."""
+    if rank == args.slow_rank:
+        time.sleep((args.slow_factor - 1) * (time.perf_counter() - t0))
 
 
 def lr_at(step, args):
@@ -693,6 +709,7 @@ def main_ps(args, rank, world, device):
         with autocast(args, device):
             _, loss = raw_model(x.to(device), y.to(device))
         loss.backward()
+        straggle(args, rank, t0)
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         optimizer.step()
@@ -894,6 +911,7 @@ def main(argv=None):
             loss_sum += loss.item() / args.grad_accum
         if mon:
             mon.mark("backward")
+        straggle(args, rank, t0)
         if pipe is not None:
             x, y = batches.next()
             loss_sum = pipe.step(x.to(device), y.to(device), raw_model.cross_entropy).item()
