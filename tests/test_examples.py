@@ -254,3 +254,19 @@ def test_train_gpt_ps_server_resumes_from_its_checkpoint(tmp_path):
     assert "server 0: applied 16 updates" in out2, out2
     vals2 = [r["val_loss"] for r in again if r["type"] == "val"]
     assert vals2[-1] < vals[-1], (vals, vals2)  # it went on from the first run's parameters
+
+
+def test_train_gpt_ps_and_straggler_flag_errors(capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train_gpt import parse_args
+
+    for bad, msg in (
+        (["--ps-checkpoint-every", "5"], "--ps-checkpoint-every must be >= 0 and needs --ps"),
+        (["--ps", "1", "--ps-checkpoint-every", "-1"], "--ps-checkpoint-every must be >= 0"),
+        (["--slow-rank", "1", "--slow-factor", "0.5"], "--slow-rank needs --slow-factor >= 1"),
+        (["--slow-rank", "0", "--tp", "2"], "--slow-rank needs --slow-factor >= 1 and no --tp"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert msg in capsys.readouterr().err, bad
+    assert parse_args(["--slow-rank", "1"]).slow_factor == 2.0
