@@ -1,12 +1,14 @@
 // The C++ API test program, run on N ranks by tests/test_cpp_api.py:
 //   RANK=r WORLD_SIZE=n torchlane_api_test <case> <file-store-path>
 // Cases: replica, bucket_view, losses, no_sync, unused, hook:{bf16,fp16,powersgd,topk},
-// mismatch. Each prints "RESULT <key> <value>" lines; a failed check throws (exit code 1).
-// Models and data are formulas (sin/cos of aranges) that tests/test_cpp_api.py rebuilds in
+// mismatch, dead_peer. Each prints "RESULT <key> <value>" lines; a failed check throws (exit code
+// 1). Models and data are formulas (sin/cos of aranges) that tests/test_cpp_api.py rebuilds in
 // Python for the comparison with python/torchlane/ddp.py.
 #include <torch/torch.h>
 #include <torchlane/torchlane.h>
 
+#include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -114,6 +116,34 @@ int run(const std::string& name, const c10::intrusive_ptr<c10d::ProcessGroup>& p
       return 0;
     }
     TORCH_CHECK(false, "a mismatched layout was not detected");
+  }
+
+  if (name == "dead_peer") {
+    // Rank 1 SIGKILLs itself inside its second backward (as tests/test_peer_failure.py does to
+    // the Python class): rank 0 must get an exception naming the bucket, not abort or hang.
+    Net net(kHidden, false);
+    torchlane::DistributedDataParallel ddp(net.ptr(), pg, opts);
+    auto [x, y] = batch(0);
+    torch::mse_loss(ddp.forward(shard(x, rank, world)), shard(y, rank, world)).backward();
+    if (rank == 1) {
+      net->fc1->weight.register_hook([](at::Tensor grad) {
+        std::raise(SIGKILL);
+        return grad;
+      });
+    }
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      for (int i = 0; i < 2; ++i) {  // the error may surface at the next step
+        torch::mse_loss(ddp.forward(shard(x, rank, world)), shard(y, rank, world)).backward();
+      }
+    } catch (const std::exception& e) {
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+      result("error_after_s", took.count());
+      const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+      std::printf("PEER_ERROR %s\n", c10_error ? c10_error->what_without_backtrace() : e.what());
+      return 0;
+    }
+    TORCH_CHECK(false, "the death of rank 1 was not detected");
   }
 
   Net net(kHidden, unused);
