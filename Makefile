@@ -28,7 +28,9 @@ demo: build
 	@$(PYTHON) -c "import tqdm" 2>/dev/null || $(PIP) install -q tqdm
 	$(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) examples/train_gpt.py
 
-test: build
+# test-cpp-deps first: the C++ API tests (tests/test_cpp_api.py) need cmake, and the library
+# needs Debian's Gloo headers when it is built (Note [Gloo headers]).
+test: test-cpp-deps build
 	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install -q "pytest>=8" "hypothesis>=6"
 	$(PYTHON) -m pytest -q tests
 
@@ -91,10 +93,16 @@ CPP_PREFIX := $(CURDIR)/build/cpp-install
 TORCH_CMAKE = $(shell $(PYTHON) -c "import torch; print(torch.utils.cmake_prefix_path)")
 # In the recipe's shell (which sees the exported PYTHONPATH; $(shell) does not), after `build`.
 TORCHLANE_CMAKE = $$($(PYTHON) -c "import torchlane; print(torchlane.cmake_prefix_path)")
-.PHONY: cpp-deps cpp-lib cpp-demo cpp-test
+.PHONY: cpp-deps test-cpp-deps cpp-lib cpp-demo cpp-test
 cpp-deps:
 	@command -v cmake >/dev/null && test -f /usr/include/gloo/config.h || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake libgloo-dev)
+
+# For `make test`: cpp-deps where apt can run (root), otherwise the C++ API tests skip, saying why.
+test-cpp-deps:
+	@command -v cmake >/dev/null && test -f /usr/include/gloo/config.h || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && $(MAKE) --no-print-directory cpp-deps; } || \
+		echo "make test: cmake or libgloo-dev is missing and apt-get cannot install them here: the C++ API tests will skip"
 
 cpp-lib: deps cpp-deps
 	cmake -S . -B build/cpp -DTORCHLANE_BUILD_TESTS=OFF -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE)" \

@@ -122,7 +122,7 @@ else
     shopt -s nullglob
     tests=(tests/test_reducer*.py tests/test_bucket*.py tests/test_ddp*.py tests/test_hook*.py
         tests/test_comm*.py tests/test_compress*.py tests/test_powersgd*.py tests/test_attention*.py
-        tests/test_hostile*.py tests/test_peer_failure*.py tests/test_uneven*.py)
+        tests/test_hostile*.py tests/test_peer_failure*.py tests/test_uneven*.py tests/test_cpp_api*.py)
     shopt -u nullglob
     if [[ ${#tests[@]} -eq 0 ]]; then
         echo "run_sanitized: no C++-heavy test files exist yet; only the import was checked" >&2
