@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-IN, HIDDEN, OUT, GLOBAL_BATCH, STEPS, LR = 6, 10, 3, 8, 4, 0.1
+IN, HIDDEN, OUT, GLOBAL_BATCH, STEPS, LR = 6, 10, 3, 12, 4, 0.1
 BUCKET_CAP_MB = 0.0002
 
 
@@ -66,3 +66,40 @@ def mismatch_case(rank, world_size):
     except RuntimeError as e:
         return str(e)
     return None
+
+
+# The optimizers of the C++ program's checkpoint cases (make_optimizer in tests/cpp/test_ddp.cpp).
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.05),
+}
+
+
+def checkpoint_case(rank, world_size, kind, path, mode):
+    """The C++ program's ckpt:<kind>:<mode> under torchlane's Python DDP and checkpoint.py.
+    mode "save": trains steps 0-1, saves step 2 into the directory `path`, trains steps 2-3;
+    mode "resume": loads the checkpoint file `path` and trains from its step to step 4.
+    Returns the final parameters (name -> tensor) and, for "resume", the loaded step."""
+    import torchlane
+    from torchlane import checkpoint
+
+    net = Net()
+    init_params(net, 0.1 * rank + (5.0 if mode == "resume" else 0.0))
+    ddp = torchlane.DistributedDataParallel(net, bucket_cap_mb=BUCKET_CAP_MB)
+    opt = OPTIMIZERS[kind](net.parameters())
+    start = 0
+    if mode == "resume":
+        info = checkpoint.load(path, ddp, opt)
+        start = info.step
+    local = GLOBAL_BATCH // world_size
+    rows = slice(rank * local, (rank + 1) * local)
+    for step in range(start, 4):
+        if step == 2 and mode == "save":
+            checkpoint.save(path, ddp, opt, 2, data_position=2)
+        x, y = batch(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x[rows]), y[rows]).backward()
+        opt.step()
+    dist.barrier()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}, start

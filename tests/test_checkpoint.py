@@ -364,3 +364,44 @@ def test_ranks_agree(tmp_path):
         assert rank != 0 or "failed with EEXIST" in r["write_failed"], r["write_failed"]
         assert r["write_failed"].startswith(expected), r["write_failed"]
     assert "cannot be loaded" in res[1]["truncated_on_1"]  # the rank that saw it says why
+
+
+def test_state_dict_metadata_round_trip(tmp_path):
+    """The model state is stored as a plain dict (readable by the C++ API) with its module
+    versions beside it; load hands them back to _load_from_state_dict, and files of the older
+    layout (an OrderedDict carrying _metadata) still load."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    model(torch.randn(4, 3))  # running statistics and num_batches_tracked change
+    path = checkpoint.save(tmp_path, model, None, 0)
+    raw = torch.load(path, weights_only=True)
+    assert type(raw["model"]) is dict
+    assert raw["model_metadata"]["1"]["version"] == torch.nn.BatchNorm1d._version
+
+    seen = {}
+    original = torch.nn.BatchNorm1d._load_from_state_dict
+
+    def spy(self, state_dict, prefix, local_metadata, *args):
+        seen[prefix] = local_metadata.get("version")
+        return original(self, state_dict, prefix, local_metadata, *args)
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    torch.nn.BatchNorm1d._load_from_state_dict = spy
+    try:
+        checkpoint.load(tmp_path, fresh)
+    finally:
+        torch.nn.BatchNorm1d._load_from_state_dict = original
+    assert seen == {"1.": torch.nn.BatchNorm1d._version}
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    # The older layout: "model" an OrderedDict with _metadata, no "model_metadata".
+    old = {k: v for k, v in raw.items() if k not in ("model_metadata", "checksum")}
+    old["model"] = model.state_dict()
+    old["checksum"] = checkpoint._digest(old)
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    torch.save(old, checkpoint.checkpoint_path(old_dir, 0))
+    other = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    checkpoint.load(old_dir, other)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -15,7 +15,10 @@ Every rank calls `save` and `load` (they are collectives when a process group is
 Note [Checkpoint file]
 A checkpoint is one ordinary `torch.save` file, `<dir>/ckpt-<step>.pt`, readable with
 `torch.load(f, weights_only=True)`. Its "model" entry is the state_dict of the *unwrapped*
-model (no `module.` prefix), so it loads into a bare model. Rank 0 writes it to a temporary file
+model (no `module.` prefix) as a plain dict, so it loads into a bare model; "model_metadata"
+holds the state_dict's module versions (its `_metadata`), which `load` attaches again. Plain
+dicts only, so that the C++ API reads and writes the same files (Note [C++ checkpoints] in
+csrc/api/checkpoint.h). Rank 0 writes it to a temporary file
 in the same directory, fsyncs it, renames it into place and fsyncs the directory: the newest
 `ckpt-*.pt` is always complete, whatever moment the job dies at. Only the last `keep_last`
 checkpoints are kept (see Note [Checkpoint retention]). The file carries a SHA-256 digest of its own content ("checksum"), which
@@ -204,7 +207,10 @@ def save(
                 "step": int(step),
                 "world_size": world,
                 "torch_version": str(torch.__version__),
-                "model": model_state,
+                # A plain dict and its module versions beside it: torch's C++ unpickler cannot
+                # read an OrderedDict (Note [C++ checkpoints] in csrc/api/checkpoint.h).
+                "model": dict(model_state),
+                "model_metadata": _metadata_of(model_state),
                 "optimizer": _cpu(optimizer.state_dict()) if optimizer is not None else None,
                 "data_position": data_position,
                 "extra": {k: _extra_state(k, v) for k, v in extra.items()},
@@ -525,6 +531,7 @@ def _apply(state, file, module, optimizer, stateful, strict, restore_rng, rank, 
             "a ShardedDataParallel model, or get the full state_dict with "
             "torchlane.checkpoint.consolidate(file)"
         )
+    state["model"] = _with_metadata(state)
     _validate(state, file, module, optimizer, stateful, strict)
     module.load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
@@ -571,6 +578,7 @@ def _get_rng_state():
 
 
 def _set_rng_state(rng):
+    # A checkpoint written by the C++ API holds the torch generator's state only.
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -578,9 +586,10 @@ def _set_rng_state(rng):
         pos, has_gauss, cached = rng["numpy"]["meta"].tolist()
         keys = rng["numpy"]["keys"].numpy().astype(np.uint32)
         np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), cached))
-    py = rng["python"]
-    has, gauss = py["gauss"].tolist()
-    random.setstate((py["version"], tuple(py["state"].tolist()), gauss if has else None))
+    if "python" in rng:
+        py = rng["python"]
+        has, gauss = py["gauss"].tolist()
+        random.setstate((py["version"], tuple(py["state"].tolist()), gauss if has else None))
 
 
 def _rebuild(template, flat):
@@ -657,6 +666,23 @@ def _global_rank(pg, group_rank):
         if pg is not None and pg is not dist.group.WORLD
         else group_rank
     )
+
+
+def _metadata_of(state_dict):
+    """A state_dict's _metadata (module versions by prefix) as plain dicts."""
+    return {k: dict(v) for k, v in getattr(state_dict, "_metadata", {}).items()}
+
+
+def _with_metadata(state):
+    """The checkpoint's model state_dict with its _metadata attached again (files written before
+    "model_metadata" existed hold an OrderedDict that carries it)."""
+    model = state["model"]
+    metadata = state.get("model_metadata")
+    if metadata is None or hasattr(model, "_metadata"):
+        return model
+    model = OrderedDict(model)
+    model._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())
+    return model
 
 
 def _cpu(obj):

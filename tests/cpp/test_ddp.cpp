@@ -1,7 +1,8 @@
 // The C++ API test program, run on N ranks by tests/test_cpp_api.py:
-//   RANK=r WORLD_SIZE=n torchlane_api_test <case> <file-store-path>
+//   RANK=r WORLD_SIZE=n torchlane_api_test <case> <file-store-path> [args...]
 // Cases: replica, bucket_view, losses, no_sync, unused, hook:{bf16,fp16,powersgd,topk},
-// mismatch, dead_peer. Each prints "RESULT <key> <value>" lines; a failed check throws (exit code
+// mismatch, dead_peer, ckpt:{sgd,adam,adamw}:{save,load} <dir>, ckpt_errors <dir> <corrupt file>,
+// read <file>. Each prints "RESULT <key> <value>" lines; a failed check throws (exit code
 // 1). Models and data are formulas (sin/cos of aranges) that tests/test_cpp_api.py rebuilds in
 // Python for the comparison with python/torchlane/ddp.py.
 #include <torch/torch.h>
@@ -16,7 +17,7 @@
 
 namespace {
 
-constexpr int64_t kIn = 6, kHidden = 10, kOut = 3, kGlobalBatch = 8, kSteps = 4;
+constexpr int64_t kIn = 6, kHidden = 10, kOut = 3, kGlobalBatch = 12, kSteps = 4;
 constexpr double kLr = 0.1;
 
 struct NetImpl : torch::nn::Module {
@@ -45,7 +46,7 @@ void init_params(torch::nn::Module& m, double offset) {
   }
 }
 
-// The global batch of step s; rank r trains rows [r*B/n, (r+1)*B/n).
+// The global batch of step s (12 rows: 2, 3 or 4 ranks); rank r trains rows [r*B/n, (r+1)*B/n).
 std::pair<at::Tensor, at::Tensor> batch(int64_t step) {
   auto x = torch::sin(torch::arange(kGlobalBatch * kIn, torch::kFloat) * 0.31 + step)
                .reshape({kGlobalBatch, kIn});
@@ -90,6 +91,8 @@ at::Tensor shard(const at::Tensor& t, int rank, int world) {
   return t.narrow(0, rank * local, local);
 }
 
+std::vector<std::string> g_args;  // the arguments after <case> <file-store-path>
+
 void result(const std::string& key, double value) {
   std::printf("RESULT %s %.9g\n", key.c_str(), value);
   std::fflush(stdout);
@@ -99,6 +102,95 @@ void check(bool ok, const std::string& what) {
   TORCH_CHECK(ok, "check failed: ", what);
 }
 
+// The optimizers of the checkpoint cases (tests/cpp_api_cases.py OPTIMIZERS builds the same).
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& kind,
+                                                        std::vector<at::Tensor> params) {
+  if (kind == "sgd") {
+    return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(0.1).momentum(0.9));
+  }
+  if (kind == "adam") {
+    return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(0.01));
+  }
+  if (kind == "adamw") {
+    return std::make_unique<torch::optim::AdamW>(
+        params, torch::optim::AdamWOptions(0.01).weight_decay(0.05));
+  }
+  TORCH_CHECK(false, "unknown optimizer ", kind);
+}
+
+void train_step(torch::nn::Module& net, torchlane::DistributedDataParallel& ddp,
+                torch::optim::Optimizer& opt, int64_t step, int rank, int world) {
+  auto [x, y] = batch(step);
+  opt.zero_grad();
+  torch::mse_loss(ddp.forward(shard(x, rank, world)), shard(y, rank, world)).backward();
+  opt.step();
+}
+
+// ckpt:<optimizer>:save  trains steps 0-1, saves step 2, trains 2-3, saves step 4;
+// ckpt:<optimizer>:load  loads the newest checkpoint of the directory (a Python run's step 2),
+//                        trains on to step 4 and saves it.
+int run_checkpoint(const std::string& kind, const std::string& mode, const std::string& dir,
+                   const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  const int rank = pg->getRank(), world = pg->getSize();
+  Net net(kHidden, false);
+  init_params(*net, 0.1 * rank + (mode == "load" ? 5.0 : 0.0));
+  torchlane::DDPOptions opts;
+  opts.bucket_cap_mb = 0.0002;
+  torchlane::DistributedDataParallel ddp(net.ptr(), pg, opts);
+  auto opt = make_optimizer(kind, net->parameters());
+  int64_t start = 0;
+  if (mode == "load") {
+    auto info = torchlane::load_checkpoint(dir, ddp, opt.get());
+    TORCH_CHECK(info.has_value(), "no checkpoint in ", dir);
+    start = info->step;
+    result("loaded_step", static_cast<double>(start));
+    result("data_position", info->data_position.isInt() ? info->data_position.toInt() : -1);
+  }
+  for (int64_t step = start; step < 4; ++step) {
+    if (step == 2 && mode == "save") {
+      torchlane::CheckpointSaveOptions so;
+      so.data_position = int64_t{2};
+      torchlane::save_checkpoint(dir, ddp, opt.get(), 2, so);
+    }
+    train_step(*net, ddp, *opt, step, rank, world);
+  }
+  torchlane::save_checkpoint(dir, ddp, opt.get(), 4);
+  return 0;
+}
+
+// Each error of load_checkpoint, printed as "CKPT_ERROR <label> <message>". argv: a directory
+// holding ckpt-2 of the `sgd` case, a corrupt copy of it, and nothing else.
+int run_checkpoint_errors(const std::string& dir, const std::string& corrupt,
+                          const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  auto report = [](const std::string& label, auto&& fn) {
+    try {
+      fn();
+      std::printf("CKPT_ERROR %s none\n", label.c_str());
+    } catch (const c10::Error& e) {
+      std::printf("CKPT_ERROR %s %s\n", label.c_str(), e.what_without_backtrace());
+    }
+  };
+  Net net(kHidden, false);
+  init_params(*net, 0.0);  // the same on every rank, as a save requires
+  Net wide(kHidden + 1, false);
+  auto sgd = make_optimizer("sgd", net->parameters());
+  auto adam = make_optimizer("adam", net->parameters());
+  report("missing_dir", [&] { torchlane::load_checkpoint(dir + "/nope", *net, nullptr, pg); });
+  torchlane::CheckpointLoadOptions missing_ok;
+  missing_ok.missing_ok = true;
+  result("missing_ok_is_fresh_start",
+         torchlane::load_checkpoint(dir + "/nope", *net, nullptr, pg, missing_ok) ? 0 : 1);
+  report("corrupt", [&] { torchlane::load_checkpoint(corrupt, *net, sgd.get(), pg); });
+  report("shape", [&] { torchlane::load_checkpoint(dir, *wide, nullptr, pg); });
+  report("optimizer_type", [&] { torchlane::load_checkpoint(dir, *net, adam.get(), pg); });
+  report("older_step", [&] { torchlane::save_checkpoint(dir, *net, sgd.get(), 1, pg); });
+  // Nothing was applied by the failed loads: the model still has its own parameters.
+  Net fresh(kHidden, false);
+  init_params(*fresh, 0.0);
+  result("untouched", max_diff(*net, *fresh) == 0.0 ? 1 : 0);
+  return 0;
+}
+
 int run(const std::string& name, const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
   const int rank = pg->getRank(), world = pg->getSize();
   torchlane::DDPOptions opts;
@@ -106,6 +198,23 @@ int run(const std::string& name, const c10::intrusive_ptr<c10d::ProcessGroup>& p
   const bool unused = name == "unused";
   opts.find_unused_parameters = unused;
   opts.gradient_as_bucket_view = name == "bucket_view";
+
+  if (name.rfind("ckpt:", 0) == 0) {
+    const auto colon = name.find(':', 5);
+    return run_checkpoint(name.substr(5, colon - 5), name.substr(colon + 1), g_args.at(0), pg);
+  }
+  if (name == "ckpt_errors") {
+    return run_checkpoint_errors(g_args.at(0), g_args.at(1), pg);
+  }
+  if (name == "read") {  // read_checkpoint of a file: its checksum verified, or the error
+    try {
+      auto state = torchlane::read_checkpoint(g_args.at(0));
+      std::printf("READ ok %zu\n", state.size());
+    } catch (const c10::Error& e) {
+      std::printf("READ error %s\n", e.what_without_backtrace());
+    }
+    return 0;
+  }
 
   if (name == "mismatch") {
     Net net(rank == 1 ? kHidden + 1 : kHidden, false);
@@ -231,6 +340,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   torch::set_num_threads(1);
+  g_args.assign(argv + 3, argv + argc);
   try {
     torchlane::ProcessGroupOptions po;
     po.file_store_path = argv[2];
