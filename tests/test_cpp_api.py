@@ -53,6 +53,18 @@ SANITIZED = _sanitized(LIB)
 
 @pytest.fixture(scope="module")
 def program():
+    return _build("tests/cpp", BUILD, "torchlane_api_test")
+
+
+@pytest.fixture(scope="module")
+def example():
+    """examples/cpp/train_mlp.cpp, built as `make cpp-demo` builds it."""
+    return _build("examples/cpp", os.path.join(ROOT, "build", "cpp-demo-test"), "train_mlp")
+
+
+def _build(source, build, target):
+    """Configures (once) and builds `target` of the CMake project `source` against the torch and
+    torchlane packages; returns the executable."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -61,11 +73,11 @@ def program():
     env = dict(os.environ, CCACHE_BASEDIR=os.path.dirname(ROOT), CCACHE_NOHASHDIR="1")
     env.pop("LD_PRELOAD", None)  # the sanitizer runtimes are for the tests' processes, not cmake
     prefix = f"{torch.utils.cmake_prefix_path};{torchlane.cmake_prefix_path}"
-    build = BUILD + "-sanitize" if SANITIZED else BUILD
+    build = build + "-sanitize" if SANITIZED else build
     configure = [
         "cmake",
         "-S",
-        os.path.join(ROOT, "tests", "cpp"),
+        os.path.join(ROOT, source),
         "-B",
         build,
         "-DCMAKE_BUILD_TYPE=Release",
@@ -84,12 +96,12 @@ def program():
         subprocess.run(configure, check=True, env=env, capture_output=True)
     jobs = os.environ.get("MAX_JOBS", "2")
     subprocess.run(
-        ["cmake", "--build", build, "-j", jobs, "--target", "torchlane_api_test"],
+        ["cmake", "--build", build, "-j", jobs, "--target", target],
         check=True,
         env=env,
         capture_output=True,
     )
-    path = os.path.join(build, "torchlane_api_test")
+    path = os.path.join(build, target)
     assert _sanitized(path) == SANITIZED, path
     return path
 
@@ -402,3 +414,32 @@ def test_checkpoint_digest_matches_python(program, tmp_path):
     torch.save(state, good)
     ((_, lines),) = run_cpp(program, "read", tmp_path, world=1, args=[good])
     assert len(lines) == 1 and "is corrupt" in lines[0], lines
+
+
+def _torchrun(example, *args):
+    """The example under torchrun on 2 ranks, as `make cpp-demo` runs it; rank 0's stdout."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--no-python", example, *map(str, args)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    ).stdout
+    losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step ")]
+    (final,) = [float(x.split()[1]) for x in out.splitlines() if x.startswith("final_loss ")]
+    return out, losses, final
+
+
+def test_example_trains_and_resumes_exactly(example, tmp_path):
+    """`make cpp-demo`'s program under torchrun: the loss falls; stopped at step 30 with a
+    checkpoint directory and started again, it resumes there and ends with the uninterrupted
+    run's loss, bitwise (model, momentum buffers and the data position restored)."""
+    _, losses, final = _torchrun(example, 60, 64)
+    assert losses[-1] < 0.5 * losses[0], losses
+    ckpt = tmp_path / "ckpt"
+    _torchrun(example, 30, 64, ckpt)
+    out, _, resumed_final = _torchrun(example, 60, 64, ckpt)
+    assert "resumed from" in out and "ckpt-0000000030.pt" in out, out
+    assert resumed_final == final

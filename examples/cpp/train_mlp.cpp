@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 struct MLPImpl : torch::nn::Module {
   MLPImpl(int64_t in, int64_t hidden, int64_t out)
@@ -23,9 +24,12 @@ struct MLPImpl : torch::nn::Module {
 TORCH_MODULE(MLP);
 
 int main(int argc, char** argv) {
-  // train_mlp [steps] [hidden]: the benchmark (benchmarks/cpp_api.py) varies both.
+  // train_mlp [steps] [hidden] [checkpoint_dir]: the benchmark (benchmarks/cpp_api.py) varies
+  // the first two. With a directory, the run resumes from its newest checkpoint and saves one
+  // every 100 steps and at the end, in torchlane.checkpoint's format (Python can resume it).
   const int64_t steps = argc > 1 ? std::atoll(argv[1]) : 300;
   const int64_t hidden = argc > 2 ? std::atoll(argv[2]) : 256;
+  const std::string ckpt_dir = argc > 3 ? argv[3] : "";
   auto pg = torchlane::init_process_group();
   const int rank = pg->getRank(), world = pg->getSize();
   torch::manual_seed(0);
@@ -39,10 +43,23 @@ int main(int argc, char** argv) {
   torchlane::DistributedDataParallel ddp(net.ptr(), pg, {.bucket_cap_mb = 1});
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
 
+  int64_t first = 1;
+  if (!ckpt_dir.empty()) {
+    torchlane::CheckpointLoadOptions load_options;
+    load_options.missing_ok = true;  // a fresh start
+    if (auto info = torchlane::load_checkpoint(ckpt_dir, ddp, &opt, load_options)) {
+      first = info->step + 1;
+      if (rank == 0) {
+        std::printf("resumed from %s\n", info->path.c_str());
+      }
+    }
+  }
+
   const int64_t local = global_batch / world;
   auto start = std::chrono::steady_clock::now();
   std::vector<double> step_ms;
-  for (int64_t step = 1; step <= steps; ++step) {
+  double last_loss = 0;
+  for (int64_t step = first; step <= steps; ++step) {
     auto t0 = std::chrono::steady_clock::now();
     const int64_t base = ((step - 1) * global_batch) % samples + rank * local;
     auto x = x_all.narrow(0, base, local), y = y_all.narrow(0, base, local);
@@ -52,13 +69,17 @@ int main(int argc, char** argv) {
     opt.step();
     step_ms.push_back(
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    if (step == 1 || step % 25 == 0 || step == steps) {
+    if (!ckpt_dir.empty() && (step % 100 == 0 || step == steps)) {
+      torchlane::save_checkpoint(ckpt_dir, ddp, &opt, step);
+    }
+    if (step == first || step % 25 == 0 || step == steps) {
       std::vector<at::Tensor> mean{loss.detach().clone() / world};
       pg->allreduce(mean)->wait();
       const double ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
               .count() /
-          step;
+          static_cast<double>(step - first + 1);
+      last_loss = mean[0].item<double>();
       if (rank == 0) {
         std::printf("step %4lld/%lld  loss %.5f  %.2f ms/step  (%d ranks, %lld buckets)\n",
                     static_cast<long long>(step), static_cast<long long>(steps),
@@ -69,8 +90,8 @@ int main(int argc, char** argv) {
     }
   }
   std::sort(step_ms.begin(), step_ms.end());
-  if (rank == 0) {
-    std::printf("median_step_ms %.4f\n", step_ms[step_ms.size() / 2]);
+  if (rank == 0 && !step_ms.empty()) {
+    std::printf("median_step_ms %.4f\nfinal_loss %.9g\n", step_ms[step_ms.size() / 2], last_loss);
   }
   return 0;
 }
