@@ -9,7 +9,10 @@ torchlane::DistributedDataParallel; the Python ranks (torch.multiprocessing, Glo
 under torchlane.DistributedDataParallel and torch.nn.parallel.DistributedDataParallel, taking
 turns. Each figure is rank 0's median step time (zero_grad, forward, loss, backward with the
 all-reduces, optimizer step). The C++ front end removes the Python overhead per step; with a
-small model that overhead is a visible share of the step. Builds the C++ program with CMake in
+small model that overhead is a visible share of the step. Also the time of one checkpoint save
+of model and SGD state, both writing torchlane.checkpoint's format: the C++ program's
+torchlane::save_checkpoint (a process's first save, median of 5 processes) vs
+torchlane.checkpoint.save (median of 5 saves in one process). Builds the C++ program with CMake in
 build/cpp-demo (examples/cpp, incremental) against the Python package's libtorchlane.so
 (torchlane.cmake_prefix_path, as `make cpp-demo`). JSON: benchmarks/results/cpp_api.json.
 """
@@ -20,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +56,8 @@ def build():
     return build_dir / "train_mlp"
 
 
-def run_cpp(program, world, steps, hidden):
+def run_cpp(program, world, steps, hidden, ckpt_dir=None):
+    """Rank 0's median step ms, and with ckpt_dir the time of the final save_checkpoint."""
     procs = []
     for rank in range(world):
         env = dict(
@@ -65,14 +70,20 @@ def run_cpp(program, world, steps, hidden):
         )
         procs.append(
             subprocess.Popen(
-                [str(program), str(steps), str(hidden)], env=env, stdout=subprocess.PIPE, text=True
+                [str(program), str(steps), str(hidden), *([str(ckpt_dir)] if ckpt_dir else [])],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
             )
         )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"the C++ program failed: {outs}")
-    (line,) = [x for x in outs[0].splitlines() if x.startswith("median_step_ms")]
-    return float(line.split()[1])
+    keys = ("median_step_ms", "checkpoint_save_ms")
+    values = {
+        x.split()[0]: float(x.split()[1]) for x in outs[0].splitlines() if x.startswith(keys)
+    }
+    return values["median_step_ms"], values.get("checkpoint_save_ms")
 
 
 _PORT = None
@@ -87,10 +98,11 @@ def _free_port_cached():
     return _PORT
 
 
-def python_ranks(rank, world, steps, hidden):
+def python_ranks(rank, world, steps, hidden, ckpt_dir):
     import torch
     import torchlane
     from torch import nn
+    from torchlane import checkpoint
 
     def make():
         torch.manual_seed(0)
@@ -126,7 +138,17 @@ def python_ranks(rank, world, steps, hidden):
                 opt.step()
                 if rnd > 0:
                     times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) for k, v in times.items()}
+    # The checkpoint the C++ program writes, from Python: torchlane.checkpoint.save of the same
+    # model and SGD state (the same file format), median of 5.
+    ddp, opt = models["torchlane_py"]
+    saves = []
+    for i in range(5):
+        t0 = time.perf_counter()
+        checkpoint.save(ckpt_dir, ddp, opt, steps + i)
+        saves.append((time.perf_counter() - t0) * 1e3)
+    out["py_checkpoint_save"] = statistics.median(saves)
+    return out
 
 
 def main(argv=None):
@@ -143,16 +165,26 @@ def main(argv=None):
     program = build()
     rows = []
     for hidden in [int(h) for h in args.hidden.split(",")]:
-        cpp = run_cpp(program, args.world_size, args.steps, hidden)
-        py = dist.run(python_ranks, args.world_size, (args.steps, hidden), timeout=900)[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            cpp, _ = run_cpp(program, args.world_size, args.steps, hidden)
+            # The C++ save: the final one of a short run with a checkpoint directory, 5 runs.
+            cpp_saves = [
+                run_cpp(program, args.world_size, 5, hidden, Path(tmp) / f"cpp{i}")[1]
+                for i in range(5)
+            ]
+            py = dist.run(
+                python_ranks, args.world_size, (args.steps, hidden, Path(tmp) / "py"), timeout=900
+            )[0]
         row = {"hidden": hidden, "cpp_ms": cpp, **{f"{k}_ms": v for k, v in py.items()}}
+        row["cpp_checkpoint_save_ms"] = statistics.median(cpp_saves)
         row["torchlane_py_over_cpp"] = py["torchlane_py"] / cpp
         row["torch_py_over_cpp"] = py["torch_py"] / cpp
         rows.append(row)
         print(
             f"hidden {hidden:5d}: C++ torchlane {cpp:7.3f} ms | Python torchlane "
             f"{py['torchlane_py']:7.3f} ms ({row['torchlane_py_over_cpp']:.2f}x) | torch DDP "
-            f"{py['torch_py']:7.3f} ms ({row['torch_py_over_cpp']:.2f}x)",
+            f"{py['torch_py']:7.3f} ms ({row['torch_py_over_cpp']:.2f}x) | checkpoint save: C++ "
+            f"{row['cpp_checkpoint_save_ms']:.1f} ms, Python {row['py_checkpoint_save_ms']:.1f} ms",
             flush=True,
         )
     out = {

@@ -358,7 +358,13 @@ def test_checkpoint_errors_match_python(program, tmp_path):
     state["model"]["fc2.bias"][3] += 1.0  # a flipped value; the stored checksum is now wrong
     corrupt = tmp_path / "corrupt.pt"
     torch.save(state, corrupt)
-    out = run_cpp(program, "ckpt_errors", tmp_path, args=[ckpt, corrupt])
+    del state["checksum"]
+    state["model"]["fc2.bias"][3] -= 1.0
+    state["rng"] = []
+    state["checksum"] = checkpoint._digest(state)
+    no_rng = tmp_path / "no-rng.pt"
+    torch.save(state, no_rng)
+    out = run_cpp(program, "ckpt_errors", tmp_path, args=[ckpt, corrupt, no_rng])
     for rank, (results, lines) in enumerate(out):
         errors = dict(line.split(" ", 2)[1:] for line in lines if line.startswith("CKPT_ERROR "))
         assert results["missing_ok_is_fresh_start"] == 1 and results["untouched"] == 1
@@ -366,6 +372,7 @@ def test_checkpoint_errors_match_python(program, tmp_path):
         assert "missing_ok" in errors["missing_dir"]
         assert errors["corrupt"].startswith(f"checkpoint file {corrupt} is corrupt: its content checksum is ")
         assert "torch.optim.Adam" in errors["optimizer_type"]
+        assert f"holds no torch RNG state for rank {rank}" in errors["no_rng"]
         # Rank 0 refuses to write; the others learn it failed (as in checkpoint.py).
         assert ("higher steps [2]" if rank == 0 else "rank 0 failed to write") in errors["older_step"]
         # The same message as checkpoint.py's for the same file and model.

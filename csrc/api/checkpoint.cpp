@@ -618,7 +618,17 @@ void validate_optimizer_state(torch::optim::Optimizer* opt, const IValue& saved,
     TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(params.size()), "checkpoint ", file,
                 ": its optimizer state names parameter ", i, " of ", params.size(),
                 "; nothing was loaded");
-    for (const auto& s : kv.value().toGenericDict()) {
+    TORCH_CHECK(kv.value().isGenericDict(), "checkpoint ", file,
+                ": the optimizer state of parameter ", i, " is not a dict; nothing was loaded");
+    const auto entry = kv.value().toGenericDict();
+    if (kind != OptKind::kSGD) {
+      for (const char* key : {"step", "exp_avg", "exp_avg_sq"}) {
+        TORCH_CHECK(entry.contains(key), "checkpoint ", file, ": the optimizer state of parameter ",
+                    i, " has no '", key, "': it is not the state of torch.optim.", opt_name(kind),
+                    "; nothing was loaded");
+      }
+    }
+    for (const auto& s : entry) {
       const auto& key = s.key().toStringRef();
       if (key == "step" || !s.value().isTensor()) {
         continue;
@@ -816,7 +826,10 @@ void validate_model(const GenericDict& model, const std::string& file,
     }
   }
   for (const auto& [name, tensor] : own) {
-    if (model.contains(name) && model.at(name).isTensor()) {
+    TORCH_CHECK(!model.contains(name) || model.at(name).isTensor(), "checkpoint ", file, ": ",
+                py_str_repr(name), " is a ", model.at(name).tagKind(),
+                " in the checkpoint, not a tensor; nothing was loaded");
+    if (model.contains(name)) {
       const auto& saved = model.at(name).toTensor();
       TORCH_CHECK(saved.sizes() == tensor.sizes(), "checkpoint ", file, ": ", py_str_repr(name),
                   " has shape ", saved.sizes(), " in the checkpoint and ", tensor.sizes(),
@@ -1045,6 +1058,13 @@ std::optional<CheckpointInfo> load_checkpoint(const std::string& path, torch::nn
               " holds no model state_dict");
   const auto model = state.at("model").toGenericDict();
   validate_model(model, chosen, own, options.strict);
+  const bool restore_rng = options.restore_rng && state.at("world_size").toInt() == world;
+  TORCH_CHECK(!restore_rng ||
+                  (state.at("rng").isList() && state.at("rng").toListRef().size() > size_t(rank) &&
+                   state.at("rng").toListRef()[rank].isGenericDict() &&
+                   state.at("rng").toListRef()[rank].toGenericDict().contains("torch")),
+              "checkpoint ", chosen, " holds no torch RNG state for rank ", rank,
+              " (pass restore_rng=false to load it without); nothing was loaded");
   if (optimizer != nullptr) {
     validate_optimizer_state(
         optimizer, state.contains("optimizer") ? state.at("optimizer") : IValue(), chosen);
@@ -1063,7 +1083,7 @@ std::optional<CheckpointInfo> load_checkpoint(const std::string& path, torch::nn
   }
   if (options.restore_rng) {
     const int64_t saved_world = state.at("world_size").toInt();
-    if (saved_world == world) {
+    if (restore_rng) {
       const auto rng = state.at("rng").toListRef()[rank].toGenericDict();
       set_cpu_rng_state(rng.at("torch").toTensor());
     } else {

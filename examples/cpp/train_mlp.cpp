@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
   const int64_t local = global_batch / world;
   auto start = std::chrono::steady_clock::now();
   std::vector<double> step_ms;
-  double last_loss = 0;
+  double last_loss = 0, save_ms = -1;
   for (int64_t step = first; step <= steps; ++step) {
     auto t0 = std::chrono::steady_clock::now();
     const int64_t base = ((step - 1) * global_batch) % samples + rank * local;
@@ -70,7 +70,10 @@ int main(int argc, char** argv) {
     step_ms.push_back(
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     if (!ckpt_dir.empty() && (step % 100 == 0 || step == steps)) {
+      const auto t0 = std::chrono::steady_clock::now();
       torchlane::save_checkpoint(ckpt_dir, ddp, &opt, step);
+      save_ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     }
     if (step == first || step % 25 == 0 || step == steps) {
       std::vector<at::Tensor> mean{loss.detach().clone() / world};
@@ -92,6 +95,9 @@ int main(int argc, char** argv) {
   std::sort(step_ms.begin(), step_ms.end());
   if (rank == 0 && !step_ms.empty()) {
     std::printf("median_step_ms %.4f\nfinal_loss %.9g\n", step_ms[step_ms.size() / 2], last_loss);
+    if (save_ms >= 0) {
+      std::printf("checkpoint_save_ms %.3f\n", save_ms);  // the last save_checkpoint
+    }
   }
   return 0;
 }

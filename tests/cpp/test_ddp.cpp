@@ -1,8 +1,8 @@
 // The C++ API test program, run on N ranks by tests/test_cpp_api.py:
 //   RANK=r WORLD_SIZE=n torchlane_api_test <case> <file-store-path> [args...]
 // Cases: replica, bucket_view, losses, no_sync, unused, hook:{bf16,fp16,powersgd,topk},
-// mismatch, dead_peer, ckpt:{sgd,adam,adamw}:{save,load} <dir>, ckpt_errors <dir> <corrupt file>,
-// read <file>. Each prints "RESULT <key> <value>" lines; a failed check throws (exit code
+// mismatch, dead_peer, ckpt:{sgd,adam,adamw}:{save,load} <dir>, ckpt_errors <dir> <corrupt>
+// <no-rng>, read <file>. Each prints "RESULT <key> <value>" lines; a failed check throws (exit code
 // 1). Models and data are formulas (sin/cos of aranges) that tests/test_cpp_api.py rebuilds in
 // Python for the comparison with python/torchlane/ddp.py.
 #include <torch/torch.h>
@@ -159,7 +159,8 @@ int run_checkpoint(const std::string& kind, const std::string& mode, const std::
 }
 
 // Each error of load_checkpoint, printed as "CKPT_ERROR <label> <message>". argv: a directory
-// holding ckpt-2 of the `sgd` case, a corrupt copy of it, and nothing else.
+// holding ckpt-2 of the `sgd` case and nothing else, a corrupt copy of it, and a copy without
+// RNG states (its checksum updated).
 int run_checkpoint_errors(const std::string& dir, const std::string& corrupt,
                           const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
   auto report = [](const std::string& label, auto&& fn) {
@@ -181,6 +182,7 @@ int run_checkpoint_errors(const std::string& dir, const std::string& corrupt,
   result("missing_ok_is_fresh_start",
          torchlane::load_checkpoint(dir + "/nope", *net, nullptr, pg, missing_ok) ? 0 : 1);
   report("corrupt", [&] { torchlane::load_checkpoint(corrupt, *net, sgd.get(), pg); });
+  report("no_rng", [&] { torchlane::load_checkpoint(g_args.at(2), *net, sgd.get(), pg); });
   report("shape", [&] { torchlane::load_checkpoint(dir, *wide, nullptr, pg); });
   report("optimizer_type", [&] { torchlane::load_checkpoint(dir, *net, adam.get(), pg); });
   report("older_step", [&] { torchlane::save_checkpoint(dir, *net, sgd.get(), 1, pg); });
