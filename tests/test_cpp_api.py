@@ -401,15 +401,22 @@ def _digest_cases():
         "tensors": [torch.arange(6, dtype=dt).reshape(2, 3) for dt in
                     (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
                      torch.int32, torch.int16, torch.int8, torch.uint8)]
-        + [torch.tensor(3.5), torch.zeros(0), torch.tensor([True, False]), torch.ones(4)[::2]],
+        + [torch.tensor(3.5), torch.zeros(0), torch.tensor([True, False]), torch.ones(4)[::2],
+           torch.sin(torch.arange(262147, dtype=torch.float32))],
     }
 
 
-def test_checkpoint_digest_matches_python(program, tmp_path):
+@pytest.mark.parametrize("sha", ["native", "portable"])
+def test_checkpoint_digest_matches_python(program, sha, tmp_path, monkeypatch):
     """C++'s checksum of checkpoint.py's format on values of every kind it supports: Python writes
-    a checkpoint-format file, C++ read_checkpoint recomputes the digest and must agree."""
+    a checkpoint-format file, C++ read_checkpoint recomputes the digest and must agree; with the
+    SHA extensions where the CPU has them and with the portable rounds (Note [Checkpoint digest
+    speed]); a 1 MB tensor covers the many-block path."""
     import torch
     from torchlane import checkpoint
+
+    if sha == "portable":
+        monkeypatch.setenv("TORCHLANE_PORTABLE_SHA256", "1")
 
     state = {"format": checkpoint.FORMAT, **_digest_cases()}
     state["checksum"] = checkpoint._digest(state)
