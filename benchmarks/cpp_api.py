@@ -98,20 +98,20 @@ def _free_port_cached():
     return _PORT
 
 
+def _mlp(hidden):
+    """The C++ example's model (examples/cpp/train_mlp.cpp), seeded."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(IN, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, OUT)
+    )
+
+
 def python_ranks(rank, world, steps, hidden):
     import torch
     import torchlane
-    from torch import nn
-
-    def make():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Linear(IN, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, OUT),
-        )
 
     torch.manual_seed(0)
     x_all = torch.randn(GLOBAL_BATCH * 4, IN)
@@ -124,7 +124,7 @@ def python_ranks(rank, world, steps, hidden):
     times = {k: [] for k in wrappers}
     models = {}
     for k, wrap in wrappers.items():
-        net = make()
+        net = _mlp(hidden)
         models[k] = (wrap(net), torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
     for rnd in range(4):  # rounds: the variants take turns
         for k, (ddp, opt) in models.items():
@@ -146,13 +146,9 @@ def python_first_save(rank, world, hidden, ckpt_dir):
     format) of model and SGD state; returns the save's ms."""
     import torch
     import torchlane
-    from torch import nn
     from torchlane import checkpoint
 
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Linear(IN, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, OUT)
-    )
+    net = _mlp(hidden)
     ddp = torchlane.DistributedDataParallel(net, bucket_cap_mb=1)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     local = GLOBAL_BATCH // world

@@ -41,6 +41,7 @@
 #endif
 
 #include "api/ddp.h"
+#include "api/python_names.h"
 
 namespace torchlane {
 namespace {
@@ -309,34 +310,9 @@ std::string py_str_repr(std::string_view s) {
 }
 
 std::string py_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "torch.float32";
-    case at::kDouble:
-      return "torch.float64";
-    case at::kHalf:
-      return "torch.float16";
-    case at::kBFloat16:
-      return "torch.bfloat16";
-    case at::kLong:
-      return "torch.int64";
-    case at::kInt:
-      return "torch.int32";
-    case at::kShort:
-      return "torch.int16";
-    case at::kChar:
-      return "torch.int8";
-    case at::kByte:
-      return "torch.uint8";
-    case at::kBool:
-      return "torch.bool";
-    case at::kComplexFloat:
-      return "torch.complex64";
-    case at::kComplexDouble:
-      return "torch.complex128";
-    default:
-      TORCH_CHECK(false, "checkpoint: tensors of dtype ", t, " are not supported by the C++ API");
-  }
+  const auto name = api::python_dtype_name(t);
+  TORCH_CHECK(name, "checkpoint: tensors of dtype ", t, " are not supported by the C++ API");
+  return *name;
 }
 
 void feed(Sha256& h, const IValue& v, const std::string& where) {
@@ -661,17 +637,9 @@ void validate_optimizer_state(torch::optim::Optimizer* opt, const IValue& saved,
   for (const auto& g : groups) {
     theirs.push_back(static_cast<int64_t>(g.toGenericDict().at("params").toListRef().size()));
   }
-  auto str = [](const std::vector<int64_t>& v) {
-    std::ostringstream s;
-    s << "[";
-    for (size_t i = 0; i < v.size(); ++i) {
-      s << (i ? ", " : "") << v[i];
-    }
-    return s.str() + "]";
-  };
   TORCH_CHECK(mine == theirs, "checkpoint ", file,
-              ": its optimizer state has parameter groups of sizes ", str(theirs),
-              ", the optimizer ", str(mine), "; nothing was loaded");
+              ": its optimizer state has parameter groups of sizes ", api::list_str(theirs),
+              ", the optimizer ", api::list_str(mine), "; nothing was loaded");
   const std::vector<std::string> keys =
       kind == OptKind::kSGD
           ? std::vector<std::string>{"lr", "momentum", "dampening", "weight_decay", "nesterov"}
@@ -866,15 +834,6 @@ at::Tensor digest_bytes(const std::string& hex) {
   return out;
 }
 
-std::string ranks_str(const std::vector<int>& ranks) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < ranks.size(); ++i) {
-    s << (i ? ", " : "") << ranks[i];
-  }
-  return s.str() + "]";
-}
-
 std::string message_of(const std::exception& e) {
   const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
   return c10_error ? c10_error->what_without_backtrace() : e.what();
@@ -896,15 +855,9 @@ void validate_model(const GenericDict& model, const std::string& file,
       }
     }
     if (!missing.empty() || !unexpected.empty()) {
-      auto join = [](const std::vector<std::string>& v) {
-        std::string s = "[";
-        for (size_t i = 0; i < v.size(); ++i) {
-          s += (i ? ", " : "") + v[i];
-        }
-        return s + "]";
-      };
       TORCH_CHECK(false, "checkpoint ", file, " does not match the model: missing keys ",
-                  join(missing), ", unexpected keys ", join(unexpected), "; nothing was loaded");
+                  api::list_str(missing), ", unexpected keys ", api::list_str(unexpected),
+                  "; nothing was loaded");
     }
   }
   for (const auto& [name, tensor] : own) {
@@ -994,7 +947,7 @@ std::string save_checkpoint(const std::string& directory, torch::nn::Module& mod
     }
     TORCH_CHECK(differ.empty(),
                 "checkpoint.save: the model parameters differ between ranks (ranks ",
-                ranks_str(differ), " differ from rank 0); nothing was written");
+                api::list_str(differ), " differ from rank 0); nothing was written");
   }
   const auto rngs = group.all_gather(cpu_rng_state());  // collective: before rank-0-only work
   const auto target = checkpoint_path(directory, step);
@@ -1014,7 +967,7 @@ std::string save_checkpoint(const std::string& directory, torch::nn::Module& mod
           steps.push_back(static_cast<int>(n.first));
         }
         TORCH_CHECK(false, "checkpoint.save: ", directory, " holds checkpoints of higher steps ",
-                    ranks_str(steps), " than step ", step,
+                    api::list_str(steps), " than step ", step,
                     "; `load` would resume from those. Pass discard_newer=true to replace them "
                     "by this one, or save elsewhere. Nothing was written");
       }
@@ -1124,9 +1077,9 @@ std::optional<CheckpointInfo> load_checkpoint(const std::string& path, torch::nn
     }
   }
   TORCH_CHECK(local_error.empty(), local_error);
-  TORCH_CHECK(failed.empty(), "checkpoint.load: ranks ", ranks_str(failed), " could not read ",
+  TORCH_CHECK(failed.empty(), "checkpoint.load: ranks ", api::list_str(failed), " could not read ",
               chosen, " (see their errors); nothing was loaded");
-  TORCH_CHECK(differ.empty(), "checkpoint.load: ranks ", ranks_str(differ),
+  TORCH_CHECK(differ.empty(), "checkpoint.load: ranks ", api::list_str(differ),
               " read different contents of ", chosen, " than rank 0; nothing was loaded");
 
   TORCH_CHECK(!(state.contains("kind") && state.at("kind").isString() &&
@@ -1140,13 +1093,18 @@ std::optional<CheckpointInfo> load_checkpoint(const std::string& path, torch::nn
               " holds no model state_dict");
   const auto model = state.at("model").toGenericDict();
   validate_model(model, chosen, own, options.strict);
-  const bool restore_rng = options.restore_rng && state.at("world_size").toInt() == world;
-  TORCH_CHECK(!restore_rng ||
-                  (state.at("rng").isList() && state.at("rng").toListRef().size() > size_t(rank) &&
-                   state.at("rng").toListRef()[rank].isGenericDict() &&
-                   state.at("rng").toListRef()[rank].toGenericDict().contains("torch")),
-              "checkpoint ", chosen, " holds no torch RNG state for rank ", rank,
-              " (pass restore_rng=false to load it without); nothing was loaded");
+  // This rank's RNG state, when restored (only from a checkpoint of the same world size).
+  const int64_t saved_world = state.at("world_size").toInt();
+  std::optional<at::Tensor> rng_state;
+  if (options.restore_rng && saved_world == world) {
+    const auto rngs = state.at("rng");
+    const bool has = rngs.isList() && rngs.toListRef().size() > size_t(rank) &&
+                     rngs.toListRef()[rank].isGenericDict() &&
+                     rngs.toListRef()[rank].toGenericDict().contains("torch");
+    TORCH_CHECK(has, "checkpoint ", chosen, " holds no torch RNG state for rank ", rank,
+                " (pass restore_rng=false to load it without); nothing was loaded");
+    rng_state = rngs.toListRef()[rank].toGenericDict().at("torch").toTensor();
+  }
   if (optimizer != nullptr) {
     validate_optimizer_state(
         optimizer, state.contains("optimizer") ? state.at("optimizer") : IValue(), chosen);
@@ -1163,15 +1121,11 @@ std::optional<CheckpointInfo> load_checkpoint(const std::string& path, torch::nn
   if (optimizer != nullptr) {
     load_optimizer_state(optimizer, state.at("optimizer").toGenericDict());
   }
-  if (options.restore_rng) {
-    const int64_t saved_world = state.at("world_size").toInt();
-    if (restore_rng) {
-      const auto rng = state.at("rng").toListRef()[rank].toGenericDict();
-      set_cpu_rng_state(rng.at("torch").toTensor());
-    } else {
-      TORCH_WARN("checkpoint ", chosen, " was written by ", saved_world, " ranks and is loaded by ",
-                 world, ": RNG states are not restored");
-    }
+  if (rng_state) {
+    set_cpu_rng_state(*rng_state);
+  } else if (options.restore_rng) {
+    TORCH_WARN("checkpoint ", chosen, " was written by ", saved_world, " ranks and is loaded by ",
+               world, ": RNG states are not restored");
   }
   CheckpointInfo info;
   info.path = chosen;

@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 
+#include "api/python_names.h"
 #include "hooks/cast_hook.hpp"
 #include "reducer/reducer.hpp"
 
@@ -22,9 +23,6 @@ constexpr size_t kBufferBroadcastBytes = 250 * kMiB;  // torch DDP's broadcast b
 constexpr at::ScalarType kDtypes[] = {at::kFloat,        at::kDouble,       at::kHalf,
                                       at::kBFloat16,     at::kLong,         at::kInt,
                                       at::kComplexFloat, at::kComplexDouble};
-constexpr const char* kDtypeNames[] = {"torch.float32",   "torch.float64",   "torch.float16",
-                                       "torch.bfloat16",  "torch.int64",     "torch.int32",
-                                       "torch.complex64", "torch.complex128"};
 constexpr int64_t kNumDtypes = sizeof(kDtypes) / sizeof(kDtypes[0]);
 
 int64_t dtype_code(at::ScalarType t) {
@@ -37,20 +35,10 @@ int64_t dtype_code(at::ScalarType t) {
 }
 
 std::string dtype_name(at::ScalarType t) {
-  const auto code = dtype_code(t);
-  return code >= 0 ? kDtypeNames[code] : std::string("torch.") + c10::toString(t);
+  return api::python_dtype_name(t).value_or(std::string("torch.") + c10::toString(t));
 }
 
-template <typename It>
-std::string list_str(It begin, It end) {
-  std::ostringstream s;
-  s << "[";
-  for (auto it = begin; it != end; ++it) {
-    s << (it == begin ? "" : ", ") << *it;
-  }
-  s << "]";
-  return s.str();
-}
+using api::list_str;
 
 // Identity on the outputs, with find_unused_parameters (Python's _OutputSink): outputs that took
 // no part in the loss get an undefined gradient here, so the graph below them still runs and
@@ -202,7 +190,7 @@ void DistributedDataParallel::verify_params_across_ranks() {
         const int64_t code = theirs[pos + 1];
         const int64_t shape_end = std::min(longest, pos + 2 + std::max<int64_t>(ndim, 0));
         const std::string their_dtype =
-            code >= 0 && code < kNumDtypes ? kDtypeNames[code] : "other";
+            code >= 0 && code < kNumDtypes ? dtype_name(kDtypes[code]) : "other";
         const auto sizes = params_[i].sizes();
         TORCH_CHECK(false, "DDP expects the same model on every rank, but parameter '",
                     param_names_[i], "' has shape ", list_str(sizes.begin(), sizes.end()),
